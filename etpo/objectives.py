@@ -1,0 +1,215 @@
+"""ETPO objectives: exact per-token soft values, Bellman targets and losses (pure torch, no Lightning).
+
+Notation follows ``etpo-method.md`` (the paper's equation numbers):
+
+* every ``*_logits`` tensor is ``[B, L, V]`` and *aligned to the action*: row ``j`` is the distribution over the
+  choice of action token ``j`` given the prompt and the action tokens before it (any leading shape works for the
+  vocabulary reductions, e.g. ``[B, V]`` for the first token of a bare prompt);
+* ``mask`` is ``[B, L]`` with 1 on real action tokens. Actions are right-padded, so the real tokens of row ``b``
+  are ``0 .. n_b - 1`` and the last real token is ``n_b - 1``;
+* ``q_logits`` are soft Q-values for every next token, used as given (they are Q, not log-probabilities).
+  How Q is read from the critic network (the paper's ``logits`` form or the ``zero`` form) is decided by the
+  caller; see :func:`q_from_critic`.
+
+All vocabulary sums are exact (no sampling), which is what makes the per-token decomposition consistent with the
+action-level soft Bellman equation (Appendix A).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "q_from_critic",
+    "soft_value",
+    "optimal_policy_logits",
+    "targets_from_values",
+    "token_targets",
+    "critic_loss",
+    "policy_loss",
+    "entropy",
+    "masked_mean",
+]
+
+Q_PARAMETERISATIONS = ("logits", "zero")
+
+
+def q_from_critic(critic_logits: torch.Tensor, ref_logits: torch.Tensor, parameterisation: str = "logits") -> torch.Tensor:
+    """Read soft Q-values from the critic network's vocabulary-sized output.
+
+    ``logits`` (the paper, default): ``Q = critic logits``; the critic starts as the reference model, so at
+    initialisation Q equals the reference logits and the optimal soft policy ``pi_bar * exp(Q / beta)`` is a strong
+    sharpening of the reference. ``zero``: ``Q = critic logits - reference logits``, identically zero at
+    initialisation, so the optimal soft policy starts equal to the reference (spec section 1, last note).
+    """
+    if parameterisation == "logits":
+        return critic_logits
+    if parameterisation == "zero":
+        return critic_logits - ref_logits
+    raise ValueError(f"unknown Q parameterisation {parameterisation!r}; choose one of {Q_PARAMETERISATIONS}")
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    # Vocabulary sums are accumulated in float32 at least: bf16 sums over 32k-50k entries lose digits.
+    # float64 inputs (the exact-enumeration tests) keep their precision.
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(_upcast(logits), dim=-1)
+
+
+def soft_value(
+    q_logits: torch.Tensor, pi_logits: torch.Tensor, ref_logits: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact soft value of a context and its KL to the reference (spec section 3).
+
+    ``KL(ctx) = sum_w pi(w|ctx) (log pi(w|ctx) - log pi_bar(w|ctx))`` and
+    ``V(ctx) = sum_w pi(w|ctx) Q(ctx, w) - beta * KL(ctx)``, with ``pi = softmax(pi_logits)`` and
+    ``pi_bar = softmax(ref_logits)``. Reduces the last (vocabulary) dimension; returns ``(value, kl)``.
+    """
+    log_pi = _log_probs(pi_logits)
+    log_ref = _log_probs(ref_logits)
+    pi = log_pi.exp()
+    # Tokens with pi == 0 contribute nothing (0 * log 0 = 0); guard against -inf logits producing NaN.
+    kl_terms = torch.where(pi > 0, pi * (log_pi - log_ref), torch.zeros_like(pi))
+    kl = kl_terms.sum(-1)
+    expected_q = torch.where(pi > 0, pi * _upcast(q_logits), torch.zeros_like(pi)).sum(-1)
+    return expected_q - beta * kl, kl
+
+
+def optimal_policy_logits(ref_logits: torch.Tensor, q_logits: torch.Tensor, beta: float) -> torch.Tensor:
+    """Log-probabilities of the optimal soft policy ``pi*(w|ctx) = pi_bar(w|ctx) exp(Q(ctx,w)/beta) / Z(ctx)``
+    (spec section 4, Appendix B)."""
+    return F.log_softmax(_log_probs(ref_logits) + _upcast(q_logits) / beta, dim=-1)
+
+
+def _last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    lengths = mask.long().sum(-1)
+    if (lengths == 0).any():
+        raise ValueError("every action needs at least one real token (a row of `mask` is all zeros)")
+    return lengths - 1
+
+
+@torch.no_grad()
+def targets_from_values(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    rewards: torch.Tensor,
+    dones: torch.Tensor,
+    next_values: torch.Tensor,
+    gamma: float,
+    discount_within_action: bool = False,
+) -> torch.Tensor:
+    """Per-token soft Bellman targets (Eq. 6) from per-row soft values ``values[B, L] = V(ctx_j)``.
+
+    For a real token ``j`` that is not the last one, ``y_j = V(ctx_{j+1})`` -- no reward and, unlike
+    ETPO(Disc.), no discount inside an action. For the last real token ``n - 1``,
+    ``y = r + gamma * (1 - done) * V(s_{t+1})`` where ``next_values[B]`` is V at the first token of the next state.
+    ``discount_within_action=True`` multiplies the within-action targets by ``gamma`` (the deliberately
+    inconsistent ETPO(Disc.) ablation of Appendix G). Zero where ``mask`` is 0; never carries gradient.
+    """
+    mask_f = mask.to(values.dtype)
+    targets = torch.zeros_like(values)
+    within = values[:, 1:]
+    if discount_within_action:
+        within = gamma * within
+    targets[:, :-1] = within
+    last = _last_token_index(mask)
+    final = rewards.to(values.dtype) + gamma * (1.0 - dones.to(values.dtype)) * next_values.to(values.dtype)
+    targets[torch.arange(values.shape[0], device=values.device), last] = final
+    return (targets * mask_f).detach()
+
+
+@torch.no_grad()
+def token_targets(
+    target_q_logits: torch.Tensor,
+    pi_logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    mask: torch.Tensor,
+    rewards: torch.Tensor,
+    dones: torch.Tensor,
+    next_values: torch.Tensor,
+    beta: float,
+    gamma: float,
+    discount_within_action: bool = False,
+) -> torch.Tensor:
+    """Eq. 6: the regression target of every taken action token, ``[B, L]``.
+
+    ``V(ctx_j)`` is the exact soft value of row ``j`` under the target network ``target_q_logits``, the current
+    policy ``pi_logits`` and the reference ``ref_logits`` (:func:`soft_value`); the targets are then
+    :func:`targets_from_values`. No gradient flows out of it.
+    """
+    values, _ = soft_value(target_q_logits, pi_logits, ref_logits, beta)
+    return targets_from_values(values, mask, rewards, dones, next_values, gamma, discount_within_action)
+
+
+def _reduce(per_token: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
+    weighted = per_token * mask.to(per_token.dtype)
+    if reduction == "sum":
+        return weighted.sum()
+    if reduction == "mean":
+        return weighted.sum() / mask.sum().clamp(min=1).to(per_token.dtype)
+    if reduction == "none":
+        return weighted
+    raise ValueError(f"unknown reduction {reduction!r}; choose 'mean', 'sum' or 'none'")
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over the real tokens of ``mask``."""
+    return _reduce(_upcast(values), mask, "mean")
+
+
+def critic_loss(
+    q_logits: torch.Tensor,
+    actions: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    huber_delta: float | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Soft Q regression loss (spec section 3): mean over real tokens of ``(Q(ctx_j, w_j) - y_j)^2``.
+
+    With ``huber_delta`` the squared error is replaced by the Huber loss
+    (``0.5 e^2`` for ``|e| <= delta``, ``delta (|e| - delta / 2)`` beyond). ``reduction='sum'`` returns the sum
+    over real tokens so callers evaluating the vocabulary in sequence chunks can divide by the total count.
+    """
+    q_taken = _upcast(q_logits).gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+    targets = targets.detach().to(q_taken.dtype)
+    if huber_delta is None:
+        per_token = (q_taken - targets).pow(2)
+    else:
+        per_token = F.huber_loss(q_taken, targets, reduction="none", delta=huber_delta)
+    return _reduce(per_token, mask, reduction)
+
+
+def policy_loss(
+    pi_logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    q_logits: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    reduction: str = "mean",
+    scale_by_beta: bool = True,
+) -> torch.Tensor:
+    """Eq. 7: mean over real tokens of ``KL(pi_theta(.|ctx) || pi_bar(.|ctx) exp(Q(ctx,.)/beta) / Z(ctx))``.
+
+    Q and the reference are detached: only the policy receives gradient. The KL is computed exactly, ``log Z``
+    included, so the loss is non-negative and zero exactly at the optimal soft policy. By default the KL is
+    multiplied by ``beta`` (``scale_by_beta``): the same minimiser, with gradients on the scale of Q rather than
+    ``Q / beta`` (spec section 4).
+    """
+    log_pi = _log_probs(pi_logits)
+    log_target = optimal_policy_logits(ref_logits.detach(), q_logits.detach(), beta)
+    pi = log_pi.exp()
+    kl = (pi * (log_pi - log_target)).sum(-1)
+    if scale_by_beta:
+        kl = beta * kl
+    return _reduce(kl, mask, reduction)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy of ``softmax(logits)`` over the last dimension."""
+    log_p = _log_probs(logits)
+    return -(log_p.exp() * log_p).sum(-1)
