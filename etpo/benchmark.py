@@ -1,0 +1,572 @@
+"""The benchmark sweep: ``python -m etpo.benchmark --config configs/benchmark/<name>.yaml [overrides]``.
+
+Runs every contender on every dataset with every seed for a budget of N environment steps, each run one
+``python -m etpo.fit`` subprocess in its own run directory, then writes the report (``etpo.report``) into the output
+folder. The benchmark config is a small YAML (read with omegaconf)::
+
+    out: runs/benchmark/paper          # runs go to <out>/runs/<contender>/<dataset>/seed<k>; the report to <out>/
+    budget: 500                        # environment steps per run (--data.budget)
+    seeds: 5                           # an int n (= seeds 0..n-1) or a list; seed k = train/validation split k
+    datasets: [breast_w, cmc]          # --data.env.init_args.dataset
+    contenders:                        # name: an etpo.fit config, or {config: ..., overrides: [...] | {key: value}}
+      reflection: configs/reflection_cpu.yaml
+      ppo_kl: configs/ppo_kl_cpu.yaml
+      etpo: {config: configs/quickstart.yaml, overrides: ["--model.init_args.beta=0.01"]}
+    overrides: []                      # extra etpo.fit arguments for every run
+    env_override: dotted               # how the dataset / split reach etpo.fit (see below)
+    jobs: 1                            # runs at a time (several fit on one GPU; mind the memory)
+    timeout_s: null                    # per-run wall-clock limit (the run is killed, reported failed, resumable)
+    report: {within: null, ddof: 1, paper: false}
+
+Paths are relative to the working directory (run from the repository root). Every key can be overridden on the
+command line as ``key=value`` or ``--key=value`` (omegaconf dotlist: ``--budget=64 --seeds=[0,1]
+--datasets=[breast_w]``); ``--only etpo,ppo_kl`` restricts the contenders.
+
+One run (contender c, dataset d, seed k) is::
+
+    python -m etpo.fit --config <c.config> --run_dir <out>/runs/<c>/<d>/seed<k>
+        --data.env.init_args.dataset=<d> --data.env.init_args.split_seed=<k> --data.seed=<k> --data.budget=<N>
+        --seed_everything=<k> <overrides> <c.overrides> [--ckpt_path last]
+
+so all contenders share the 5 train/validation splits. With ``env_override: file`` the dataset and split are passed
+instead as a second ``--config <run_dir>/benchmark_env.yaml`` holding the contender config's whole ``data.env``
+with ``init_args.dataset`` / ``init_args.split_seed`` replaced (for a DataModule whose ``env`` argument is a plain
+dict, which jsonargparse cannot override key by key).
+
+Resumable: a run whose ``summary.json`` says ``finished`` is skipped; a run directory holding checkpoints is
+resumed with ``--ckpt_path last``; anything else starts afresh. stdout/stderr of every run go to
+``<run_dir>/fit.log`` (appended, one header line per attempt). A failed run (non-zero exit, timeout, no finished
+summary, or a summary whose dataset / seed differ from the requested ones -- an override that did not take effect)
+is reported and listed at the end; the sweep goes on. ``<out>/benchmark_status.json`` records every run's status.
+``--dry_run`` prints the commands; ``--report_only`` only writes the report. ``--fit_cmd "python stub.py"``
+replaces ``python -m etpo.fit`` (tests use a stub).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+__all__ = ["Contender", "BenchmarkConfig", "RunSpec", "load_config", "run_state", "build_command", "plan",
+           "run_benchmark", "main"]
+
+DEFAULT_FIT_CMD = (sys.executable, "-m", "etpo.fit")
+_ENV_MODES = ("dotted", "file")
+
+
+@dataclass
+class Contender:
+    name: str
+    config: str
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BenchmarkConfig:
+    contenders: list[Contender]
+    datasets: list[str]
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    budget: int = 500
+    out: str = "runs/benchmark"
+    overrides: list[str] = field(default_factory=list)
+    env_override: str = "dotted"
+    jobs: int = 1
+    timeout_s: Optional[float] = None
+    fit_cmd: Optional[list[str]] = None
+    report: dict = field(default_factory=lambda: {"within": None, "ddof": 1, "paper": False})
+
+    @property
+    def runs_dir(self) -> Path:
+        return Path(self.out) / "runs"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# config
+# ----------------------------------------------------------------------------------------------------------------
+
+def _override_list(value: Any, where: str) -> list[str]:
+    """Overrides as etpo.fit arguments: a list of strings, or a mapping ``{key: value}`` -> ``--key=value``."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return shlex.split(value)
+    if isinstance(value, dict):
+        out = []
+        for k, v in value.items():
+            if isinstance(v, bool):
+                v = "true" if v else "false"
+            elif isinstance(v, (list, dict)) or v is None:
+                v = json.dumps(v)
+            key = k if str(k).startswith("--") else f"--{k}"
+            out.append(f"{key}={v}")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    raise ValueError(f"{where}: overrides must be a list of arguments or a mapping, got {value!r}")
+
+
+def _seeds(value: Any) -> list[int]:
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"seeds: need at least one seed, got {value}")
+        return list(range(value))
+    if isinstance(value, (list, tuple)) and value:
+        return [int(v) for v in value]
+    raise ValueError(f"seeds must be a positive int or a non-empty list, got {value!r}")
+
+
+def _normalise_cli(tokens: Sequence[str]) -> list[str]:
+    """``--key=value`` / ``--key value`` / ``key=value`` -> omegaconf dotlist entries ``key=value``."""
+    out, i = [], 0
+    tokens = list(tokens)
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok.startswith("--"):
+            tok = tok[2:]
+            if "=" not in tok:
+                if i + 1 >= len(tokens):
+                    raise ValueError(f"--{tok} needs a value")
+                tok = f"{tok}={tokens[i + 1]}"
+                i += 1
+        if "=" not in tok:
+            raise ValueError(f"cannot read the override {tokens[i]!r}: use key=value or --key=value")
+        out.append(tok)
+        i += 1
+    return out
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = (),
+                data: Optional[dict] = None) -> BenchmarkConfig:
+    """Read a benchmark YAML (or the mapping ``data``) and apply dotlist ``overrides`` (``key=value``)."""
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.create(data or {})
+    if path is not None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"benchmark config not found: {path}")
+        base = OmegaConf.merge(base, OmegaConf.load(str(path)))
+    if overrides:
+        base = OmegaConf.merge(base, OmegaConf.from_dotlist(_normalise_cli(overrides)))
+    raw = OmegaConf.to_container(base, resolve=True)
+    known = {f for f in BenchmarkConfig.__dataclass_fields__}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"unknown benchmark config keys {unknown}; known: {sorted(known)}")
+    contenders = []
+    for name, spec in (raw.get("contenders") or {}).items():
+        if isinstance(spec, str):
+            contenders.append(Contender(str(name), spec))
+        elif isinstance(spec, dict) and "config" in spec:
+            extra = sorted(set(spec) - {"config", "overrides"})
+            if extra:
+                raise ValueError(f"contender {name}: unknown keys {extra} (use config, overrides)")
+            contenders.append(Contender(str(name), str(spec["config"]),
+                                        _override_list(spec.get("overrides"), f"contender {name}")))
+        else:
+            raise ValueError(f"contender {name}: give a config path or {{config: ..., overrides: ...}}, got {spec!r}")
+    if not contenders:
+        raise ValueError("the benchmark config names no contenders")
+    datasets = [str(d) for d in (raw.get("datasets") or [])]
+    if not datasets:
+        raise ValueError("the benchmark config names no datasets")
+    report = {"within": None, "ddof": 1, "paper": False}
+    report.update(raw.get("report") or {})
+    cfg = BenchmarkConfig(
+        contenders=contenders,
+        datasets=datasets,
+        seeds=_seeds(raw.get("seeds", 5)),
+        budget=int(raw.get("budget", 500)),
+        out=str(raw.get("out") or "runs/benchmark"),
+        overrides=_override_list(raw.get("overrides"), "overrides"),
+        env_override=str(raw.get("env_override") or "dotted"),
+        jobs=int(raw.get("jobs") or 1),
+        timeout_s=None if raw.get("timeout_s") is None else float(raw["timeout_s"]),
+        fit_cmd=shlex.split(raw["fit_cmd"]) if isinstance(raw.get("fit_cmd"), str) else raw.get("fit_cmd"),
+        report=report,
+    )
+    if cfg.env_override not in _ENV_MODES:
+        raise ValueError(f"env_override must be one of {_ENV_MODES}, got {cfg.env_override!r}")
+    if cfg.budget < 1 or cfg.jobs < 1:
+        raise ValueError("budget and jobs must be positive")
+    names = [c.name for c in contenders]
+    if len(set(names)) != len(names) or any("/" in n for n in names + datasets):
+        raise ValueError("contender names must be unique, and names must not contain '/'")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# planning
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class RunSpec:
+    contender: str
+    dataset: str
+    seed: int
+    run_dir: Path
+    command: list[str]
+    state: str                      # finished | resume | new
+    env_file: Optional[dict] = None  # env_override=file: the YAML to write into the run dir before starting
+
+    @property
+    def name(self) -> str:
+        return f"{self.contender}/{self.dataset}/seed{self.seed}"
+
+
+def read_summary(run_dir: Path) -> Optional[dict]:
+    try:
+        return json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def run_state(run_dir: str | os.PathLike) -> str:
+    """``finished`` (summary.json says so), ``resume`` (checkpoints exist) or ``new``."""
+    run_dir = Path(run_dir)
+    summary = read_summary(run_dir)
+    if summary is not None and summary.get("finished"):
+        return "finished"
+    ckpt = run_dir / "checkpoints"
+    if ckpt.is_dir() and any(ckpt.iterdir()):
+        return "resume"
+    return "new"
+
+
+def _env_spec_with(config_path: str, dataset: str, seed: int) -> dict:
+    """The contender config's ``data.env`` with ``init_args.dataset`` / ``init_args.split_seed`` replaced."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
+    env = ((raw or {}).get("data") or {}).get("env")
+    if not isinstance(env, dict) or "class_path" not in env:
+        raise ValueError(f"{config_path} has no data.env with a class_path (needed for env_override: file)")
+    env = dict(env)
+    env["init_args"] = {**(env.get("init_args") or {}), "dataset": dataset, "split_seed": seed}
+    return {"data": {"env": env}}
+
+
+def build_command(cfg: BenchmarkConfig, contender: Contender, dataset: str, seed: int, run_dir: str | os.PathLike,
+                  resume: bool = False, fit_cmd: Optional[Sequence[str]] = None) -> list[str]:
+    """The ``etpo.fit`` argument list of one run (see the module docstring for the exact form)."""
+    fit_cmd = list(fit_cmd or cfg.fit_cmd or DEFAULT_FIT_CMD)
+    run_dir = str(run_dir)
+    cmd = fit_cmd + ["--config", contender.config]
+    if cfg.env_override == "file":
+        cmd += ["--config", str(Path(run_dir) / "benchmark_env.yaml"), "--run_dir", run_dir]
+    else:
+        cmd += ["--run_dir", run_dir, f"--data.env.init_args.dataset={dataset}",
+                f"--data.env.init_args.split_seed={seed}"]
+    cmd += [f"--data.seed={seed}", f"--data.budget={cfg.budget}", f"--seed_everything={seed}"]
+    cmd += list(cfg.overrides) + list(contender.overrides)
+    if resume:
+        cmd += ["--ckpt_path", "last"]
+    return cmd
+
+
+def plan(cfg: BenchmarkConfig, fit_cmd: Optional[Sequence[str]] = None, only: Optional[Sequence[str]] = None,
+         with_env_files: bool = True) -> list[RunSpec]:
+    """Every run of the sweep in execution order -- seed-major (all contenders and datasets of seed 0 first, so
+    that whole repetitions complete early) -- with its state and command."""
+    contenders = [c for c in cfg.contenders if not only or c.name in only]
+    if only and len(contenders) != len(set(only)):
+        missing = sorted(set(only) - {c.name for c in cfg.contenders})
+        raise ValueError(f"--only names unknown contenders {missing}")
+    specs = []
+    for seed in cfg.seeds:
+        for dataset in cfg.datasets:
+            for c in contenders:
+                run_dir = cfg.runs_dir / c.name / dataset / f"seed{seed}"
+                state = run_state(run_dir)
+                cmd = build_command(cfg, c, dataset, seed, run_dir, resume=state == "resume", fit_cmd=fit_cmd)
+                env_file = None
+                if cfg.env_override == "file" and state != "finished" and with_env_files:
+                    env_file = _env_spec_with(c.config, dataset, seed)
+                specs.append(RunSpec(c.name, dataset, seed, run_dir, cmd, state, env_file))
+    return specs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# running
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class RunResult:
+    name: str
+    run_dir: str
+    status: str                       # skipped | ok | failed
+    state: str                        # what the run was before this sweep: finished | resume | new
+    returncode: Optional[int] = None
+    wall_s: float = 0.0
+    best_reward: Optional[float] = None
+    error: str = ""
+    command: list[str] = field(default_factory=list)
+
+
+def _last_history_line(run_dir: Path) -> Optional[dict]:
+    path = run_dir / "history.jsonl"
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 4096))
+            lines = fh.read().decode("utf-8", "replace").strip().splitlines()
+        return json.loads(lines[-1]) if lines else None
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _check_result(spec: RunSpec, returncode: Optional[int], timed_out: bool) -> tuple[str, str, Optional[float]]:
+    """(status, error, best_reward) of a run that just ended."""
+    summary = read_summary(spec.run_dir)
+    best = summary.get("best_reward") if summary else None
+    if timed_out:
+        return "failed", "timed out (resumable)", best
+    if returncode != 0:
+        return "failed", f"exit code {returncode}", best
+    if summary is None or not summary.get("finished"):
+        return "failed", "exited 0 but summary.json does not say finished", best
+    for key, want in (("dataset", spec.dataset), ("seed", spec.seed)):
+        got = summary.get(key)
+        if got is not None and str(got) != str(want):
+            return "failed", (f"summary.json reports {key}={got!r}, the benchmark asked for {want!r}: the override "
+                              "did not take effect (try env_override: file)"), best
+    return "ok", "", best
+
+
+class _Display:
+    """A rich progress display (overall bar plus one line per running run); plain lines when not a terminal."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                                   TimeElapsedColumn)
+
+        self.console = Console(stderr=True)
+        self.live = enabled and self.console.is_terminal
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
+                                 console=self.console, disable=not self.live)
+        self.overall = self.progress.add_task("benchmark runs", total=total, info="")
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def print(self, text: str) -> None:
+        self.console.print(text, highlight=False)
+
+    def start(self, spec: RunSpec, budget: int) -> None:
+        verb = "resuming" if spec.state == "resume" else "starting"
+        self.tasks[spec.name] = self.progress.add_task(f"  {spec.name}", total=budget, info=verb)
+        if not self.live:
+            self.print(f"{verb} {spec.name}")
+
+    def update(self, spec: RunSpec, line: Optional[dict]) -> None:
+        if line is None or spec.name not in self.tasks:
+            return
+        best = line.get("best_reward")
+        info = f"best {best:.4f}" if isinstance(best, (int, float)) else ""
+        self.progress.update(self.tasks[spec.name], completed=line.get("env_steps", 0), info=info)
+
+    def finish(self, result: RunResult) -> None:
+        task = self.tasks.pop(result.name, None)
+        if task is not None:
+            self.progress.remove_task(task)
+        self.progress.advance(self.overall)
+        best = "—" if result.best_reward is None else f"{result.best_reward:.4f}"
+        if result.status == "ok":
+            self.progress.update(self.overall, info=f"last: {result.name} best {best}")
+            self.print(f"[green]done[/green] {result.name}: best {best} in {result.wall_s:.0f} s")
+        elif result.status == "failed":
+            self.print(f"[red]FAILED[/red] {result.name}: {result.error} (log: {result.run_dir}/fit.log)")
+        else:
+            self.progress.update(self.overall, info=f"last: {result.name} best {best} (already finished)")
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """End the run's whole process group (it was started in a new session: its sandbox workers go with it)."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _wait_any(procs: Sequence[subprocess.Popen], seconds: float) -> None:
+    """Sleep until one of ``procs`` ends or ``seconds`` pass (so short runs do not wait a whole poll period)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            return
+        time.sleep(min(0.02, seconds))
+
+
+def _write_status(cfg: BenchmarkConfig, results: list[RunResult]) -> None:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "benchmark_status.json.tmp"
+    tmp.write_text(json.dumps({"budget": cfg.budget, "runs": [asdict(r) for r in results]}, indent=2))
+    tmp.replace(out / "benchmark_status.json")
+
+
+def execute(specs: Sequence[RunSpec], cfg: BenchmarkConfig, show_progress: bool = True,
+            poll_s: float = 0.5) -> list[RunResult]:
+    """Run the specs (``cfg.jobs`` at a time); finished ones are skipped. Returns one result per spec."""
+    results: list[RunResult] = []
+    pending = []
+    with _Display(len(specs), enabled=show_progress) as display:
+        for spec in specs:
+            if spec.state == "finished":
+                summary = read_summary(spec.run_dir) or {}
+                r = RunResult(spec.name, str(spec.run_dir), "skipped", spec.state,
+                              best_reward=summary.get("best_reward"), command=spec.command)
+                results.append(r)
+                display.finish(r)
+            else:
+                pending.append(spec)
+        running: list[tuple[RunSpec, subprocess.Popen, Any, float]] = []
+        try:
+            while pending or running:
+                while pending and len(running) < cfg.jobs:
+                    spec = pending.pop(0)
+                    spec.run_dir.mkdir(parents=True, exist_ok=True)
+                    if spec.env_file is not None:
+                        from omegaconf import OmegaConf
+
+                        OmegaConf.save(OmegaConf.create(spec.env_file), spec.run_dir / "benchmark_env.yaml")
+                    log = open(spec.run_dir / "fit.log", "a")
+                    log.write(f"\n=== etpo.benchmark {time.strftime('%Y-%m-%d %H:%M:%S')} ({spec.state}): "
+                              f"{shlex.join(spec.command)}\n")
+                    log.flush()
+                    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+                    try:
+                        proc = subprocess.Popen(spec.command, stdout=log, stderr=subprocess.STDOUT,
+                                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                    except OSError as err:
+                        log.close()
+                        r = RunResult(spec.name, str(spec.run_dir), "failed", spec.state, error=f"cannot start: {err}",
+                                      command=spec.command)
+                        results.append(r)
+                        display.finish(r)
+                        _write_status(cfg, results)
+                        continue
+                    running.append((spec, proc, log, time.monotonic()))
+                    display.start(spec, cfg.budget)
+                _wait_any([proc for _, proc, _, _ in running], poll_s)
+                still = []
+                for spec, proc, log, t0 in running:
+                    rc = proc.poll()
+                    timed_out = rc is None and cfg.timeout_s is not None and time.monotonic() - t0 > cfg.timeout_s
+                    if timed_out:
+                        _kill(proc)
+                        rc = proc.returncode
+                    if rc is None:
+                        display.update(spec, _last_history_line(spec.run_dir))
+                        still.append((spec, proc, log, t0))
+                        continue
+                    log.close()
+                    status, error, best = _check_result(spec, rc, timed_out)
+                    r = RunResult(spec.name, str(spec.run_dir), status, spec.state, rc, time.monotonic() - t0,
+                                  best, error, spec.command)
+                    results.append(r)
+                    display.finish(r)
+                    _write_status(cfg, results)
+                running = still
+        except KeyboardInterrupt:
+            display.print("[yellow]interrupted: stopping the running runs (they stay resumable)[/yellow]")
+            for spec, proc, log, _ in running:
+                _kill(proc)
+                log.close()
+            raise
+    _write_status(cfg, results)
+    return results
+
+
+def run_benchmark(cfg: BenchmarkConfig, fit_cmd: Optional[Sequence[str]] = None, dry_run: bool = False,
+                  report: bool = True, only: Optional[Sequence[str]] = None, show_progress: bool = True,
+                  poll_s: float = 0.5) -> list[RunResult]:
+    """Plan, run (unless ``dry_run``: print the commands) and report. Returns the run results (empty when dry)."""
+    specs = plan(cfg, fit_cmd, only, with_env_files=not dry_run)
+    missing = sorted({c.config for c in cfg.contenders if (not only or c.name in only) and not Path(c.config).is_file()})
+    if dry_run:
+        for s in specs:
+            note = {"finished": "# finished, skipped: ", "resume": "# resume: ", "new": ""}[s.state]
+            print(note + shlex.join(s.command))
+        if missing:
+            print(f"# warning: contender configs not found: {missing}", file=sys.stderr)
+        return []
+    if missing:
+        raise FileNotFoundError(f"contender configs not found: {missing}")
+    results = execute(specs, cfg, show_progress, poll_s)
+    failed = [r for r in results if r.status == "failed"]
+    counts = {k: sum(r.status == k for r in results) for k in ("ok", "skipped", "failed")}
+    print(f"benchmark: {counts['ok']} ran, {counts['skipped']} already finished, {counts['failed']} failed",
+          file=sys.stderr)
+    for r in failed:
+        print(f"  FAILED {r.name}: {r.error}  (log: {r.run_dir}/fit.log)", file=sys.stderr)
+    if report:
+        write_benchmark_report(cfg, only)
+    return results
+
+
+def write_benchmark_report(cfg: BenchmarkConfig, only: Optional[Sequence[str]] = None) -> dict:
+    from etpo.report import write_report
+
+    rep = cfg.report or {}
+    contenders = [c.name for c in cfg.contenders if not only or c.name in only]
+    written = write_report(cfg.runs_dir if cfg.runs_dir.exists() else cfg.out, cfg.out,
+                           within=rep.get("within"), ddof=int(rep.get("ddof", 1)), contenders=contenders,
+                           datasets=cfg.datasets, paper=bool(rep.get("paper", False)))
+    print(Path(written["table.md"]).read_text())
+    print(f"report written to {cfg.out}/ ({', '.join(written)})", file=sys.stderr)
+    return written
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m etpo.benchmark", description=__doc__.split("\n\n")[0],
+                                     epilog="Other arguments: benchmark config overrides, key=value or --key=value.")
+    parser.add_argument("--config", required=True, help="benchmark YAML (e.g. configs/benchmark/paper.yaml)")
+    parser.add_argument("--dry_run", action="store_true", help="print the etpo.fit commands and exit")
+    parser.add_argument("--report_only", action="store_true", help="only write the report from existing runs")
+    parser.add_argument("--fit_cmd", default=None, help='replaces "python -m etpo.fit" (shell-split)')
+    parser.add_argument("--only", default=None, help="comma-separated contenders to run")
+    parser.add_argument("--no_progress", action="store_true", help="plain log lines instead of progress bars")
+    args, rest = parser.parse_known_args(argv)
+    only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
+    try:
+        cfg = load_config(args.config, rest)
+        if args.report_only:
+            write_benchmark_report(cfg, only)
+            return 0
+        fit_cmd = shlex.split(args.fit_cmd) if args.fit_cmd else None
+        results = run_benchmark(cfg, fit_cmd, args.dry_run, only=only, show_progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"etpo.benchmark: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,213 @@
+"""etpo.benchmark: exact etpo.fit argument lists, skipping finished runs, resuming unfinished ones, failures that do
+not stop the sweep -- with a stub fit command that writes summary.json and records every invocation."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from etpo import benchmark
+
+STUB = textwrap.dedent(r'''
+    """A stand-in for `python -m etpo.fit`: records its argv, then writes a finished summary.json."""
+    import json, os, sys
+    from pathlib import Path
+
+    argv = sys.argv[1:]
+    opts, flags = {}, []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if "=" in a:
+            k, v = a.split("=", 1)
+            opts[k] = v
+        elif a in ("--run_dir", "--ckpt_path", "--config"):
+            opts.setdefault(a, [])
+            opts[a] = opts[a] + [argv[i + 1]] if isinstance(opts[a], list) else [argv[i + 1]]
+            i += 1
+        i += 1
+    run_dir = Path(opts["--run_dir"][0])
+    with open(os.environ["STUB_CALLS"], "a") as fh:
+        fh.write(json.dumps(argv) + "\n")
+    print("stub fit running in", run_dir)
+    dataset = opts.get("--data.env.init_args.dataset")
+    if dataset is None:  # env_override: file -> read the second config
+        import yaml
+        env = yaml.safe_load(open(opts["--config"][1]))["data"]["env"]
+        dataset = env["init_args"]["dataset"]
+    if (Path(os.environ["STUB_FAIL_DIR"]) / dataset).exists():
+        print("stub: failing on purpose", file=sys.stderr)
+        sys.exit(3)
+    seed = int(opts["--data.seed"])
+    budget = int(opts["--data.budget"])
+    reported = os.environ.get("STUB_REPORT_DATASET", dataset)
+    best = 0.5 + 0.01 * seed + 0.1 * len(dataset) / 10
+    curve = [[k, best - 0.01 * (budget - k) / 8] for k in range(8, budget + 1, 8)]
+    summary = {"contender": "stub", "dataset": reported, "seed": seed, "env_steps": budget, "budget": budget,
+               "best_reward": curve[-1][1], "finished": True, "best_within": curve,
+               "batch_avg_reward": [-0.5 + 0.05 * j for j in range(len(curve))]}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+''')
+
+
+@pytest.fixture
+def stub(tmp_path, monkeypatch):
+    script = tmp_path / "stub_fit.py"
+    script.write_text(STUB)
+    calls = tmp_path / "calls.jsonl"
+    fail_dir = tmp_path / "fail"
+    fail_dir.mkdir()
+    monkeypatch.setenv("STUB_CALLS", str(calls))
+    monkeypatch.setenv("STUB_FAIL_DIR", str(fail_dir))
+
+    def read_calls():
+        return [json.loads(x) for x in calls.read_text().splitlines()] if calls.exists() else []
+
+    return {"cmd": [sys.executable, str(script)], "calls": read_calls, "fail_dir": fail_dir}
+
+
+def make_config(tmp_path, **over) -> benchmark.BenchmarkConfig:
+    for name in ("a.yaml", "b.yaml"):
+        (tmp_path / name).write_text(
+            "data:\n  env:\n    class_path: envs.datascience.DataScienceEnv\n"
+            "    init_args: {dataset: breast_w, max_steps: 5, split_seed: 0}\n")
+    data = {
+        "out": str(tmp_path / "bench"),
+        "budget": 32,
+        "seeds": 2,
+        "datasets": ["breast_w", "cmc"],
+        "contenders": {"reflection": str(tmp_path / "a.yaml"),
+                       "etpo": {"config": str(tmp_path / "b.yaml"), "overrides": {"model.init_args.beta": 0.05}}},
+        "overrides": ["--trainer.accelerator=cpu"],
+    }
+    data.update(over)
+    return benchmark.load_config(data=data)
+
+
+def test_exact_override_list(tmp_path):
+    cfg = make_config(tmp_path)
+    etpo = cfg.contenders[1]
+    cmd = benchmark.build_command(cfg, etpo, "cmc", 3, "out/runs/etpo/cmc/seed3", fit_cmd=["FIT"])
+    assert cmd == ["FIT", "--config", etpo.config, "--run_dir", "out/runs/etpo/cmc/seed3",
+                   "--data.env.init_args.dataset=cmc", "--data.env.init_args.split_seed=3", "--data.seed=3",
+                   "--data.budget=32", "--seed_everything=3", "--trainer.accelerator=cpu",
+                   "--model.init_args.beta=0.05"]
+    resumed = benchmark.build_command(cfg, etpo, "cmc", 3, "x", resume=True, fit_cmd=["FIT"])
+    assert resumed[-2:] == ["--ckpt_path", "last"]
+    default = benchmark.build_command(cfg, etpo, "cmc", 3, "x")
+    assert default[:3] == [sys.executable, "-m", "etpo.fit"]
+
+
+def test_sweep_skips_finished_resumes_unfinished_and_survives_failures(tmp_path, stub, capsys):
+    cfg = make_config(tmp_path)
+    runs = cfg.runs_dir
+    # a finished run: skipped
+    done = runs / "reflection" / "breast_w" / "seed0"
+    done.mkdir(parents=True)
+    (done / "summary.json").write_text(json.dumps({"finished": True, "dataset": "breast_w", "seed": 0,
+                                                   "best_reward": 0.9, "best_within": [[32, 0.9]], "env_steps": 32,
+                                                   "batch_avg_reward": [0.1]}))
+    # an unfinished run with a checkpoint: resumed with --ckpt_path last
+    half = runs / "etpo" / "cmc" / "seed1"
+    (half / "checkpoints").mkdir(parents=True)
+    (half / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    (half / "summary.json").write_text(json.dumps({"finished": False, "env_steps": 16}))
+    # an unfinished run without checkpoints: started afresh
+    crashed = runs / "etpo" / "breast_w" / "seed0"
+    crashed.mkdir(parents=True)
+    (crashed / "summary.json").write_text(json.dumps({"finished": False}))
+    fail_marker = stub["fail_dir"] / "cmc"  # while it exists, every cmc run fails
+
+    specs = benchmark.plan(cfg, stub["cmd"])
+    assert len(specs) == 8
+    assert [s.name for s in specs[:4]] == ["reflection/breast_w/seed0", "etpo/breast_w/seed0",
+                                           "reflection/cmc/seed0", "etpo/cmc/seed0"]  # seed-major
+    states = {s.name: s.state for s in specs}
+    assert states["reflection/breast_w/seed0"] == "finished"
+    assert states["etpo/cmc/seed1"] == "resume" and states["etpo/breast_w/seed0"] == "new"
+
+    fail_marker.touch()  # the first sweep: cmc fails
+    results = benchmark.run_benchmark(cfg, stub["cmd"], show_progress=False, poll_s=0.02)
+    calls = stub["calls"]()
+    assert len(calls) == 7  # 8 runs, 1 already finished
+    by_dir = {c[c.index("--run_dir") + 1]: c for c in calls}
+    assert by_dir[str(half)][-2:] == ["--ckpt_path", "last"]
+    assert "--ckpt_path" not in by_dir[str(crashed)]
+    status = {r.name: r.status for r in results}
+    assert status["reflection/breast_w/seed0"] == "skipped"
+    assert status["etpo/breast_w/seed1"] == "ok"
+    failed = sorted(n for n, s in status.items() if s == "failed")
+    assert failed == ["etpo/cmc/seed0", "etpo/cmc/seed1", "reflection/cmc/seed0", "reflection/cmc/seed1"]
+    err = capsys.readouterr().err
+    assert "4 failed" in err and "FAILED etpo/cmc/seed0: exit code 3" in err
+    assert "stub: failing on purpose" in (runs / "etpo" / "cmc" / "seed0" / "fit.log").read_text()
+    assert "stub fit running in" in (runs / "etpo" / "breast_w" / "seed1" / "fit.log").read_text()
+    status_file = json.loads((Path(cfg.out) / "benchmark_status.json").read_text())
+    assert len(status_file["runs"]) == 8
+    # the report was written from what finished
+    assert (Path(cfg.out) / "table.md").is_file() and (Path(cfg.out) / "best_within.png").is_file()
+
+    # second sweep: only the four failed runs run again (one of them resumes from its checkpoint)
+    fail_marker.unlink()
+    assert benchmark.main(["--config", str(_dump(cfg, tmp_path)), "--fit_cmd", " ".join(stub["cmd"]),
+                           "--no_progress"]) == 0
+    calls2 = stub["calls"]()[7:]
+    assert len(calls2) == 4
+    assert sum(c[-2:] == ["--ckpt_path", "last"] for c in calls2) == 1
+    # third sweep: nothing to do
+    assert benchmark.main(["--config", str(_dump(cfg, tmp_path)), "--fit_cmd", " ".join(stub["cmd"]),
+                           "--no_progress"]) == 0
+    assert len(stub["calls"]()) == 11
+    table = (Path(cfg.out) / "table.md").read_text()
+    assert "| reflection | etpo |" in table.splitlines()[0].replace("dataset | ", "")
+
+
+def _dump(cfg: benchmark.BenchmarkConfig, tmp_path: Path) -> Path:
+    import yaml
+
+    data = {"out": cfg.out, "budget": cfg.budget, "seeds": cfg.seeds, "datasets": cfg.datasets,
+            "contenders": {c.name: {"config": c.config, "overrides": c.overrides} for c in cfg.contenders},
+            "overrides": cfg.overrides}
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_wrong_dataset_in_summary_is_a_failure(tmp_path, stub, monkeypatch):
+    monkeypatch.setenv("STUB_REPORT_DATASET", "breast_cancer")
+    cfg = make_config(tmp_path, seeds=[0], datasets=["cmc"], contenders={"etpo": str(tmp_path / "a.yaml")})
+    (r,) = benchmark.run_benchmark(cfg, stub["cmd"], show_progress=False, poll_s=0.02, report=False)
+    assert r.status == "failed" and "did not take effect" in r.error
+
+
+def test_env_override_file_mode(tmp_path, stub):
+    cfg = make_config(tmp_path, env_override="file", seeds=[4], datasets=["pc1"],
+                      contenders={"etpo": str(tmp_path / "a.yaml")})
+    (r,) = benchmark.run_benchmark(cfg, stub["cmd"], show_progress=False, poll_s=0.02, report=False)
+    assert r.status == "ok", r.error
+    run_dir = cfg.runs_dir / "etpo" / "pc1" / "seed4"
+    import yaml
+
+    env = yaml.safe_load((run_dir / "benchmark_env.yaml").read_text())["data"]["env"]
+    assert env == {"class_path": "envs.datascience.DataScienceEnv",
+                   "init_args": {"dataset": "pc1", "max_steps": 5, "split_seed": 4}}
+    (call,) = stub["calls"]()
+    assert call[:4] == ["--config", str(tmp_path / "a.yaml"), "--config", str(run_dir / "benchmark_env.yaml")]
+    assert not any(a.startswith("--data.env") for a in call)
+
+
+def test_dry_run_and_cli_overrides(tmp_path, stub, capsys):
+    path = _dump(make_config(tmp_path), tmp_path)
+    assert benchmark.main(["--config", str(path), "--dry_run", "--budget=8", "seeds=[7]", "--only", "etpo",
+                           "--datasets", "[pc1]"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "--data.budget=8" in out[0] and "--data.seed=7" in out[0]
+    assert "--data.env.init_args.dataset=pc1" in out[0] and "-m etpo.fit" in out[0]
+    assert stub["calls"]() == []
+    assert benchmark.main(["--config", str(path), "--bogus=1", "--dry_run"]) == 2
+    assert "unknown benchmark config keys" in capsys.readouterr().err
