@@ -1,0 +1,23 @@
+"""Text environments for ETPO (no torch import anywhere in this package).
+
+``envs.base``: :class:`TextEnv`, :class:`TextVectorEnv`; ``envs.toy``: :class:`TargetCharsEnv`;
+``envs.sandbox``: :class:`SandboxPool`; ``envs.datascience``: :class:`DataScienceEnv` and the datasets.
+The data-science names are imported lazily so that ``import envs`` stays light (no pandas/scikit-learn).
+"""
+
+from .base import EpisodeOverError, TextEnv, TextVectorEnv
+from .toy import TargetCharsEnv
+
+__all__ = ["TextEnv", "TextVectorEnv", "EpisodeOverError", "TargetCharsEnv", "DataScienceEnv", "SandboxPool"]
+
+
+def __getattr__(name: str):
+    if name == "DataScienceEnv":
+        from .datascience import DataScienceEnv
+
+        return DataScienceEnv
+    if name == "SandboxPool":
+        from .sandbox import SandboxPool
+
+        return SandboxPool
+    raise AttributeError(f"module 'envs' has no attribute {name!r}")
