@@ -1,0 +1,27 @@
+"""The data-science environment: write ``build_model`` for a tabular classification task (ETPO Section 5.1)."""
+
+from .datasets import (
+    BENCHMARK_DATASETS,
+    OFFLINE_DATASETS,
+    DatasetNotFoundError,
+    TabularDataset,
+    dataset_names,
+    load_dataset,
+)
+from .env import DataScienceEnv, make_splits, roc_auc
+from .extract import Extraction, extract_function, find_banned
+
+__all__ = [
+    "DataScienceEnv",
+    "TabularDataset",
+    "DatasetNotFoundError",
+    "load_dataset",
+    "dataset_names",
+    "BENCHMARK_DATASETS",
+    "OFFLINE_DATASETS",
+    "make_splits",
+    "roc_auc",
+    "Extraction",
+    "extract_function",
+    "find_banned",
+]

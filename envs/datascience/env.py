@@ -1,0 +1,270 @@
+"""The data-science environment of ETPO (paper Section 5.1, Eq. 10; docs/etpo-method.md section 7).
+
+State: a Python stub prompt (:mod:`envs.datascience.prompts`). Action: generated text, turned into a
+``build_model`` function by :func:`envs.datascience.extract.extract_function`. Reward (Eq. 10): the mean ROC AUC
+of the returned model's ``predict_proba`` over ``n_splits`` random 50/50 train/validation splits
+(``sklearn.model_selection.train_test_split(test_size=0.5, stratify=y, random_state=s)`` for
+``s = split_seed .. split_seed + n_splits - 1``; the reference implementation uses 5 splits, seeds 0..4),
+macro one-vs-one for more than two classes; ``-1`` for any failure.
+
+The code runs in a :class:`envs.sandbox.SandboxPool` worker that receives ``x_train``, ``y_train`` and the
+validation *features* only; the AUC is computed here, in the caller's process, so validation labels never
+reach the sandbox. ``GridSearchCV`` is refused before anything runs (as in the reference implementation).
+
+Episode: after a failure the next observation is a reflection prompt with the previous code and the error
+(``reflection=True``), else the task prompt again; the episode terminates when the code runs and is truncated
+after ``max_steps`` steps (T = 5 in the paper; ETPO(1-step) is ``max_steps=1, reflection=False``).
+
+``info`` of every step: ``status`` (``ok`` / ``error`` / ``timeout`` / ``refused`` / ``invalid-output``),
+``error`` (str or None), ``auc`` (mean AUC or None), ``aucs`` (per split), ``code`` (the program that was run,
+or None), ``steps``, ``stdout`` (tail of the code's output), ``duration`` (s), ``dataset``.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..base import EpisodeOverError, TextEnv
+from .datasets import TabularDataset, load_dataset
+from .extract import extract_function, find_banned
+from .prompts import clean_description, reflection_prompt, task_prompt
+
+__all__ = ["DataScienceEnv", "make_splits", "roc_auc", "FAILURE_REWARD"]
+
+FAILURE_REWARD = -1.0
+STATUSES = ("ok", "error", "timeout", "refused", "invalid-output")
+
+
+def make_splits(y: np.ndarray, n_splits: int = 5, split_seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``n_splits`` random 50/50 (train, validation) index splits with seeds ``split_seed + i``.
+
+    Stratified by class when every class has at least two rows (then every class is on both sides);
+    otherwise plain random.
+    """
+    from sklearn.model_selection import train_test_split
+
+    y = np.asarray(y)
+    idx = np.arange(len(y))
+    stratify = y if np.bincount(y).min(initial=len(y)) >= 2 and len(np.unique(y)) > 1 else None
+    out = []
+    for seed in range(split_seed, split_seed + n_splits):
+        tr, va = train_test_split(idx, test_size=0.5, random_state=seed, stratify=stratify)
+        out.append((tr, va))
+    return out
+
+
+def roc_auc(y_true: np.ndarray, proba: np.ndarray, n_classes: int) -> float:
+    """ROC AUC of Eq. 10: binary on ``proba[:, 1]``; macro one-vs-one for more than two classes.
+
+    ``proba`` is clipped to [0, 1] and renormalised (it has passed :func:`envs.sandbox.validate_proba`, which
+    allows 1e-3 slack that scikit-learn's multi-class check would not). Classes absent from ``y_true`` (only
+    possible for classes with a single row) are left out of the one-vs-one average.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    proba = np.clip(np.asarray(proba, dtype=np.float64), 0.0, 1.0)
+    if n_classes == 2:
+        return float(roc_auc_score(y_true, proba[:, 1]))
+    present = np.unique(y_true)
+    if len(present) < n_classes:
+        proba = proba[:, present]
+    sums = proba.sum(axis=1, keepdims=True)
+    proba = np.divide(proba, sums, out=np.full_like(proba, 1.0 / proba.shape[1]), where=sums > 0)
+    if len(present) == 2:
+        return float(roc_auc_score(y_true == present[1], proba[:, 1]))
+    return float(roc_auc_score(y_true, proba, multi_class="ovo", average="macro", labels=present))
+
+
+@dataclass(frozen=True, eq=False)
+class _Task:
+    dataset: TabularDataset
+    splits: tuple
+    n_train: int
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_task(name, data_dir, max_rows, subsample, subsample_seed, download, n_splits, split_seed) -> _Task:
+    ds = load_dataset(name, data_dir, max_rows, subsample=subsample, subsample_seed=subsample_seed, download=download)
+    return _make_task(ds, n_splits, split_seed)
+
+
+def _make_task(ds: TabularDataset, n_splits: int, split_seed: int) -> _Task:
+    splits = []
+    for tr, va in make_splits(ds.y, n_splits, split_seed):
+        tr.setflags(write=False)
+        va.setflags(write=False)
+        splits.append((tr, va))
+    return _Task(ds, tuple(splits), len(splits[0][0]))
+
+
+class DataScienceEnv(TextEnv):
+    """Write ``build_model`` for a tabular classification task; reward = mean validation ROC AUC or -1.
+
+    Args:
+        dataset: a name accepted by :func:`envs.datascience.datasets.load_dataset`, or a
+            :class:`TabularDataset`.
+        max_steps: steps per episode before truncation (paper: 5).
+        n_splits, split_seed: the validation splits (seeds ``split_seed .. split_seed + n_splits - 1``).
+        timeout: wall-clock seconds per split evaluation (a step takes at most ``n_splits * timeout``).
+        memory_limit_mb: memory budget of the code per evaluation.
+        max_rows, subsample, subsample_seed, data_dir, download: dataset loading (see ``load_dataset``).
+        prompt_style: ``"paper"`` (bare stub) or ``"few_shot"`` (``n_few_shot`` worked examples first).
+        reflection: after a failure, show the previous code and error (False: show the task prompt again).
+        pool: a :class:`envs.sandbox.SandboxPool`; None uses the shared default pool (created on first step).
+        banned: names whose use is refused before running (reference implementation: ``GridSearchCV``).
+        max_description_chars: cap on the dataset description in the prompt.
+        max_error_chars, max_error_lines: cap on the error shown in the reflection prompt and in ``info``.
+
+    Datasets, splits and prompts are cached, so constructing many environments on one dataset is cheap.
+    """
+
+    def __init__(
+        self,
+        dataset: str | TabularDataset = "breast_cancer",
+        max_steps: int = 5,
+        n_splits: int = 5,
+        split_seed: int = 0,
+        timeout: float = 30.0,
+        memory_limit_mb: int = 2048,
+        max_rows: int | None = 2000,
+        prompt_style: str = "paper",
+        reflection: bool = True,
+        data_dir: str | None = None,
+        pool=None,
+        *,
+        n_few_shot: int = 2,
+        banned: tuple[str, ...] | list[str] = ("GridSearchCV",),
+        subsample: str = "random",
+        subsample_seed: int = 0,
+        download: bool | None = None,
+        max_description_chars: int = 1200,
+        max_error_chars: int = 800,
+        max_error_lines: int = 8,
+    ):
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        if n_splits < 1:
+            raise ValueError(f"n_splits must be >= 1, got {n_splits}")
+        if isinstance(dataset, TabularDataset):
+            self._task = _make_task(dataset, int(n_splits), int(split_seed))
+        else:
+            self._task = _cached_task(
+                str(dataset), None if data_dir is None else str(data_dir), max_rows, subsample, int(subsample_seed),
+                download, int(n_splits), int(split_seed),
+            )
+        ds = self._task.dataset
+        if ds.n_classes < 2:
+            raise ValueError(f"dataset {ds.name!r} has fewer than two classes")
+        self.max_steps = int(max_steps)
+        self.n_splits = int(n_splits)
+        self.split_seed = int(split_seed)
+        self.timeout = float(timeout)
+        self.memory_limit_mb = int(memory_limit_mb)
+        self.reflection = bool(reflection)
+        self.banned = tuple(banned)
+        self.max_error_chars = int(max_error_chars)
+        self.max_error_lines = int(max_error_lines)
+        self.prompt_style = prompt_style
+        self.prompt = task_prompt(
+            ds.name, clean_description(ds.description, max_description_chars), ds.feature_names, ds.target_name,
+            ds.class_names, self._task.n_train, style=prompt_style, n_few_shot=n_few_shot, banned=self.banned,
+        )
+        self._pool = pool
+        self._steps = 0
+        self._done = True
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def dataset(self) -> TabularDataset:
+        return self._task.dataset
+
+    @property
+    def splits(self) -> tuple:
+        """The (train indices, validation indices) pairs used for the reward."""
+        return self._task.splits
+
+    @property
+    def pool(self):
+        if self._pool is None:
+            from ..sandbox import get_default_pool
+
+            self._pool = get_default_pool()
+        return self._pool
+
+    # ------------------------------------------------------------------ gym API
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[str, dict]:
+        # The task is deterministic (fixed splits); the seed is accepted for the Gymnasium signature.
+        self._steps = 0
+        self._done = False
+        return self.prompt, {"status": "reset", "steps": 0, "dataset": self.dataset.name}
+
+    def step(self, action: str) -> tuple[str, float, bool, bool, dict]:
+        if self._done:
+            raise EpisodeOverError("episode is over (or was never started); call reset() first")
+        self._steps += 1
+        t0 = time.monotonic()
+        result = self.evaluate(action)
+        result["steps"] = self._steps
+        result["dataset"] = self.dataset.name
+        result["duration"] = time.monotonic() - t0
+        if result["status"] == "ok":
+            reward, terminated = float(result["auc"]), True
+            obs = self.prompt
+        else:
+            reward, terminated = FAILURE_REWARD, False
+            if self.reflection:
+                obs = reflection_prompt(self.prompt, result["code"], action if isinstance(action, str) else "", result["error"])
+            else:
+                obs = self.prompt
+        truncated = not terminated and self._steps >= self.max_steps
+        self._done = terminated or truncated
+        result["reward"] = reward
+        return obs, reward, terminated, truncated, result
+
+    def evaluate(self, action: str) -> dict:
+        """Score one action without touching the episode state; returns the ``info`` fields of a step."""
+        info = {"status": "ok", "error": None, "auc": None, "aucs": [], "code": None, "stdout": ""}
+        extraction = extract_function(action)
+        if not extraction.ok:
+            info.update(status="invalid-output", error=extraction.error)
+            return info
+        code = extraction.code
+        info["code"] = code
+        bad = find_banned(code, self.banned)
+        if bad is not None:
+            info.update(status="refused", error=f"{bad} is not allowed in this task; fit a single model instead")
+            return info
+        ds = self.dataset
+        aucs = []
+        for tr, va in self.splits:
+            res = self.pool.evaluate(
+                code, ds.X[tr], ds.y[tr], ds.X[va], n_classes=ds.n_classes, timeout=self.timeout,
+                memory_limit_mb=self.memory_limit_mb,
+            )
+            info["stdout"] = res.stdout
+            if res.status != "ok":
+                info.update(status=res.status, error=self._short_error(res.error or res.status), aucs=aucs)
+                return info
+            try:
+                aucs.append(roc_auc(ds.y[va], res.proba, ds.n_classes))
+            except ValueError as exc:
+                info.update(status="error", error=f"could not score predict_proba output: {exc}", aucs=aucs)
+                return info
+        info.update(auc=float(np.mean(aucs)), aucs=aucs)
+        return info
+
+    def _short_error(self, text: str) -> str:
+        """Last lines of a traceback, capped (the model needs the exception, not the whole stack)."""
+        lines = [line for line in text.rstrip().splitlines() if line.strip()]
+        short = "\n".join(lines[-self.max_error_lines :])
+        if len(short) > self.max_error_chars:
+            short = "[...]" + short[-self.max_error_chars :]
+        return short
+
+    def close(self) -> None:
+        # The pool is shared (default pool) or owned by whoever passed it in: nothing to release here.
+        self._done = True

@@ -1,0 +1,173 @@
+"""Prompts of the data-science environment (docs/etpo-method.md section 7), in the project's own words.
+
+A task prompt is a Python stub: a module docstring naming the dataset with its description and columns,
+``import numpy as np``, and ``def build_model(x_train: np.ndarray, y_train: np.ndarray):`` with a docstring that
+gives the training-array shape and class count; the body is left for the model.
+
+Every prompt ends right after the closing ``\"\"\"`` of the function docstring, *without* a trailing newline.
+Reason: byte-level BPE tokenizers (SmolLM2's included) merge a newline with the following indentation into a
+single token, so a prompt ending in a bare ``"\\n"`` leaves the model at column 0 and pushes it to write
+module-level code; ending on the ``\"\"\"`` line lets its first token be ``"\\n    "``, the natural
+continuation of a function body.
+
+Styles: ``"paper"`` is the bare stub (as the paper); ``"few_shot"`` puts complete worked examples on other
+(invented, non-benchmark) datasets before the stub, which small models copy: measured with the offline default
+model (SmolLM2-135M) the bare stub gave 0/160 runnable answers and a two-example prompt 11/20. The reflection
+prompt (after a failed step) shows the previous code and the error, then opens a fresh stub.
+"""
+
+from __future__ import annotations
+
+import re
+import textwrap
+
+__all__ = ["task_prompt", "reflection_prompt", "stub", "FEW_SHOT_EXAMPLES", "clean_description"]
+
+_FUNCTION_DOC = '''    """Import the modules you need, then build and return a fitted scikit-learn classifier.
+
+    x_train: float array of shape ({n}, {d}); y_train: int array of shape ({n},) with labels 0..{k1} ({k} classes).
+    The returned model must implement predict_proba(x).{extra}
+    """'''
+
+
+def clean_description(text: str, max_chars: int = 1200) -> str:
+    """Make a description safe inside a docstring and short enough for a small model's context."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace('"""', "'''").replace("\\", "/")
+    text = re.sub(r"[^\S\n]+\n", "\n", text)
+    text = re.sub(r"\n{3,}", "\n\n", text).strip()
+    if len(text) > max_chars:
+        cut = text[:max_chars]
+        cut = cut[: cut.rfind(" ")] if " " in cut[max_chars // 2 :] else cut
+        text = cut.rstrip() + " [...]"
+    return text
+
+
+def _module_doc(name: str, description: str, feature_names, target: str, class_names) -> str:
+    cols = ", ".join(feature_names)
+    if len(cols) > 600:  # e.g. 64 pixel columns of digits
+        cols = cols[:600].rsplit(", ", 1)[0] + ", ..."
+    classes = ", ".join(str(c) for c in class_names)
+    if len(classes) > 200:
+        classes = classes[:200].rsplit(", ", 1)[0] + ", ..."
+    parts = [f"Dataset: {name}", description.strip()] if description.strip() else [f"Dataset: {name}"]
+    wrapped = textwrap.fill(
+        f"Columns of x_train, in order (categorical columns are integer codes): {cols}.", width=100
+    )
+    parts.append(wrapped + f"\nTarget: {target} ({len(class_names)} classes: {classes}).")
+    return '"""' + "\n\n".join(parts) + '\n"""\nimport numpy as np\n'
+
+
+def stub(n_train: int, n_features: int, n_classes: int, banned=("GridSearchCV",)) -> str:
+    """The open function: header + docstring, ending at the closing quotes (no trailing newline)."""
+    extra = f" Do not use {', '.join(banned)}." if banned else ""
+    doc = _FUNCTION_DOC.format(n=n_train, d=n_features, k=n_classes, k1=n_classes - 1, extra=extra)
+    return "def build_model(x_train: np.ndarray, y_train: np.ndarray):\n" + doc
+
+
+# Worked examples for the few-shot style, on invented datasets that are not in the benchmark. Short on
+# purpose: small models copy them nearly verbatim, so they must be correct, general and quick to fit.
+FEW_SHOT_EXAMPLES: dict[str, dict] = {
+    "penguins": dict(
+        description="Body measurements of penguins from three islands. Predict the species.",
+        features=["bill_length_mm", "bill_depth_mm", "flipper_length_mm", "body_mass_g"],
+        target="species",
+        classes=["Adelie", "Chinstrap", "Gentoo"],
+        n_train=166,
+        body="""\
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+    model.fit(x_train, y_train)
+    return model""",
+    ),
+    "bank_marketing": dict(
+        description="Clients contacted by a bank's phone campaign. Predict whether the client subscribes to a term deposit.",
+        features=["age", "job", "marital", "education", "balance", "housing", "loan", "duration", "campaign", "previous"],
+        target="subscribed",
+        classes=["no", "yes"],
+        n_train=1000,
+        body="""\
+    from sklearn.ensemble import RandomForestClassifier
+
+    model = RandomForestClassifier(n_estimators=200, min_samples_leaf=2, random_state=0)
+    model.fit(x_train, y_train)
+    return model""",
+    ),
+    "steel_plates": dict(
+        description="Geometry and luminosity measurements of steel plates. Predict the type of surface fault.",
+        features=["x_min", "x_max", "y_min", "y_max", "pixels_area", "perimeter", "luminosity", "thickness"],
+        target="fault",
+        classes=["bumps", "dirtiness", "k_scratch", "other", "pastry", "stains", "z_scratch"],
+        n_train=970,
+        body="""\
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    model = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.1, random_state=0)
+    model.fit(x_train, y_train)
+    return model""",
+    ),
+}
+
+
+def _few_shot_prefix(dataset_name: str, n_examples: int, banned) -> str:
+    chosen = [k for k in FEW_SHOT_EXAMPLES if k != dataset_name][:n_examples]
+    blocks = []
+    for key in chosen:
+        ex = FEW_SHOT_EXAMPLES[key]
+        header = _module_doc(key, ex["description"], ex["features"], ex["target"], ex["classes"])
+        blocks.append(
+            header + "\n\n" + stub(ex["n_train"], len(ex["features"]), len(ex["classes"]), banned) + "\n" + ex["body"] + "\n"
+        )
+    return "\n\n".join(blocks) + ("\n\n" if blocks else "")
+
+
+def task_prompt(
+    name: str,
+    description: str,
+    feature_names,
+    target: str,
+    class_names,
+    n_train: int,
+    *,
+    style: str = "paper",
+    n_few_shot: int = 2,
+    banned=("GridSearchCV",),
+) -> str:
+    """The initial observation of an episode (see the module docstring)."""
+    if style not in ("paper", "few_shot"):
+        raise ValueError(f"prompt_style must be 'paper' or 'few_shot', got {style!r}")
+    body = _module_doc(name, description, feature_names, target, class_names) + "\n\n" + stub(
+        n_train, len(feature_names), len(class_names), banned
+    )
+    if style == "few_shot":
+        return _few_shot_prefix(name, n_few_shot, banned) + body
+    return body
+
+
+def _as_comment(text: str, max_lines: int = 30, width: int = 160) -> str:
+    lines = text.strip("\n").splitlines() or [""]
+    if len(lines) > max_lines:
+        lines = lines[:max_lines] + ["[...]"]
+    return "\n".join(("# " + line[:width]).rstrip() for line in lines)
+
+
+def reflection_prompt(task: str, previous_code: str | None, previous_answer: str, error: str) -> str:
+    """Observation after a failed step: the previous code (or answer), the error, and a fresh open stub.
+
+    ``task`` is the episode's initial prompt; its final stub is reused so that the prompt again ends inside
+    an open function body (right after the docstring, no trailing newline).
+    """
+    cut = task.rfind("def build_model(")
+    head, open_stub = task[:cut].rstrip("\n"), task[cut:]
+    if previous_code is not None:
+        shown = previous_code.replace("import numpy as np\n", "", 1).strip("\n")
+        what = "The build_model above failed"
+    else:
+        shown = _as_comment(previous_answer)
+        what = "The answer above is not a usable build_model function"
+    message = _as_comment(error, max_lines=15)
+    return (
+        f"{head}\n\n\n{shown}\n\n\n# {what}:\n{message}\n# Fix the problem and write build_model again.\n\n\n{open_stub}"
+    )

@@ -1,0 +1,205 @@
+"""DataScienceEnv: contract, reward (Eq. 10) against an independent computation, reflection and truncation."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import train_test_split
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from envs import TextVectorEnv
+from envs.datascience import DataScienceEnv, load_dataset
+from envs.datascience.env import make_splits, roc_auc
+from envs.sandbox import get_default_pool
+
+LR_BODY = (
+    "\n    from sklearn.linear_model import LogisticRegression\n"
+    "    from sklearn.pipeline import make_pipeline\n"
+    "    from sklearn.preprocessing import StandardScaler\n"
+    "    model = make_pipeline(StandardScaler(), LogisticRegression())\n"
+    "    model.fit(x_train, y_train)\n"
+    "    return model"
+)
+
+
+def reference_model():
+    """The same model as LR_BODY, fitted in this process for the independent AUC computation."""
+    return make_pipeline(StandardScaler(), LogisticRegression())
+FAST = dict(timeout=20.0, memory_limit_mb=1024)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return get_default_pool()
+
+
+def make_env(dataset="breast_cancer", **kw):
+    return DataScienceEnv(dataset, pool=get_default_pool(), **{**FAST, **kw})
+
+
+def test_prompt_shape_and_ending():
+    env = make_env("breast_cancer")
+    obs, info = env.reset(seed=0)
+    assert info["status"] == "reset" and info["steps"] == 0
+    assert obs.startswith('"""Dataset: breast_cancer')
+    assert "import numpy as np" in obs
+    assert "def build_model(x_train: np.ndarray, y_train: np.ndarray):" in obs
+    n_train = len(env.splits[0][0])
+    assert f"shape ({n_train}, 30)" in obs and "(2 classes)" in obs
+    # ends right after the docstring's closing quotes: no trailing newline (see envs.datascience.prompts)
+    assert obs.endswith('    """') and not obs.endswith("\n")
+    few = make_env("breast_cancer", prompt_style="few_shot")
+    fobs, _ = few.reset()
+    assert fobs.endswith(obs.split("def build_model", 1)[1][-200:])
+    assert fobs.count("def build_model") == 3 and fobs.count("return model") == 2
+    assert "Dataset: penguins" in fobs and "Dataset: breast_cancer" in fobs
+    with pytest.raises(ValueError):
+        make_env("breast_cancer", prompt_style="chatty")
+
+
+def test_reward_equals_independent_roc_auc_binary(pool):
+    env = make_env("breast_cancer", n_splits=3, split_seed=4)
+    env.reset()
+    obs, reward, terminated, truncated, info = env.step(LR_BODY)
+    assert info["status"] == "ok", info["error"]
+    assert terminated is True and truncated is False and info["steps"] == 1
+    # independent recomputation: same splits (train_test_split, stratified, seeds 4..6), fit here
+    ds = load_dataset("breast_cancer")
+    aucs = []
+    for seed in (4, 5, 6):
+        xt, xv, yt, yv = train_test_split(ds.X, ds.y, test_size=0.5, random_state=seed, stratify=ds.y)
+        proba = reference_model().fit(xt, yt).predict_proba(xv)
+        aucs.append(roc_auc_score(yv, proba[:, 1]))
+    assert reward == pytest.approx(np.mean(aucs), abs=1e-9)
+    assert info["aucs"] == pytest.approx(aucs, abs=1e-9)
+    assert info["auc"] == pytest.approx(reward)
+    assert "def build_model" in info["code"]
+
+
+@pytest.mark.parametrize("name", ["iris", "wine"])
+def test_reward_multiclass_is_macro_ovo(pool, name):
+    env = make_env(name, n_splits=2)
+    env.reset()
+    _, reward, terminated, _, info = env.step(LR_BODY)
+    assert info["status"] == "ok", info["error"]
+    ds = load_dataset(name)
+    expected = []
+    for seed in (0, 1):
+        xt, xv, yt, yv = train_test_split(ds.X, ds.y, test_size=0.5, random_state=seed, stratify=ds.y)
+        proba = reference_model().fit(xt, yt).predict_proba(xv)
+        expected.append(roc_auc_score(yv, proba, multi_class="ovo", average="macro"))
+    assert reward == pytest.approx(np.mean(expected), abs=1e-9)
+    assert 0.5 < reward <= 1.0
+
+
+def test_roc_auc_helper():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    p = np.eye(3)[y] * 0.9 + 0.1 / 3
+    assert roc_auc(y, p, 3) == pytest.approx(1.0)
+    assert roc_auc(np.array([0, 1, 0, 1]), np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]]), 2) == 1.0
+    splits = make_splits(np.array([0, 1] * 20), n_splits=3, split_seed=2)
+    assert len(splits) == 3 and all(len(tr) == len(va) == 20 for tr, va in splits)
+    assert all(np.bincount(np.array([0, 1] * 20)[va]).tolist() == [10, 10] for _, va in splits)
+
+
+def test_failure_gives_reflection_then_truncation(pool):
+    env = make_env("iris", max_steps=2, n_splits=2)
+    obs0, _ = env.reset()
+    bad = "\n    import numpy as np\n    raise RuntimeError('deliberate failure 123')"
+    obs, reward, terminated, truncated, info = env.step(bad)
+    assert reward == -1.0 and not terminated and not truncated
+    assert info["status"] == "error" and "deliberate failure 123" in info["error"]
+    assert info["auc"] is None and info["steps"] == 1
+    # the reflection prompt shows the previous code and the error, and opens a fresh function
+    assert "raise RuntimeError('deliberate failure 123')" in obs
+    assert "deliberate failure 123" in obs.split("raise RuntimeError")[-1]
+    assert obs.endswith('    """') and not obs.endswith("\n")
+    assert obs.count("def build_model") == 2
+    obs, reward, terminated, truncated, info = env.step("this is not code at all")
+    assert info["status"] == "invalid-output" and reward == -1.0
+    assert truncated is True and terminated is False and info["steps"] == 2
+    assert "# this is not code at all" in obs
+    with pytest.raises(RuntimeError):
+        env.step(LR_BODY)
+    # after reset the episode starts from the task prompt; success terminates
+    obs, _ = env.reset()
+    assert obs == obs0
+    _, reward, terminated, truncated, info = env.step(LR_BODY)
+    assert terminated and not truncated and reward > 0.9
+
+
+def test_no_reflection_mode_repeats_the_task_prompt(pool):
+    env = make_env("iris", max_steps=1, reflection=False, n_splits=1)
+    obs0, _ = env.reset()
+    obs, reward, terminated, truncated, info = env.step("\n    return None")
+    assert reward == -1.0 and truncated and not terminated
+    assert obs == obs0
+
+
+def test_timeout_status(pool):
+    env = make_env("iris", n_splits=1, timeout=1.0)
+    env.reset()
+    _, reward, _, _, info = env.step("\n    while True:\n        pass\n    return None")
+    assert info["status"] == "timeout" and reward == -1.0
+
+
+def test_grid_search_is_refused_before_running(pool):
+    env = make_env("iris", n_splits=1)
+    env.reset()
+    action = (
+        "\n    from sklearn.model_selection import GridSearchCV\n    from sklearn.svm import SVC\n"
+        "    return GridSearchCV(SVC(probability=True), {'C': [1, 10]}).fit(x_train, y_train)"
+    )
+    t0 = time.monotonic()
+    obs, reward, terminated, truncated, info = env.step(action)
+    assert info["status"] == "refused" and reward == -1.0
+    assert "GridSearchCV" in info["error"] and "GridSearchCV" in obs
+    assert time.monotonic() - t0 < 0.5  # nothing ran
+
+
+def test_info_fields_and_bad_output(pool):
+    env = make_env("wine", n_splits=1)
+    env.reset()
+    action = "\n    class M:\n        def predict_proba(self, x):\n            return x[:, :3]\n    return M()"
+    _, reward, _, _, info = env.step(action)
+    assert reward == -1.0 and info["status"] == "error" and "predict_proba" in info["error"]
+    for key in ("status", "error", "auc", "aucs", "code", "steps", "stdout", "duration", "dataset"):
+        assert key in info
+
+
+def test_eight_envs_in_a_vector_env_share_data_and_pool(pool):
+    t0 = time.monotonic()
+    envs = [make_env("breast_cancer", n_splits=2) for _ in range(8)]
+    assert time.monotonic() - t0 < 1.0  # cheap: the dataset, splits and prompt are cached
+    assert all(e.dataset is envs[0].dataset and e.pool is envs[0].pool for e in envs)
+    with TextVectorEnv(envs) as venv:
+        obs, infos = venv.reset(seed=0)
+        assert len(set(obs)) == 1
+        actions = [LR_BODY] * 4 + ["\n    raise ValueError('nope')"] * 2 + ["garbage text", LR_BODY]
+        obs, rewards, terminated, truncated, infos = venv.step(actions)
+    statuses = [i["status"] for i in infos]
+    assert statuses == ["ok"] * 4 + ["error"] * 2 + ["invalid-output", "ok"]
+    assert rewards[0] == rewards[3] == rewards[7] > 0.9
+    assert (rewards[4:7] == -1).all()
+    assert terminated.tolist() == [True] * 4 + [False] * 3 + [True]
+    assert not truncated.any()
+
+
+def test_env_with_explicit_dataset_object(pool):
+    ds = load_dataset("iris")
+    env = DataScienceEnv(ds, pool=pool, n_splits=1, **FAST)
+    env.reset()
+    assert env.step(LR_BODY)[4]["status"] == "ok"
+
+
+def test_benchmark_dataset_env(pool, shared_datasets):
+    env = make_env("breast_w", data_dir=str(shared_datasets), n_splits=2)
+    obs, _ = env.reset()
+    assert "Dataset: breast_w" in obs and "Bare_Nuclei" in obs
+    _, reward, terminated, _, info = env.step(LR_BODY)
+    assert info["status"] == "ok" and reward > 0.95
