@@ -16,6 +16,7 @@ folder. The benchmark config is a small YAML (read with omegaconf)::
     env_override: dotted               # how the dataset / split reach etpo.fit (see below)
     jobs: 1                            # runs at a time (several fit on one GPU; mind the memory)
     timeout_s: null                    # per-run wall-clock limit (the run is killed, reported failed, resumable)
+    preflight: auto                    # parse one run per contender with --print_config first (auto: with etpo.fit)
     report: {within: null, ddof: 1, paper: false}
 
 Paths are relative to the working directory (run from the repository root). Every key can be overridden on the
@@ -38,7 +39,9 @@ resumed with ``--ckpt_path last``; anything else starts afresh. stdout/stderr of
 ``<run_dir>/fit.log`` (appended, one header line per attempt). A failed run (non-zero exit, timeout, no finished
 summary, or a summary whose dataset / seed differ from the requested ones -- an override that did not take effect)
 is reported and listed at the end; the sweep goes on. ``<out>/benchmark_status.json`` records every run's status.
-``--dry_run`` prints the commands; ``--report_only`` only writes the report. ``--fit_cmd "python stub.py"``
+Before the sweep a preflight parses the first pending run of every contender with ``--print_config`` (seconds,
+nothing is trained) and stops with a clear message when an argument is rejected or the dataset / split seed / seed
+do not reach the resolved config. ``--dry_run`` prints the commands; ``--report_only`` only writes the report. ``--fit_cmd "python stub.py"``
 replaces ``python -m etpo.fit`` (tests use a stub).
 """
 
@@ -82,6 +85,7 @@ class BenchmarkConfig:
     jobs: int = 1
     timeout_s: Optional[float] = None
     fit_cmd: Optional[list[str]] = None
+    preflight: str = "auto"
     report: dict = field(default_factory=lambda: {"within": None, "ddof": 1, "paper": False})
 
     @property
@@ -191,8 +195,11 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
         jobs=int(raw.get("jobs") or 1),
         timeout_s=None if raw.get("timeout_s") is None else float(raw["timeout_s"]),
         fit_cmd=shlex.split(raw["fit_cmd"]) if isinstance(raw.get("fit_cmd"), str) else raw.get("fit_cmd"),
+        preflight=str(raw.get("preflight", "auto")).lower(),
         report=report,
     )
+    if cfg.preflight not in ("auto", "true", "false"):
+        raise ValueError(f"preflight must be auto, true or false, got {cfg.preflight!r}")
     if cfg.env_override not in _ENV_MODES:
         raise ValueError(f"env_override must be one of {_ENV_MODES}, got {cfg.env_override!r}")
     if cfg.budget < 1 or cfg.jobs < 1:
@@ -450,10 +457,7 @@ def execute(specs: Sequence[RunSpec], cfg: BenchmarkConfig, show_progress: bool 
                 while pending and len(running) < cfg.jobs:
                     spec = pending.pop(0)
                     spec.run_dir.mkdir(parents=True, exist_ok=True)
-                    if spec.env_file is not None:
-                        from omegaconf import OmegaConf
-
-                        OmegaConf.save(OmegaConf.create(spec.env_file), spec.run_dir / "benchmark_env.yaml")
+                    _write_env_file(spec)
                     log = open(spec.run_dir / "fit.log", "a")
                     log.write(f"\n=== etpo.benchmark {time.strftime('%Y-%m-%d %H:%M:%S')} ({spec.state}): "
                               f"{shlex.join(spec.command)}\n")
@@ -502,6 +506,51 @@ def execute(specs: Sequence[RunSpec], cfg: BenchmarkConfig, show_progress: bool 
     return results
 
 
+def _write_env_file(spec: RunSpec) -> None:
+    if spec.env_file is not None:
+        from omegaconf import OmegaConf
+
+        spec.run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(spec.env_file), spec.run_dir / "benchmark_env.yaml")
+
+
+def preflight(specs: Sequence[RunSpec], timeout_s: float = 600) -> list[str]:
+    """Parse (``--print_config``, nothing is trained) the first pending run of every contender and check that the
+    dataset, split seed, seed and budget reach the resolved config. Returns the problems found (empty = fine)."""
+    import yaml
+
+    problems, seen = [], set()
+    for spec in specs:
+        if spec.state == "finished" or spec.contender in seen:
+            continue
+        seen.add(spec.contender)
+        _write_env_file(spec)
+        cmd = [a for a in spec.command if a not in ("--ckpt_path", "last")] + ["--print_config"]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            problems.append(f"{spec.contender}: could not check the config ({err})")
+            continue
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
+            problems.append(f"{spec.contender}: etpo.fit rejects the arguments of {spec.name}: {tail}")
+            continue
+        try:
+            resolved = yaml.safe_load(proc.stdout) or {}
+        except yaml.YAMLError as err:
+            problems.append(f"{spec.contender}: unreadable --print_config output ({err})")
+            continue
+        data = resolved.get("data") or {}
+        init = (data.get("env") or {}).get("init_args") or {}
+        for what, got, want in (("data.env.init_args.dataset", init.get("dataset"), spec.dataset),
+                                ("data.env.init_args.split_seed", init.get("split_seed"), spec.seed),
+                                ("data.seed", data.get("seed"), spec.seed)):
+            if str(got) != str(want):
+                problems.append(f"{spec.contender}: {what} resolves to {got!r}, not {want!r}: the override does not "
+                                "take effect (try env_override: file)")
+    return problems
+
+
 def run_benchmark(cfg: BenchmarkConfig, fit_cmd: Optional[Sequence[str]] = None, dry_run: bool = False,
                   report: bool = True, only: Optional[Sequence[str]] = None, show_progress: bool = True,
                   poll_s: float = 0.5) -> list[RunResult]:
@@ -517,6 +566,11 @@ def run_benchmark(cfg: BenchmarkConfig, fit_cmd: Optional[Sequence[str]] = None,
         return []
     if missing:
         raise FileNotFoundError(f"contender configs not found: {missing}")
+    check = cfg.preflight == "true" or (cfg.preflight == "auto" and not fit_cmd and not cfg.fit_cmd)
+    if check:
+        problems = preflight(specs)
+        if problems:
+            raise ValueError("preflight check failed (set preflight: false to skip it):\n  " + "\n  ".join(problems))
     results = execute(specs, cfg, show_progress, poll_s)
     failed = [r for r in results if r.status == "failed"]
     counts = {k: sum(r.status == k for r in results) for k in ("ok", "skipped", "failed")}

@@ -31,6 +31,14 @@ STUB = textwrap.dedent(r'''
             i += 1
         i += 1
     run_dir = Path(opts["--run_dir"][0])
+    if "--print_config" in argv:  # what etpo.fit's parser would resolve (STUB_MANGLE: the dict-typed env bug)
+        env = {"class_path": "envs.x.Env", "init_args": {}}
+        for k, v in opts.items():
+            if k.startswith("--data.env.init_args."):
+                key = k.rsplit(".", 1)[1]
+                (env if os.environ.get("STUB_MANGLE") else env["init_args"])[key] = v
+        print(json.dumps({"data": {"env": env, "seed": int(opts["--data.seed"]), "budget": 1}}))
+        sys.exit(0)
     with open(os.environ["STUB_CALLS"], "a") as fh:
         fh.write(json.dumps(argv) + "\n")
     print("stub fit running in", run_dir)
@@ -211,3 +219,14 @@ def test_dry_run_and_cli_overrides(tmp_path, stub, capsys):
     assert stub["calls"]() == []
     assert benchmark.main(["--config", str(path), "--bogus=1", "--dry_run"]) == 2
     assert "unknown benchmark config keys" in capsys.readouterr().err
+
+
+def test_preflight_catches_overrides_that_do_not_take_effect(tmp_path, stub, monkeypatch):
+    cfg = make_config(tmp_path, preflight="true", seeds=[1], datasets=["cmc", "pc1"])
+    results = benchmark.run_benchmark(cfg, stub["cmd"], show_progress=False, poll_s=0.02, report=False)
+    assert [r.status for r in results] == ["ok"] * 4
+    monkeypatch.setenv("STUB_MANGLE", "1")
+    cfg = make_config(tmp_path, preflight="true", seeds=[2], datasets=["cmc"])
+    with pytest.raises(ValueError, match="data.env.init_args.dataset resolves to None, not 'cmc'"):
+        benchmark.run_benchmark(cfg, stub["cmd"], show_progress=False, poll_s=0.02, report=False)
+    assert len(stub["calls"]()) == 4  # nothing ran after the failed preflight
