@@ -1,0 +1,336 @@
+"""The rollout DataModule: streams fresh, on-policy transitions from text environments.
+
+This is where environments and the model meet. ``num_envs`` environments step together; each iteration the
+*current* policy generates one action for every environment in one batch (``policy.act``), the environments step
+in parallel (:class:`envs.base.TextVectorEnv`, the data-science env evaluates code through its sandbox pool),
+and finished episodes reset. A batch holds ``steps_per_update`` such iterations, i.e.
+``num_envs * steps_per_update`` transitions, as token ids only -- nothing vocabulary-sized is stored between
+rollout and update (the LightningModule computes every per-token value and KL itself, exactly).
+
+On-policy by construction: the LightningModules take ``dataloader_iter`` in ``training_step`` and pull the batch
+themselves, so Lightning does not prefetch a batch with stale weights; each batch is generated with the weights of
+the step that trains on it (``batch["policy_version"]`` records which).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Protocol, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from envs.base import TextEnv, TextVectorEnv
+
+__all__ = ["GenerationConfig", "RolloutPolicy", "RolloutCollector", "RolloutDataModule", "build_env"]
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling settings shared by every contender (spec section 8: temperature 0.5, top-k 50, <= 256 tokens)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.5
+    top_k: int = 50
+    top_p: float = 1.0
+
+
+class RolloutPolicy(Protocol):
+    """What the collector needs from a LightningModule."""
+
+    policy_version: int
+
+    def act(self, prompts: list[str], generation: GenerationConfig) -> Any:  # returns modules.shared_base.Generation
+        ...
+
+    def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
+        ...
+
+
+def build_env(spec: dict) -> TextEnv:
+    """Instantiate an environment from ``{"class_path": "pkg.mod.Class", "init_args": {...}}``."""
+    if not isinstance(spec, dict) or "class_path" not in spec:
+        raise ValueError(f"env must be a mapping with 'class_path' (and optional 'init_args'), got {spec!r}")
+    module_name, _, class_name = spec["class_path"].rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"env class_path {spec['class_path']!r} cannot be imported: {err}") from err
+    return cls(**dict(spec.get("init_args") or {}))
+
+
+@dataclass
+class _Transition:
+    prompt_ids: list[int]
+    action_ids: np.ndarray  # int32: 4 bytes per generated token
+    reward: float
+    terminated: bool
+    truncated: bool
+    next_prompt: str
+    env_index: int
+    episode_step: int
+    status: str
+    next_index: int = -1  # index in the batch of the transition acting on this one's next state (or -1)
+
+
+@dataclass
+class _EpisodeStats:
+    env_steps: int = 0
+    updates: int = 0
+    episodes: int = 0
+    best_reward: float = -math.inf
+    best_code: str = ""
+    best_env_step: int = 0
+    best_within: list = field(default_factory=list)  # [(env_steps, best_reward)] after every batch
+    batch_avg_reward: list = field(default_factory=list)
+    batch_runnable: list = field(default_factory=list)
+    wall_time_s: float = 0.0
+
+
+class RolloutCollector:
+    """Steps ``num_envs`` environments with the current policy and returns batches of transitions."""
+
+    def __init__(self, env: dict, num_envs: int, steps_per_update: int, budget: int, seed: int,
+                 generation: GenerationConfig, max_workers: int | None = None):
+        if num_envs < 1 or steps_per_update < 1 or budget < 1:
+            raise ValueError("num_envs, steps_per_update and budget must be positive")
+        self.env_spec = env
+        self.num_envs = num_envs
+        self.steps_per_update = steps_per_update
+        self.budget = budget
+        self.seed = seed
+        self.generation = generation
+        self.vec = TextVectorEnv([build_env(env) for _ in range(num_envs)], max_workers=max_workers)
+        self.stats = _EpisodeStats()
+        self._obs: list[str] | None = None
+        self._episode_seeds = np.random.SeedSequence(seed)
+        self._started = time.perf_counter()
+
+    @property
+    def exhausted(self) -> bool:
+        return self.stats.env_steps >= self.budget
+
+    def _reset(self, indices: Sequence[int]) -> list[str]:
+        obs = []
+        for i in indices:
+            # one fresh, reproducible seed per episode
+            episode_seed = int(self._episode_seeds.spawn(1)[0].generate_state(1)[0])
+            o, _ = self.vec.reset(seed=episode_seed, indices=[i])
+            obs.append(o[0])
+        return obs
+
+    def collect(self, policy: RolloutPolicy) -> dict:
+        """One rollout batch: ``steps_per_update`` parallel steps of every environment."""
+        if self._obs is None:
+            self._obs = self._reset(range(self.num_envs))
+        transitions: list[_Transition] = []
+        last_of_env: dict[int, int] = {}
+        version = policy.policy_version
+        for _ in range(self.steps_per_update):
+            if self.exhausted:
+                break
+            prompts = list(self._obs)
+            gen = policy.act(prompts, self.generation)
+            obs, rewards, terminated, truncated, infos = self.vec.step(gen.texts)
+            prompt_ids = _unpad_rows(gen.prompt_ids, gen.prompt_mask)
+            action_ids = _unpad_rows(gen.action_ids, gen.action_mask)
+            for i in range(self.num_envs):
+                if i in last_of_env:  # this env's previous transition in the batch continues into this one
+                    transitions[last_of_env[i]].next_index = len(transitions)
+                transitions.append(_Transition(
+                    prompt_ids=prompt_ids[i], action_ids=np.asarray(action_ids[i], dtype=np.int32),
+                    reward=float(rewards[i]), terminated=bool(terminated[i]), truncated=bool(truncated[i]),
+                    next_prompt=obs[i], env_index=i, episode_step=int(infos[i].get("steps", 0)),
+                    status=str(infos[i].get("status", "ok")),
+                ))
+                last_of_env[i] = len(transitions) - 1
+                self._track_best(float(rewards[i]), infos[i], gen.texts[i])
+            self.stats.env_steps += self.num_envs
+            done = [i for i in range(self.num_envs) if terminated[i] or truncated[i]]
+            for i in done:
+                last_of_env.pop(i)  # a new episode starts: no bootstrapping link across episodes
+            self.stats.episodes += len(done)
+            new_obs = self._reset(done) if done else []
+            for i, o in zip(done, new_obs):
+                obs[i] = o
+            self._obs = list(obs)
+        return self._make_batch(transitions, policy, version)
+
+    def _track_best(self, reward: float, info: dict, text: str) -> None:
+        if reward > self.stats.best_reward:
+            self.stats.best_reward = reward
+            self.stats.best_code = str(info.get("code") or text)
+            self.stats.best_env_step = self.stats.env_steps + 1
+
+    def _make_batch(self, transitions: list[_Transition], policy: RolloutPolicy, version: int) -> dict:
+        rewards = [t.reward for t in transitions]
+        runnable = [t.status == "ok" for t in transitions]
+        self.stats.updates += 1
+        self.stats.wall_time_s = time.perf_counter() - self._started
+        self.stats.batch_avg_reward.append(float(np.mean(rewards)))
+        self.stats.batch_runnable.append(float(np.mean(runnable)))
+        self.stats.best_within.append((self.stats.env_steps, self.stats.best_reward))
+        # Next-state prompts are needed only where the episode goes on and the next state is not already the
+        # prompt of a later transition in this batch (then V(s_{t+1}) is read from that transition's row 0).
+        need_next = [k for k, t in enumerate(transitions) if not t.terminated and t.next_index < 0]
+        next_ids = policy.encode_prompts([transitions[k].next_prompt for k in need_next]) if need_next else []
+        pad = 0
+        batch = {
+            "prompt_ids": _left_pad([t.prompt_ids for t in transitions], pad),
+            "action_ids": _right_pad([t.action_ids.tolist() for t in transitions], pad),
+            "rewards": torch.tensor(rewards, dtype=torch.float32),
+            "dones": torch.tensor([float(t.terminated) for t in transitions]),
+            "truncated": torch.tensor([float(t.truncated) for t in transitions]),
+            "next_index": torch.tensor([t.next_index for t in transitions], dtype=torch.long),
+            "next_needed": torch.tensor(need_next, dtype=torch.long),
+            "env_index": torch.tensor([t.env_index for t in transitions], dtype=torch.long),
+            "episode_step": torch.tensor([t.episode_step for t in transitions], dtype=torch.long),
+            "policy_version": version,
+            "metrics": {
+                "avg_reward": float(np.mean(rewards)),
+                "best_reward": float(self.stats.best_reward),
+                "runnable_fraction": float(np.mean(runnable)),
+                "env_steps": float(self.stats.env_steps),
+                "sps": self.stats.env_steps / max(self.stats.wall_time_s, 1e-9),
+                "episodes": float(self.stats.episodes),
+            },
+        }
+        batch["prompt_ids"], batch["prompt_mask"] = batch["prompt_ids"]
+        batch["action_ids"], batch["action_mask"] = batch["action_ids"]
+        if next_ids:
+            batch["next_prompt_ids"], batch["next_prompt_mask"] = _left_pad(next_ids, pad)
+        return batch
+
+    # ---- checkpointing: budget, best record and the live episodes survive a resume -------------------------------
+    def state_dict(self) -> dict:
+        state = {"stats": asdict(self.stats), "obs": self._obs, "seed_seq": self._episode_seeds.n_children_spawned}
+        state["envs"] = [env.state_dict() if hasattr(env, "state_dict") else None for env in self.vec.envs]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stats = _EpisodeStats(**state["stats"])
+        self.stats.best_within = [tuple(x) for x in self.stats.best_within]
+        self._obs = state["obs"]
+        self._episode_seeds = np.random.SeedSequence(self.seed)
+        if state.get("seed_seq"):
+            self._episode_seeds.spawn(state["seed_seq"])
+        for env, env_state in zip(self.vec.envs, state.get("envs") or []):
+            if env_state is not None and hasattr(env, "load_state_dict"):
+                env.load_state_dict(env_state)
+        self._started = time.perf_counter() - self.stats.wall_time_s
+
+    def close(self) -> None:
+        self.vec.close()
+
+
+def _unpad_rows(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    ids, mask = ids.cpu(), mask.cpu().bool()
+    return [row[m].tolist() for row, m in zip(ids, mask)]
+
+
+def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def _right_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1
+    return ids, mask
+
+
+class _RolloutStream(IterableDataset):
+    """Yields one freshly collected batch per iteration until the environment budget is spent."""
+
+    def __init__(self, datamodule: "RolloutDataModule"):
+        self.datamodule = datamodule
+
+    def __iter__(self) -> Iterator[dict]:
+        dm = self.datamodule
+        while not dm.collector.exhausted:
+            yield dm.collector.collect(dm.policy)
+
+
+class RolloutDataModule(L.LightningDataModule):
+    """Streams on-policy rollout batches from ``num_envs`` copies of an environment.
+
+    Args:
+        env: ``{"class_path": ..., "init_args": {...}}`` of a :class:`envs.base.TextEnv`; instantiated
+            ``num_envs`` times (e.g. ``envs.datascience.DataScienceEnv`` with a dataset name).
+        num_envs: environments stepped together; one generation batch per step (spec: 8).
+        steps_per_update: parallel environment steps collected per training batch (spec: 2).
+        budget: total environment steps (over all environments, per rank) before training stops (spec: 500).
+        seed: seeds the episode resets (rank r uses ``seed + 1000 * r``).
+        generation: sampling settings used by every contender.
+        max_workers: threads stepping the environments (default: one per environment).
+    """
+
+    def __init__(self, env: dict, num_envs: int = 8, steps_per_update: int = 2, budget: int = 500, seed: int = 0,
+                 generation: GenerationConfig | None = None, max_workers: int | None = None):
+        super().__init__()
+        self.env = copy.deepcopy(env)
+        self.num_envs = num_envs
+        self.steps_per_update = steps_per_update
+        self.budget = budget
+        self.seed = seed
+        self.generation = generation or GenerationConfig()
+        self.max_workers = max_workers
+        self.collector: RolloutCollector | None = None
+        self._pending_state: dict | None = None
+        # Fail at construction, with the environment's own message, on a bad env spec (unknown dataset, ...).
+        build_env(self.env).close()
+
+    def setup(self, stage: str) -> None:
+        if self.collector is not None:
+            return
+        rank, world = 0, 1
+        if self.trainer is not None:
+            rank, world = self.trainer.global_rank, self.trainer.world_size
+        self.collector = RolloutCollector(
+            self.env, self.num_envs, self.steps_per_update, budget=math.ceil(self.budget / world),
+            seed=self.seed + 1000 * rank, generation=self.generation, max_workers=self.max_workers,
+        )
+        if self._pending_state is not None:
+            self.collector.load_state_dict(self._pending_state)
+            self._pending_state = None
+
+    @property
+    def policy(self) -> RolloutPolicy:
+        return self.trainer.lightning_module
+
+    def train_dataloader(self) -> DataLoader:
+        # batch_size=None: the stream already yields whole batches; num_workers=0: generation needs the live model.
+        return DataLoader(_RolloutStream(self), batch_size=None, num_workers=0)
+
+    def state_dict(self) -> dict:
+        return {"collector": self.collector.state_dict()} if self.collector is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "collector" not in state_dict:
+            return
+        if self.collector is None:
+            self._pending_state = state_dict["collector"]
+        else:
+            self.collector.load_state_dict(state_dict["collector"])
+
+    def teardown(self, stage: str) -> None:
+        if self.collector is not None:
+            self.collector.close()
+            self.collector = None
