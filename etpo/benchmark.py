@@ -41,8 +41,8 @@ summary, or a summary whose dataset / seed differ from the requested ones -- an 
 is reported and listed at the end; the sweep goes on. ``<out>/benchmark_status.json`` records every run's status.
 Before the sweep a preflight parses the first pending run of every contender with ``--print_config`` (seconds,
 nothing is trained) and stops with a clear message when an argument is rejected or the dataset / split seed / seed
-do not reach the resolved config. ``--dry_run`` prints the commands; ``--report_only`` only writes the report. ``--fit_cmd "python stub.py"``
-replaces ``python -m etpo.fit`` (tests use a stub).
+do not reach the resolved config. ``--dry_run`` prints the commands; ``--report_only`` only writes the report.
+``--fit_cmd "python stub.py"`` replaces ``python -m etpo.fit`` (tests use a stub; no preflight then).
 """
 
 from __future__ import annotations
@@ -556,7 +556,8 @@ def run_benchmark(cfg: BenchmarkConfig, fit_cmd: Optional[Sequence[str]] = None,
                   poll_s: float = 0.5) -> list[RunResult]:
     """Plan, run (unless ``dry_run``: print the commands) and report. Returns the run results (empty when dry)."""
     specs = plan(cfg, fit_cmd, only, with_env_files=not dry_run)
-    missing = sorted({c.config for c in cfg.contenders if (not only or c.name in only) and not Path(c.config).is_file()})
+    missing = sorted({c.config for c in cfg.contenders
+                      if (not only or c.name in only) and not Path(c.config).is_file()})
     if dry_run:
         for s in specs:
             note = {"finished": "# finished, skipped: ", "resume": "# resume: ", "new": ""}[s.state]
