@@ -407,8 +407,8 @@ class SharedBaseLM(nn.Module):
     def head(self, hidden: Tensor) -> Tensor:
         """The shared, frozen vocabulary head: ``[..., H] -> [..., V]`` float32 logits.
 
-        For a 16-bit model with ``config.head_fp32`` the matmul produces float32 output directly (CUDA) or runs on
-        float32 copies of its operands: rounding logits to bf16 would quantise Q-values to ~0.1 at magnitude 16,
+        For a 16-bit model with ``config.head_fp32`` the matmul produces float32 output directly (CUDA, no grad)
+        or runs on float32 copies of its operands: rounding logits to bf16 would quantise Q-values to ~0.1 at magnitude 16,
         which exp(Q / beta) with beta = 0.01 turns into factors of e^10.
         """
         lm_head = self._lm_head
@@ -419,7 +419,8 @@ class SharedBaseLM(nn.Module):
             return F.linear(hidden.to(w.dtype), w, b).float()
         flat = hidden.reshape(-1, hidden.shape[-1]).to(w.dtype)
         out = None
-        if flat.is_cuda:
+        # torch.mm(..., out_dtype=float32) has no autograd formula, so it serves only grad-free calls.
+        if flat.is_cuda and not (torch.is_grad_enabled() and flat.requires_grad):
             try:
                 out = torch.mm(flat, w.t(), out_dtype=torch.float32)
             except (RuntimeError, TypeError, NotImplementedError):

@@ -19,6 +19,16 @@ PROMPTS = ["hello world", "ab", "the quick brown fox jumps"]
 ACTIONS = ["xyz", "a longer action text", "q"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # The test machines share 2 cores between several jobs; OpenMP threads that wait for each other then make
+    # small matmuls 10x slower. One thread is faster and steadier here; restored afterwards for other modules.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(**overrides) -> BackboneConfig:
     # init_std 0.2 gives peaked, non-degenerate distributions (no near-ties in greedy decoding).
     kwargs = dict(source="tiny", tiny_init_std=0.2, tiny_hidden_size=32, tiny_num_layers=2, device="cpu",
