@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -34,7 +35,10 @@ def merge_policy(adapters: str | Path, out: str | Path, config=None, adapter: st
     if config is None:
         config = read_backbone_config(adapters) or BackboneConfig()
     base, tokenizer = load_backbone(config)
-    peft_model = PeftModel.from_pretrained(base, str(adapters / adapter))
+    with warnings.catch_warnings():
+        # peft reads the deprecated `is_gradient_checkpointing` attribute of transformers models.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = PeftModel.from_pretrained(base, str(adapters / adapter))
     merged = peft_model.merge_and_unload()
     merged.config.use_cache = True
     out = Path(out)
