@@ -214,6 +214,7 @@ _PR_SET_SECCOMP = 22
 _SECCOMP_MODE_FILTER = 2
 _PR_SET_CHILD_SUBREAPER = 36
 _PR_SET_DUMPABLE = 4
+_PR_SET_PDEATHSIG = 1
 _PR_CAPBSET_DROP = 24
 _PR_CAP_AMBIENT = 47
 _PR_CAP_AMBIENT_CLEAR_ALL = 4
@@ -282,6 +283,7 @@ def _format_exception(exc: BaseException) -> str:
 def _child_main(job: dict, result_fd: int) -> None:
     """Body of the forked job child; never returns (``os._exit``)."""
     try:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # die with the worker (matters outside a PID namespace)
         os.setsid()
         if result_fd != 3:
             os.dup2(result_fd, 3)

@@ -15,15 +15,17 @@ Isolation layers (``isolation="auto"`` picks the strongest available and warns o
     view of the filesystem: ``/usr`` (+ the ``/bin``, ``/lib*`` links), the dynamic-loader cache, the Python
     installation and the site-packages that hold numpy/scikit-learn, the worker script, fresh ``/dev`` and
     ``/proc``, and a per-worker directory as ``/tmp`` in which every job gets a fresh directory (removed
-    afterwards). A plain ``--ro-bind / /`` is deliberately *not* used: the dataset files (with every label)
-    and the user's files would be readable from generated code.
+    afterwards); the root itself is remounted read-only, so ``/tmp`` is the only writable place. A plain
+    ``--ro-bind / /`` is deliberately *not* used: the dataset files (with every label) and the user's files
+    would be readable from generated code.
 
     As root (the project machines run everything as root) bwrap runs in its privileged mode without a user
     namespace and the worker keeps only ``CAP_SETUID``, ``CAP_SETGID`` and ``CAP_KILL``; each job child then
     switches to the unprivileged ``sandbox_uid``/``sandbox_gid`` (65534 = nobody) for real. This matters:
     ``--unshare-user --uid 65534`` would only *map* the code to root, and the kernel exempts the root user
     from ``RLIMIT_NPROC`` and grants it owner access to every root-owned file. Without root, bwrap uses an
-    unprivileged user namespace (``--unshare-user``, ``--disable-userns``) and the code keeps the caller's uid.
+    unprivileged user namespace (``--unshare-user --uid 65534 --gid 65534``); the code then runs as the
+    caller's uid seen as 65534 (the seccomp filter forbids creating further namespaces).
 ``"rlimits"`` (fallback)
     A plain subprocess in its own session, with the same per-job limits, seccomp filter and, as root, all
     capabilities dropped - but the code sees the real filesystem and network.
@@ -36,7 +38,13 @@ output), ``RLIMIT_NOFILE``, ``RLIMIT_NPROC`` (namespace modes), a seccomp filter
 processes (threads are fine), signalling other processes, ptrace and cross-process memory access, and a
 scrubbed environment (``PATH``, ``HOME=TMPDIR=<job dir>``, one BLAS/OpenMP thread, joblib without
 multiprocessing). Results come back as ``.npy`` bytes parsed with ``allow_pickle=False``; nothing from the
-sandbox is ever unpickled. A worker that times out, crashes or sends a malformed reply is replaced.
+sandbox is ever unpickled. An ordinary timeout only kills the job child (the warm worker survives); a worker
+that stops answering, dies or sends a malformed reply is killed and replaced.
+
+Known limits: the disk space a job can fill in its directory is bounded by ``RLIMIT_FSIZE`` per file and by
+the timeout, not in total (everything is deleted after the job); ``RLIMIT_AS`` counts virtual memory, not
+resident memory; in the rlimits fallback the code can read and write whatever the caller's user can, reach
+the network, and (same uid) read the caller's memory through ``/proc``.
 """
 
 from __future__ import annotations
@@ -56,7 +64,7 @@ import threading
 import time
 import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -92,7 +100,8 @@ class SandboxResult:
     ``status`` is ``"ok"`` (``proba`` holds the validated ``predict_proba`` output), ``"error"`` (the code
     raised, crashed, hit a limit, or returned unusable output; ``error`` says what) or ``"timeout"``.
     ``stdout`` is the tail of the code's captured stdout+stderr; ``duration`` the child's run time and
-    ``wall_time`` the whole call as seen by the caller (both seconds).
+    ``wall_time`` the whole call as seen by the caller (both seconds). ``worker_replaced``: this call started
+    a new worker process in place of one that had died or been killed, or killed an unresponsive one.
     """
 
     status: str
@@ -103,7 +112,6 @@ class SandboxResult:
     wall_time: float = 0.0
     worker_replaced: bool = False
     isolation: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -162,7 +170,7 @@ def _bwrap_base_args(privileged: bool) -> list[str]:
         args += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_KILL"]
     else:
         # unprivileged: bwrap needs a user namespace; seccomp in the job child forbids nesting another one
-        args += ["--unshare-user", "--cap-drop", "ALL"]
+        args += ["--unshare-user", "--uid", "65534", "--gid", "65534", "--cap-drop", "ALL"]
     return args
 
 
@@ -237,6 +245,8 @@ def _filesystem_args(worker_dir: str) -> list[str]:
     make_parents(_WORKER_IN_SANDBOX)
     args += ["--ro-bind", _WORKER_SCRIPT, _WORKER_IN_SANDBOX]
     args += ["--bind", worker_dir, "/tmp", "--dev", "/dev", "--proc", "/proc", "--chdir", "/tmp"]
+    # the root is bwrap's own tmpfs: make it read-only too, so only /tmp (the worker directory) is writable
+    args += ["--remount-ro", "/"]
     return args
 
 
@@ -320,29 +330,31 @@ class _WorkerDied(Exception):
 class _Worker:
     """One worker process and its private directory (parent side)."""
 
-    def __init__(self, pool: "SandboxPool", index: int):
-        self.pool = pool
+    # No reference to the pool itself: the pool's finalizer holds the workers, and must not keep it alive.
+    def __init__(self, base_dir: str, index: int, isolation: str, privileged: bool):
         self.index = index
-        self.dir = os.path.join(pool._base_dir, f"w{index}")
+        self.isolation = isolation
+        self.privileged = privileged
+        self.dir = os.path.join(base_dir, f"w{index}")
         self.proc: subprocess.Popen | None = None
         self.ready: dict | None = None
         self.jobs = 0
-        self.stderr_path = os.path.join(pool._base_dir, f"w{index}.stderr")
+        self.starts = 0  # processes started in this slot; > 0 before a start means a replacement
+        self.stderr_path = os.path.join(base_dir, f"w{index}.stderr")
 
     # paths as the worker sees them
     def _sandbox_path(self, host_path: str) -> str:
-        if self.pool.isolation == "bwrap":
+        if self.isolation == "bwrap":
             return "/tmp/" + os.path.relpath(host_path, self.dir)
         return host_path
 
     def start(self) -> None:
         os.makedirs(self.dir, exist_ok=True)
         os.chmod(self.dir, 0o755)
-        pool = self.pool
-        if pool.isolation == "bwrap":
+        if self.isolation == "bwrap":
             cmd = [
                 _BWRAP_PROBE["exe"],
-                *_bwrap_base_args(pool._privileged),
+                *_bwrap_base_args(self.privileged),
                 *_filesystem_args(self.dir),
                 "--",
                 sys.executable,
@@ -371,6 +383,7 @@ class _Worker:
             )
         self.ready = None
         self.jobs = 0
+        self.starts += 1
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -539,7 +552,7 @@ class SandboxPool:
         self._privileged = os.geteuid() == 0
         self._base_dir = tempfile.mkdtemp(prefix="etpo-sandbox-")
         os.chmod(self._base_dir, 0o755)
-        self._workers = [_Worker(self, i) for i in range(self.n_workers)]
+        self._workers = [_Worker(self._base_dir, i, self.isolation, self._privileged) for i in range(self.n_workers)]
         self._idle: queue.Queue[_Worker] = queue.Queue()
         for w in self._workers:
             self._idle.put(w)
@@ -618,17 +631,21 @@ class SandboxPool:
             if self._closed:
                 raise SandboxError("the sandbox pool is closed")
             if not worker.alive():
-                if worker.proc is not None:  # died while idle
-                    worker.kill()
-                    replaced = True
+                worker.kill()  # reap a worker that died while idle (no-op if already killed)
+                replaced = worker.starts > 0
                 worker.start()
             worker.wait_ready(self.startup_timeout)
             with self._lock:
                 self._job_counter += 1
                 job_name = f"job{self._job_counter:07d}"
             job_dir = os.path.join(worker.dir, job_name)
-            os.mkdir(job_dir, 0o755)
-            np.savez(os.path.join(job_dir, "input.npz"), x_train=x_train, y_train=y_train, x_val=x_val)
+            os.mkdir(job_dir)
+            os.chmod(job_dir, 0o755)  # explicit: independent of the caller's umask
+            # Uncompressed .npz in the job directory: one write, read back from the page cache by the child
+            # (which deletes it); the worker process itself never holds the data.
+            input_path = os.path.join(job_dir, "input.npz")
+            np.savez(input_path, x_train=x_train, y_train=y_train, x_val=x_val)
+            os.chmod(input_path, 0o644)
             privileged_bwrap = self.isolation == "bwrap" and self._privileged
             if privileged_bwrap:
                 os.chown(job_dir, self.sandbox_uid, self.sandbox_gid)
@@ -648,7 +665,15 @@ class SandboxPool:
                 "gid": self.sandbox_gid if privileged_bwrap else None,
             }
             try:
-                worker.send(json.dumps(spec).encode())
+                try:
+                    worker.send(json.dumps(spec).encode())
+                except _WorkerDied:
+                    # died before the job reached it (not the code's doing): one retry on a fresh worker
+                    worker.kill()
+                    worker.start()
+                    replaced = True
+                    worker.wait_ready(self.startup_timeout)
+                    worker.send(json.dumps(spec).encode())
                 raw = worker.read_frame(time.monotonic() + timeout + self.grace, max_result + (2 << 20))
                 header, body = self._parse_reply(raw)
             except TimeoutError:

@@ -32,7 +32,7 @@ def _data(n=120, d=4, k=3, seed=0):
     return x[: n // 2], y[: n // 2], x[n // 2 :], y[n // 2 :]
 
 
-TIMEOUT = 2.0  # per call: short, so the suite stays fast
+TIMEOUT = 1.5  # per call: short, so the suite stays fast
 MEMORY_MB = 512
 
 
@@ -145,7 +145,6 @@ def test_sandbox_sees_a_minimal_filesystem_without_network(pool):
 
 HOSTILE = {
     "infinite loop": (H + "    while True:\n        pass\n", "timeout", "timed out"),
-    "sleep forever": (H + "    import time\n    time.sleep(1000)\n", "timeout", "timed out"),
     "memory bomb": (H + "    blocks = []\n    while True:\n        blocks.append(bytearray(50_000_000))\n", "error", "MemoryError"),
     "numpy memory bomb": (H + "    import numpy as np\n    return np.ones((100_000, 100_000))\n", "error", "Memory"),
     "fork bomb": (H + "    import os\n    while True:\n        os.fork()\n", "error", "Operation not permitted"),
@@ -292,16 +291,6 @@ def test_validation_labels_cannot_be_found(pool):
     assert "READ-MEM" not in res.stdout
 
 
-def test_dead_worker_is_replaced(pool):
-    w = pool._workers[0]
-    w.wait_ready(60)
-    os.killpg(w.proc.pid, signal.SIGKILL)
-    w.proc.wait()
-    results = [run(pool, GOOD) for _ in range(2)]
-    assert all(r.status == "ok" for r in results)
-    assert any(r.worker_replaced for r in results)
-
-
 def _descendants(root: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
@@ -318,6 +307,26 @@ def _descendants(root: int) -> list[int]:
         out.append(pid)
         todo.extend(children.get(pid, []))
     return out
+
+
+def test_user_namespace_variant(monkeypatch):
+    """The variant used when the caller is not root (bwrap --unshare-user), exercised here by pretending."""
+    if not bwrap_available()[0]:
+        pytest.skip("bubblewrap unavailable")
+    p = SandboxPool(n_workers=1, timeout=TIMEOUT, memory_limit_mb=MEMORY_MB, isolation="bwrap")
+    p._privileged = False
+    for w in p._workers:
+        w.privileged = False
+    try:
+        res = run(p, H + "    import os\n    print('UID', os.getuid())\n" + GOOD.split("\n", 1)[1], timeout=30)
+        assert res.status == "ok", res.error
+        assert "UID 65534" in res.stdout
+        assert "not permitted" in run(p, HOSTILE["fork bomb"][0]).error
+        assert "Read-only file system" in run(p, H + "    open('/opt/x', 'w')\n    return 1\n").error
+        me = os.getpid()
+        assert run(p, H + f"    import os\n    os.kill({me}, 15)\n    return 1\n").status == "error"
+    finally:
+        p.close()
 
 
 # ----------------------------------------------------------------------------- rlimits fallback
@@ -363,4 +372,15 @@ def test_unresponsive_worker_is_killed_by_the_parent(fallback_pool):
         os.kill(pid, signal.SIGSTOP)
     res = run(fallback_pool, GOOD, timeout=0.5)
     assert res.status == "timeout" and res.worker_replaced
+    assert not w.alive()  # killed; a fresh one starts on the next call (see test_dead_worker_is_replaced)
+
+
+def test_dead_worker_is_replaced(fallback_pool):
+    """A worker that died (killed here; the previous test already left it dead) is replaced on the next call."""
+    w = fallback_pool._workers[0]
+    if w.alive():
+        os.killpg(w.proc.pid, signal.SIGKILL)
+        w.proc.wait()
+    first = run(fallback_pool, GOOD, timeout=30)
+    assert first.status == "ok" and first.worker_replaced
     assert run(fallback_pool, GOOD).status == "ok"

@@ -13,8 +13,11 @@ talking after the function. :func:`extract_function` handles all of these with t
    cut to its longest parseable prefix of lines.
 
 In every case the function body is cut after its first top-level ``return`` (anything after it is dead
-code, typically a usage example the model kept writing), and a body with no statement left is rejected.
-Text that yields no parseable function is an error (:class:`Extraction` with ``code=None``).
+code, typically a usage example the model kept writing). A function with no statement left, or one that can
+only return None (no ``return <value>`` and no ``raise``: usually a generation cut off before its end), is
+rejected without running it. A complete definition keeps its own parameter names; a body is placed under
+the prompt's header. Text that yields no usable function is an error (:class:`Extraction` with
+``code=None``; the environment reports it as status ``invalid-output``).
 """
 
 from __future__ import annotations
