@@ -130,6 +130,32 @@ def test_airlines_missing_offline_gives_clear_error(shared_datasets):
     assert str(shared_datasets / "airlines") in msg
 
 
+def test_openml_fallback_is_used_and_preprocessed(shared_datasets, tmp_path, monkeypatch):
+    """Without a local copy an OpenML set comes from fetch_openml (stubbed here: no network in tests)."""
+    import pandas as pd
+
+    import envs.datascience.datasets as mod
+
+    calls = []
+
+    def fake_fetch(name, openml_id, data_home):
+        calls.append((name, openml_id))
+        return pd.read_csv(shared_datasets / "breast_w" / "breast_w.csv")
+
+    monkeypatch.setattr(mod, "_default_dirs", lambda d: [Path(d)])
+    monkeypatch.setattr(mod, "_fetch_openml", fake_fetch)
+    ds = load_dataset("breast_w", data_dir=tmp_path, download=True)
+    assert calls == [("breast_w", 15)]
+    assert ds.source == "OpenML 15" and ds.X.shape == (683, 9)
+
+    def failing_fetch(name, openml_id, data_home):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(mod, "_fetch_openml", failing_fetch)
+    with pytest.raises(DatasetNotFoundError, match="network is unreachable"):
+        load_dataset("cmc", data_dir=tmp_path, download=True)
+
+
 def test_missing_kaggle_set_says_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.delenv("ETPO_DATA_DIR", raising=False)
     import envs.datascience.datasets as mod

@@ -116,3 +116,12 @@ def test_find_banned_uses_code_not_comments():
     assert find_banned("from sklearn.experimental import enable_halving_search_cv\nfrom sklearn.model_selection import HalvingGridSearchCV", ("GridSearchCV",))
     assert find_banned("# GridSearchCV would be too slow\nx = 1\n", ("GridSearchCV",)) is None
     assert find_banned("from sklearn.model_selection import RandomizedSearchCV", ("GridSearchCV",)) is None
+
+
+def test_huge_action_is_bounded_in_time():
+    import time
+
+    text = "\n    " + "\n    ".join(LR_BODY) + "\n" + "blah blah ((( \n" * 50_000
+    t0 = time.monotonic()
+    ex = extract_function(text)
+    assert ex.ok and time.monotonic() - t0 < 2.0

@@ -32,6 +32,8 @@ __all__ = ["Extraction", "extract_function", "find_banned", "FUNCTION_NAME", "HE
 FUNCTION_NAME = "build_model"
 HEADER = "def build_model(x_train: np.ndarray, y_train: np.ndarray):"
 PRELUDE = "import numpy as np\n"
+MAX_CHARS = 20_000  # longer actions are cut (an LLM action is at most a few hundred tokens)
+MAX_LINES = 400
 
 _FENCE = re.compile(r"^[ \t]*```[^\n]*$", re.MULTILINE)
 
@@ -218,7 +220,10 @@ def extract_function(action: str) -> Extraction:
     """
     if not isinstance(action, str):
         return Extraction(None, f"the action must be a string, got {type(action).__name__}")
-    text = action.replace("\r\n", "\n").replace("\r", "\n").replace("\t", "    ").replace("\x00", "")
+    # Bound the work: the prefix search parses up to one candidate per line (actions are ~256 tokens).
+    text = action[:MAX_CHARS]
+    text = "\n".join(text.replace("\r\n", "\n").replace("\r", "\n").split("\n")[:MAX_LINES])
+    text = text.replace("\t", "    ").replace("\x00", "")
     text = _strip_fences(text)
     result = _as_function(text)
     if result is not None and result.ok:

@@ -11,9 +11,10 @@ module-level code; ending on the ``\"\"\"`` line lets its first token be ``"\\n 
 continuation of a function body.
 
 Styles: ``"paper"`` is the bare stub (as the paper); ``"few_shot"`` puts complete worked examples on other
-(invented, non-benchmark) datasets before the stub, which small models copy: measured with the offline default
-model (SmolLM2-135M) the bare stub gave 0/160 runnable answers and a two-example prompt 11/20. The reflection
-prompt (after a failed step) shows the previous code and the error, then opens a fresh stub.
+(invented, non-benchmark) datasets before the stub, which small models copy. The project's measurement with
+the offline default model (SmolLM2-135M, reported in the envs issue): the bare stub gave 0/160 runnable answers,
+a two-example few-shot prompt 11/20. The reflection prompt (after a failed step) shows the previous code and
+the error, then opens a fresh stub.
 """
 
 from __future__ import annotations
