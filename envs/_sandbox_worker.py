@@ -219,17 +219,24 @@ _PR_CAPBSET_DROP = 24
 _PR_CAP_AMBIENT = 47
 _PR_CAP_AMBIENT_CLEAR_ALL = 4
 
-_libc = ctypes.CDLL(None, use_errno=True)
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+except OSError:  # not a POSIX libc: the Linux-only hardening below becomes a no-op
+    _libc = None
 
 
 def _prctl(option: int, arg2: int = 0) -> int:
-    return _libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
+    """``prctl(option, arg2)``; -1 where there is no prctl (not Linux)."""
+    fn = getattr(_libc, "prctl", None)
+    if fn is None:
+        return -1
+    return fn(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
 
 
 def install_seccomp(self_pid: int) -> bool:
     """Install :func:`seccomp_program` on the calling process; False when the architecture is unknown."""
     arch = os.uname().machine
-    if arch not in _ARCHES:
+    if arch not in _ARCHES or not sys.platform.startswith("linux") or _libc is None:
         return False
     prog = seccomp_program(arch, self_pid)
     filters = (_SockFilter * len(prog))(*[_SockFilter(*ins) for ins in prog])
@@ -252,7 +259,7 @@ def drop_capabilities() -> None:
         _prctl(_PR_CAPBSET_DROP, cap)  # fails harmlessly past the last capability
     _prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
     arch = os.uname().machine
-    if arch not in _ARCHES:
+    if arch not in _ARCHES or not sys.platform.startswith("linux") or _libc is None:
         return
     header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
     data = (ctypes.c_uint32 * 6)()  # two zeroed {effective, permitted, inheritable} words

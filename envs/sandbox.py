@@ -558,16 +558,19 @@ class SandboxPool:
             self._idle.put(w)
         self._lock = threading.Lock()
         self._closed = False
+        self._owner_pid = os.getpid()  # pipes to the workers must not be shared with a forked copy of us
         self._job_counter = 0
         self.stats = {"jobs": 0, "replaced": 0}
-        self._finalizer = weakref.finalize(self, SandboxPool._finalize, list(self._workers), self._base_dir)
+        self._finalizer = weakref.finalize(self, SandboxPool._finalize, list(self._workers), self._base_dir, os.getpid())
         if prestart:
             for w in self._workers:
                 w.start()
 
     # ------------------------------------------------------------------ lifecycle
     @staticmethod
-    def _finalize(workers: list[_Worker], base_dir: str) -> None:
+    def _finalize(workers: list[_Worker], base_dir: str, owner_pid: int) -> None:
+        if os.getpid() != owner_pid:  # a forked copy exiting: the workers belong to the parent
+            return
         for w in workers:
             try:
                 w.stop()
@@ -616,11 +619,14 @@ class SandboxPool:
         """
         if self._closed:
             raise SandboxError("the sandbox pool is closed")
+        if os.getpid() != self._owner_pid:
+            raise SandboxError("this SandboxPool belongs to another process (used after fork); create a new pool")
         timeout = self.timeout if timeout is None else float(timeout)
         memory_mb = self.memory_limit_mb if memory_limit_mb is None else int(memory_limit_mb)
-        x_train = np.ascontiguousarray(x_train)
-        y_train = np.ascontiguousarray(y_train)
-        x_val = np.ascontiguousarray(x_val)
+        x_train, y_train, x_val = (np.ascontiguousarray(a) for a in (x_train, y_train, x_val))
+        for name, arr in (("x_train", x_train), ("y_train", y_train), ("x_val", x_val)):
+            if arr.dtype.kind not in "biuf":  # .npy without pickle: numbers only
+                raise ValueError(f"{name} must be a numeric array, got dtype {arr.dtype}")
         n_val = int(x_val.shape[0])
         expected = n_val * (n_classes if n_classes else 64)
         max_result = max(1 << 20, expected * 8 * 4)
@@ -767,6 +773,8 @@ def get_default_pool() -> SandboxPool:
     """
     global _DEFAULT_POOL
     with _DEFAULT_LOCK:
+        if _DEFAULT_POOL is not None and _DEFAULT_POOL._owner_pid != os.getpid():
+            _DEFAULT_POOL = None  # inherited through fork: the parent's workers are not ours to use or close
         if _DEFAULT_POOL is None or _DEFAULT_POOL.closed:
             n = os.environ.get("ETPO_SANDBOX_WORKERS")
             _DEFAULT_POOL = SandboxPool(
@@ -781,7 +789,7 @@ def shutdown_default_pool() -> None:
     global _DEFAULT_POOL
     with _DEFAULT_LOCK:
         pool, _DEFAULT_POOL = _DEFAULT_POOL, None
-    if pool is not None:
+    if pool is not None and pool._owner_pid == os.getpid():
         pool.close()
 
 

@@ -351,6 +351,25 @@ def test_fallback_cannot_kill_the_test_process(fallback_pool):
     assert res.status == "error" and "not permitted" in res.error
 
 
+def test_pool_refuses_use_after_fork(pool):
+    """A forked copy of the caller must not talk to the parent's workers (nor stop them when it exits)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report what happens, then leave without running atexit handlers
+        try:
+            run(pool, GOOD)
+            msg = b"used"
+        except Exception as exc:  # noqa: BLE001
+            msg = type(exc).__name__.encode()
+        os.write(w, msg)
+        os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    assert os.read(r, 100) == b"SandboxError"
+    os.close(r)
+    assert run(pool, GOOD).status == "ok"
+
+
 def test_pool_close_is_idempotent_and_cleans_up():
     p = SandboxPool(n_workers=1, isolation="rlimits")
     base = p._base_dir
