@@ -14,7 +14,7 @@ from sklearn.preprocessing import StandardScaler
 
 from envs import TextVectorEnv
 from envs.datascience import DataScienceEnv, load_dataset
-from envs.datascience.env import make_splits, roc_auc
+from envs.datascience.env import make_splits, roc_auc, summarize_error
 from envs.sandbox import get_default_pool
 
 LR_BODY = (
@@ -131,6 +131,25 @@ def test_failure_gives_reflection_then_truncation(pool):
     assert obs == obs0
     _, reward, terminated, truncated, info = env.step(LR_BODY)
     assert terminated and not truncated and reward > 0.9
+
+
+def test_error_summary_keeps_generated_frames_and_exception(pool):
+    env = make_env("iris", n_splits=1)
+    env.reset()
+    obs, _, _, _, info = env.step("\n    from sklearn.ensemble import RandomForestClassifier\n    return RandomForestClassifier().fit(x_train)")
+    assert info["status"] == "error"
+    assert 'File "<generated>"' in info["error"] and "fit(x_train)" in info["error"]
+    assert "missing 1 required positional argument" in info["error"].splitlines()[-1]
+    assert "site-packages" not in info["error"] and "Traceback" not in info["error"]
+    assert info["error"].splitlines()[-1] in obs
+    tb = (
+        "Traceback (most recent call last):\n  File \"/x/lib.py\", line 3, in f\n    g()\n    ^^^\n"
+        "ValueError: inner\n\nDuring handling of the above exception, another exception occurred:\n\n"
+        "Traceback (most recent call last):\n  File \"<generated>\", line 5, in build_model\n    f()\n"
+        "  File \"/x/lib.py\", line 9, in f\n    raise KeyError(1)\nKeyError: 1"
+    )
+    assert summarize_error(tb) == '  File "<generated>", line 5, in build_model\n    f()\nKeyError: 1'
+    assert summarize_error("x" * 2000, max_chars=100).startswith("[...]")
 
 
 def test_no_reflection_mode_repeats_the_task_prompt(pool):

@@ -33,7 +33,7 @@ from .datasets import TabularDataset, load_dataset
 from .extract import extract_function, find_banned
 from .prompts import clean_description, reflection_prompt, task_prompt
 
-__all__ = ["DataScienceEnv", "make_splits", "roc_auc", "FAILURE_REWARD"]
+__all__ = ["DataScienceEnv", "make_splits", "roc_auc", "summarize_error", "FAILURE_REWARD"]
 
 FAILURE_REWARD = -1.0
 STATUSES = ("ok", "error", "timeout", "refused", "invalid-output")
@@ -77,6 +77,36 @@ def roc_auc(y_true: np.ndarray, proba: np.ndarray, n_classes: int) -> float:
     if len(present) == 2:
         return float(roc_auc_score(y_true == present[1], proba[:, 1]))
     return float(roc_auc_score(y_true, proba, multi_class="ovo", average="macro", labels=present))
+
+
+def summarize_error(text: str, max_lines: int = 8, max_chars: int = 800) -> str:
+    """Short form of an error for the reflection prompt: the generated code's frames and the exception.
+
+    Of a Python traceback (the last one, if exceptions were chained) this keeps the frames in the generated
+    code (``File "<generated>"`` and its source line) - or the innermost frame if none is - and the final
+    exception lines, drops library frames and caret markers, then keeps the last ``max_lines`` lines and at
+    most ``max_chars`` characters. Other text is just cut the same way.
+    """
+    lines = [line for line in text.rstrip().splitlines() if line.strip()]
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+    if starts:
+        body = lines[starts[-1] + 1 :]
+        frames: list[list[str]] = []
+        exc_lines: list[str] = []
+        for line in body:
+            if line.startswith("  File "):
+                frames.append([line])
+            elif line.startswith("    ") and frames and not exc_lines:
+                if line.strip().strip("^~ "):  # skip the caret/tilde markers under the code
+                    frames[-1].append(line)
+            else:
+                exc_lines.append(line)
+        keep = [f for f in frames if '"<generated>"' in f[0]] or frames[-1:]
+        lines = [line for f in keep for line in f] + exc_lines
+    short = "\n".join(lines[-max_lines:])
+    if len(short) > max_chars:
+        short = "[...]" + short[-max_chars:]
+    return short
 
 
 @dataclass(frozen=True, eq=False)
@@ -258,12 +288,7 @@ class DataScienceEnv(TextEnv):
         return info
 
     def _short_error(self, text: str) -> str:
-        """Last lines of a traceback, capped (the model needs the exception, not the whole stack)."""
-        lines = [line for line in text.rstrip().splitlines() if line.strip()]
-        short = "\n".join(lines[-self.max_error_lines :])
-        if len(short) > self.max_error_chars:
-            short = "[...]" + short[-self.max_error_chars :]
-        return short
+        return summarize_error(text, self.max_error_lines, self.max_error_chars)
 
     def close(self) -> None:
         # The pool is shared (default pool) or owned by whoever passed it in: nothing to release here.
