@@ -323,6 +323,35 @@ def _rmtree_hard(path: str) -> None:
         shutil.rmtree(path, onerror=onerror)
 
 
+_DIR_PREFIX = "etpo-sandbox-"
+_STALE_CHECKED = False
+
+
+def _remove_stale_dirs() -> None:
+    """Remove pool directories left by processes that were killed before they could clean up (once per process)."""
+    global _STALE_CHECKED
+    if _STALE_CHECKED:
+        return
+    _STALE_CHECKED = True
+    root = tempfile.gettempdir()
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(_DIR_PREFIX):
+            continue
+        pid = name[len(_DIR_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            _rmtree_hard(os.path.join(root, name))
+        except OSError:
+            pass  # alive (owned by someone else): leave it
+
+
 class _WorkerDied(Exception):
     pass
 
@@ -550,7 +579,8 @@ class SandboxPool:
             isolation = "bwrap" if ok else "rlimits"
         self.isolation = isolation
         self._privileged = os.geteuid() == 0
-        self._base_dir = tempfile.mkdtemp(prefix="etpo-sandbox-")
+        _remove_stale_dirs()
+        self._base_dir = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")
         os.chmod(self._base_dir, 0o755)
         self._workers = [_Worker(self._base_dir, i, self.isolation, self._privileged) for i in range(self.n_workers)]
         self._idle: queue.Queue[_Worker] = queue.Queue()
