@@ -14,12 +14,12 @@ the step that trains on it (``batch["policy_version"]`` records which).
 
 from __future__ import annotations
 
-import copy
+import functools
 import importlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import lightning as L
 import numpy as np
@@ -28,7 +28,10 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from envs.base import TextEnv, TextVectorEnv
 
-__all__ = ["GenerationConfig", "RolloutPolicy", "RolloutCollector", "RolloutDataModule", "build_env"]
+__all__ = ["GenerationConfig", "RolloutPolicy", "RolloutCollector", "RolloutDataModule", "build_env", "env_factory"]
+
+#: builds one environment; LightningCLI fills it from ``{class_path: ..., init_args: {...}}`` (a partial)
+EnvFactory = Callable[[], TextEnv]
 
 
 @dataclass
@@ -39,6 +42,9 @@ class GenerationConfig:
     temperature: float = 0.5
     top_k: int = 50
     top_p: float = 1.0
+    #: end an action early once its text contains one of these (e.g. a new top-level ``def``/docstring after
+    #: the requested function body); empty = only EOS and max_new_tokens end an action
+    stop_strings: list[str] = field(default_factory=list)
 
 
 class RolloutPolicy(Protocol):
@@ -63,6 +69,28 @@ def build_env(spec: dict) -> TextEnv:
     except (ImportError, AttributeError, ValueError) as err:
         raise ValueError(f"env class_path {spec['class_path']!r} cannot be imported: {err}") from err
     return cls(**dict(spec.get("init_args") or {}))
+
+
+def env_factory(env: EnvFactory | dict) -> EnvFactory:
+    """Accept either a factory (what LightningCLI builds from a config) or a ``class_path``/``init_args`` dict."""
+    if isinstance(env, dict):
+        return functools.partial(build_env, env)
+    if callable(env):
+        return env
+    raise ValueError(f"env must be a class_path/init_args mapping or an environment factory, got {env!r}")
+
+
+def env_arguments(env: EnvFactory | dict) -> dict:
+    """The keyword arguments an environment is built with (for run summaries: dataset, split seed, ...)."""
+    if isinstance(env, dict):
+        return dict(env.get("init_args") or {})
+    keywords = getattr(env, "keywords", None)
+    if isinstance(keywords, dict) and "init_args" not in keywords:
+        return dict(keywords)
+    args = getattr(env, "args", ())
+    if args and isinstance(args[0], dict):  # functools.partial(build_env, spec)
+        return dict(args[0].get("init_args") or {})
+    return {}
 
 
 @dataclass
@@ -96,17 +124,17 @@ class _EpisodeStats:
 class RolloutCollector:
     """Steps ``num_envs`` environments with the current policy and returns batches of transitions."""
 
-    def __init__(self, env: dict, num_envs: int, steps_per_update: int, budget: int, seed: int,
+    def __init__(self, env: EnvFactory | dict, num_envs: int, steps_per_update: int, budget: int, seed: int,
                  generation: GenerationConfig, max_workers: int | None = None):
         if num_envs < 1 or steps_per_update < 1 or budget < 1:
             raise ValueError("num_envs, steps_per_update and budget must be positive")
-        self.env_spec = env
+        make_env = env_factory(env)
         self.num_envs = num_envs
         self.steps_per_update = steps_per_update
         self.budget = budget
         self.seed = seed
         self.generation = generation
-        self.vec = TextVectorEnv([build_env(env) for _ in range(num_envs)], max_workers=max_workers)
+        self.vec = TextVectorEnv([make_env() for _ in range(num_envs)], max_workers=max_workers)
         self.stats = _EpisodeStats()
         self._obs: list[str] | None = None
         self._episode_seeds = np.random.SeedSequence(seed)
@@ -272,8 +300,8 @@ class RolloutDataModule(L.LightningDataModule):
     """Streams on-policy rollout batches from ``num_envs`` copies of an environment.
 
     Args:
-        env: ``{"class_path": ..., "init_args": {...}}`` of a :class:`envs.base.TextEnv`; instantiated
-            ``num_envs`` times (e.g. ``envs.datascience.DataScienceEnv`` with a dataset name).
+        env: the environment, as ``{class_path: ..., init_args: {...}}`` of a :class:`envs.base.TextEnv` in a
+            config (e.g. ``envs.datascience.DataScienceEnv`` with a dataset name); built ``num_envs`` times.
         num_envs: environments stepped together; one generation batch per step (spec: 8).
         steps_per_update: parallel environment steps collected per training batch (spec: 2).
         budget: total environment steps (over all environments, per rank) before training stops (spec: 500).
@@ -282,10 +310,11 @@ class RolloutDataModule(L.LightningDataModule):
         max_workers: threads stepping the environments (default: one per environment).
     """
 
-    def __init__(self, env: dict, num_envs: int = 8, steps_per_update: int = 2, budget: int = 500, seed: int = 0,
+    def __init__(self, env: EnvFactory, num_envs: int = 8, steps_per_update: int = 2, budget: int = 500, seed: int = 0,
                  generation: GenerationConfig | None = None, max_workers: int | None = None):
         super().__init__()
-        self.env = copy.deepcopy(env)
+        self.env = env_factory(env)
+        self.env_kwargs = env_arguments(env)
         self.num_envs = num_envs
         self.steps_per_update = steps_per_update
         self.budget = budget
@@ -295,7 +324,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.collector: RolloutCollector | None = None
         self._pending_state: dict | None = None
         # Fail at construction, with the environment's own message, on a bad env spec (unknown dataset, ...).
-        build_env(self.env).close()
+        self.env().close()
 
     def setup(self, stage: str) -> None:
         if self.collector is not None:

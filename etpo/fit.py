@@ -47,13 +47,13 @@ class RunArtifacts(Callback):
 
     def summary(self, trainer: Trainer, finished: bool) -> dict:
         stats = self._collector(trainer).stats
-        env_spec = getattr(trainer.datamodule, "env", {}) or {}
         module = trainer.lightning_module
         runnable = [x for x in stats.batch_runnable]
         return {
             "contender": contender_name(module),
             "model_class": f"{type(module).__module__}.{type(module).__name__}",
-            "dataset": (env_spec.get("init_args") or {}).get("dataset"),
+            "dataset": (getattr(trainer.datamodule, "env_kwargs", None) or {}).get("dataset"),
+            "split_seed": (getattr(trainer.datamodule, "env_kwargs", None) or {}).get("split_seed"),
             "seed": getattr(trainer.datamodule, "seed", None),
             "env_steps": stats.env_steps,
             "budget": getattr(trainer.datamodule, "budget", None),

@@ -59,7 +59,7 @@ class AgentModule(L.LightningModule):
         try:
             return self.model.generate(
                 prompts, max_new_tokens=generation.max_new_tokens, temperature=generation.temperature,
-                top_k=generation.top_k, top_p=generation.top_p,
+                top_k=generation.top_k, top_p=generation.top_p, stop_strings=generation.stop_strings or None,
             )
         finally:
             self.model.train(was_training)

@@ -526,13 +526,17 @@ class SharedBaseLM(nn.Module):
         top_p: float = 1.0,
         do_sample: bool = True,
         view: str = "policy",
+        stop_strings: Optional[Sequence[str]] = None,
     ) -> Generation:
         """Sample one action per prompt from ``view`` (the policy by default; ``reference`` for an untrained
         baseline) with the KV cache. ``top_k`` 0/None and ``top_p`` 1.0 disable those filters; ``do_sample=False``
         is greedy. Generation stops at EOS (:attr:`eos_token_ids`) or after ``max_new_tokens``.
-        Seed with ``torch.manual_seed`` for reproducible sampling."""
+        Seed with ``torch.manual_seed`` for reproducible sampling. ``stop_strings`` end a sequence as soon as its
+        text contains one of them (the stop string is kept in the action), e.g. the start of a new top-level block
+        after the function an environment asked for: the rest would be discarded by the environment anyway."""
         ids, mask = self.encode_prompts(prompts)
-        return self.generate_from_ids(ids, mask, max_new_tokens, temperature, top_k, top_p, do_sample, view)
+        return self.generate_from_ids(ids, mask, max_new_tokens, temperature, top_k, top_p, do_sample, view,
+                                      stop_strings)
 
     @torch.no_grad()
     def generate_from_ids(
@@ -545,6 +549,7 @@ class SharedBaseLM(nn.Module):
         top_p: float = 1.0,
         do_sample: bool = True,
         view: str = "policy",
+        stop_strings: Optional[Sequence[str]] = None,
     ) -> Generation:
         """:meth:`generate` for prompts already encoded (left-padded ``[B, P]`` ids and mask)."""
         from transformers import GenerationConfig
@@ -565,6 +570,7 @@ class SharedBaseLM(nn.Module):
             pad_token_id=self.pad_token_id,
             eos_token_id=eos,
             use_cache=True,
+            stop_strings=list(stop_strings) if stop_strings else None,
             **sampling,
         )
         p = prompt_ids.shape[1]
@@ -578,6 +584,7 @@ class SharedBaseLM(nn.Module):
                     input_ids=prompt_ids.to(self.device),
                     attention_mask=prompt_mask.to(self.device),
                     generation_config=gen_cfg,
+                    tokenizer=self.tokenizer if stop_strings else None,
                 )
         finally:
             self.train(was_training)
@@ -586,6 +593,8 @@ class SharedBaseLM(nn.Module):
         # Valid = no EOS strictly before this position; the first EOS itself is part of the action.
         before = is_eos.long().cumsum(1) - is_eos.long()
         action_mask = (before == 0).long()
+        if stop_strings:
+            action_mask = self._mask_after_stop_strings(new, action_mask, is_eos, stop_strings)
         action_ids = new.masked_fill(action_mask == 0, self.pad_token_id)
         texts = self.tokenizer.batch_decode(
             [row[m.bool()].tolist() for row, m in zip(action_ids, action_mask)], skip_special_tokens=True
@@ -598,6 +607,26 @@ class SharedBaseLM(nn.Module):
             texts=texts,
             finished=is_eos.any(1),
         )
+
+    def _mask_after_stop_strings(self, new: Tensor, action_mask: Tensor, is_eos: Tensor,
+                                 stop_strings: Sequence[str]) -> Tensor:
+        """A sequence that ended on a stop string was padded by ``generate`` after it: those positions (pad
+        tokens, or an EOS-valued pad) were never sampled and are not part of the action."""
+        mask = action_mask.clone()
+        for i in range(new.shape[0]):
+            n = int(mask[i].sum())
+            has_eos = n > 0 and bool(is_eos[i, n - 1])
+            body = new[i, : n - 1] if has_eos else new[i, :n]
+            text = self.tokenizer.decode(body.tolist(), skip_special_tokens=True)
+            if not any(stop in text for stop in stop_strings):
+                continue
+            if has_eos:  # the "EOS" after the stop string is padding
+                mask[i, n - 1] = 0
+            # and any pad run after the last sampled token (pad distinct from EOS)
+            tail = (new[i, : len(body)] == self.pad_token_id).flip(0).long().cumprod(0).sum()
+            if tail:
+                mask[i, len(body) - int(tail): len(body)] = 0
+        return mask
 
     # ------------------------------------------------------------------------------------------------------------
     # target network

@@ -297,6 +297,35 @@ def test_generation_honours_max_new_tokens_and_eos():
     assert gen.finished[0] and gen.action_mask[0].sum() <= 3
 
 
+def test_generation_stops_at_stop_strings_without_padding_in_the_action():
+    model = make()
+    free = model.generate(PROMPTS, max_new_tokens=10, do_sample=False)
+    text = free.texts[0]
+    # a two-character stop string from the middle of row 0 (letters/digits: transformers' stop-string matcher
+    # mishandles some punctuation tokens of the character tokenizer)
+    starts = [k for k in range(1, len(text) - 1) if text[k:k + 2].isalnum()]
+    assert starts, text
+    stop = text[starts[0]:starts[0] + 2]  # the character tokenizer makes every character one token
+    gen = model.generate(PROMPTS, max_new_tokens=10, do_sample=False, stop_strings=[stop])
+
+    def tokens_until_stop(row):  # shortest prefix of the free-running action whose text contains the stop string
+        for m in range(1, int(free.action_mask[row].sum()) + 1):
+            if stop in model.tokenizer.decode(free.action_ids[row, :m].tolist(), skip_special_tokens=True):
+                return m
+        return None
+
+    for i in range(len(PROMPTS)):
+        m = tokens_until_stop(i)
+        if m is None:  # never produced the stop string: unchanged
+            assert gen.texts[i] == free.texts[i] and torch.equal(gen.action_mask[i], free.action_mask[i])
+            continue
+        # the stop string is kept, nothing after it belongs to the action (generate pads there)
+        assert int(gen.action_mask[i].sum()) == m
+        assert torch.equal(gen.action_ids[i, :m], free.action_ids[i, :m])
+        assert gen.texts[i].endswith(stop) and stop not in gen.texts[i][:-1]
+    assert tokens_until_stop(0) is not None
+
+
 def test_sampling_respects_seed_and_filters():
     model = make()
     torch.manual_seed(0)
