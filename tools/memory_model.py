@@ -216,7 +216,8 @@ def reference_breakdown(shape: Shape = Shape(), wl: Workload = Workload(), envs:
     out["activations (2 graphs)"] = 2 * shape.layers * full_eager_layer_bytes(shape, s, wl.tokens) + 2 * (
         4.0 * s * shape.hidden + 2.0 * s * shape.hidden)
     out["no-grad views + update buffers"] = wl.sequences * L * V * 4.0  # value_preds_batch on the GPU
-    out["vocab-sized logits"] = 2 * 6.0 * s * V + 3 * 4.0 * wl.sequences * L * V  # full logits (fp16 + fp32) x 2, losses
+    # full logits (fp16 + fp32 copy) of two models, and the loss tensors
+    out["vocab-sized logits"] = 2 * 6.0 * s * V + 3 * 4.0 * wl.sequences * L * V
     out["backward recompute (1 layer)"] = 0.0
     out["KV cache (rollout)"] = 2 * shape.layers * envs * wl.tokens * shape.kv_dim * 2.0
     update = sum(out[k] for k in ("base weights", "optimizer states", "gradients",
@@ -286,7 +287,8 @@ def render(shape: Shape = Shape(), wl: Workload = Workload()) -> str:
 
 def per_layer_line(shape: Shape = Shape(), wl: Workload = Workload()) -> str:
     s = 1
-    return (f"per token per decoder layer: LoRA (fp32 adapters, SDPA/flash) {lora_layer_bytes(shape, s, wl.lora_r):,.0f} B; "
+    return (f"per token per decoder layer: LoRA (fp32 adapters, SDPA/flash) "
+            f"{lora_layer_bytes(shape, s, wl.lora_r):,.0f} B; "
             f"LoRA computed in bf16 {lora_bf16_layer_bytes(shape, s, wl.lora_r):,.0f} B; full fine-tuning with eager "
             f"attention at T = {wl.tokens} {full_eager_layer_bytes(shape, s, wl.tokens):,.0f} B; "
             f"with checkpointing {2 * shape.hidden:,} B (the layer input)")
