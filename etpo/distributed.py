@@ -36,20 +36,22 @@ backend and two or three processes (``tests/test_scale.py``, torch 2.13); none c
     critic DTensors *do* have aligned local shards and the plain update is exact; :func:`polyak_update_sharded`
     handles DTensors that way.
 
-(c) Generation with a sharded model. Inside ``training_step`` (where the rollout DataModule calls ``act``) the
-    root is unsharded and every decoder unit all-gathers its weights on its own forward: correct, but with
-    ``FULL_SHARD`` the layers are re-gathered for every generated token (about 11 GB received per token step for
-    7B at N = 8: 7/8 of the 13.5 GB of bf16 weights). ``sharding_strategy: SHARD_GRAD_OP`` keeps gathered weights
-    until backward (generation at single-GPU speed, memory like DDP for the frozen base). FSDP1 forbids forward
-    passes inside ``summon_full_params`` of the same unit ("Nor can forward and backward be started from within
-    this context"), so "summon everything around ``generate``" is not used for the decoder units. Outside ``training_step``,
-    :func:`summon_full_params_if_sharded` with ``recurse=False`` on the root materialises the root unit
-    (embeddings, head) and the decoder units gather themselves. With FSDP2 the equivalent is
-    ``module.unshard()`` plus ``set_reshard_after_forward(False)`` for the duration of generation.
+(c) Generation with a sharded model. Inside ``training_step`` (where the rollout DataModule calls ``act``) the root
+    is unsharded and every decoder unit all-gathers its weights on its own forward: correct, but with ``FULL_SHARD``
+    the layers are re-gathered for every generated token (about 11 GB received per token step for 7B at N = 8: 7/8
+    of the 13.5 GB of bf16 weights). ``sharding_strategy: SHARD_GRAD_OP`` keeps gathered weights until backward
+    (generation at single-GPU speed, memory like DDP for the frozen base). FSDP1 forbids forward passes inside
+    ``summon_full_params`` of the same unit ("Nor can forward and backward be started from within this context"), so
+    "summon everything around ``generate``" is not used for the decoder units. Outside ``training_step``,
+    :func:`summon_full_params_if_sharded` with ``recurse=False`` on the root materialises the root unit (embeddings,
+    head) and the decoder units gather themselves. With FSDP2 the equivalent is ``module.unshard()`` plus
+    ``set_reshard_after_forward(False)`` for the duration of generation.
 
 (d) Saving adapters. ``peft``'s ``save_pretrained`` calls ``model.state_dict()`` unless given a state dict; on an
-    FSDP-wrapped model that is a collective, so calling it on rank 0 only deadlocks. :func:`save_adapters_sharded`
-    gathers the adapter tensors on every rank and writes them from rank 0.
+    FSDP-wrapped model that is a collective, so calling it on rank 0 only deadlocks; given an explicit state dict it
+    matches keys against module names that carry FSDP's ``_fsdp_wrapped_module.`` prefix and writes no tensors.
+    :func:`save_adapters_sharded` gathers the adapter tensors on every rank and rank 0 writes peft's format itself
+    (:func:`write_adapters`; the files load with ``SharedBaseLM.load_adapters`` / ``PeftModel.from_pretrained``).
 
 Where the trainer calls these (see the report of issue 7 for the exact code):
 ``ETPOModule.after_optimizer_step`` -> :func:`polyak_update_sharded`;
