@@ -73,7 +73,8 @@ class Workload:
     action_tokens: L, the action part (rows of the vocabulary-sized work);
     chunk: ``token_chunk_size`` of ETPOModule; lora_r: adapter rank; checkpointing: per-decoder-layer recompute;
     vocab_tensors: fp32 [B, chunk, V] tensors alive at once in the chunk loop (measured on CPU: 11-13, see
-    :func:`measure_vocab_tensors`); recompute_factor: backward working set of one recomputed layer as a multiple of
+    :func:`measure_vocab_tensors`), plus two float32 copies of the [V, H] head weight (the grad-enabled head calls of a
+    bf16 model); recompute_factor: backward working set of one recomputed layer as a multiple of
     its saved activations (assumption: 1.5 = the saved tensors plus half as much again in gradient temporaries);
     envs: parallel environments = the generation batch of the rollout (global; split over GPUs under FSDP).
     """
@@ -162,15 +163,19 @@ def etpo_breakdown(shape: Shape = Shape(), wl: Workload = Workload(), gpus: int 
     views = 2 * 2.0 * s * h  # reference and target hidden states (no grad)
     grad_buffers = 2 * 4.0 * b * L * h  # d loss / d hidden of the critic and policy rows (float32)
     chunks = wl.vocab_tensors * min(wl.chunk, L) * b * V * 4.0
+    # SharedBaseLM.head on a bf16 model: grad-enabled calls (the critic and policy chunk graphs) multiply float32
+    # copies of the operands (torch.mm's float32 output has no autograd formula), and each graph keeps its copy of
+    # the [V, H] weight until its autograd.grad: two float32 head weights alive
+    head_copies = 2 * 4.0 * V * h
     out["no-grad views + update buffers"] = views + grad_buffers
-    out["vocab-sized logits"] = chunks
+    out["vocab-sized logits"] = chunks + head_copies
     out["backward recompute (1 layer)"] = recompute
 
     persistent = sum(out[k] for k in ("base weights", "FSDP gathered (root + 2 layers)",
                                       "adapters (policy, critic, target)",
                                       "optimizer states"))
     graphs = out["activations (2 graphs)"]
-    phase_loss = persistent + graphs + views + grad_buffers + chunks
+    phase_loss = persistent + graphs + views + grad_buffers + chunks + head_copies
     phase_backward = persistent + graphs + grad_buffers + recompute + out["gradients"]
     # the rollout: generation batch = the rank's environments, prompt + new tokens in the KV cache
     g = math.ceil(wl.envs / n)
@@ -278,7 +283,7 @@ def render(shape: Shape = Shape(), wl: Workload = Workload()) -> str:
         f"Reference implementation: host RAM for its rollout buffer {ref['host RAM: rollout buffer'] / GB:.2f} GB; "
         "optimizer states: AdamW (2 fp32 moments) of the policy and critic LoRA for ETPO, Lion (1 fp16 momentum) of "
         "all policy and critic weights for the reference; vocab-sized logits: ETPO's live [B, chunk, V] fp32 chunk "
-        "tensors, the reference's full [B, T, V] fp16 + fp32 logits of two models and its loss tensors; "
+        "tensors and two fp32 copies of the head weight, the reference's full [B, T, V] fp16 + fp32 logits of two models and its loss tensors; "
         f"its column is the total over the GPUs it spreads the models on (>= {math.ceil(ref['peak'] / (80 * GB))} "
         "x 80 GB if perfectly balanced).",
     ]
