@@ -78,6 +78,7 @@ __all__ = [
     "ETPOFSDPStrategy",
     "adapter_modules",
     "allreduce_replicated_gradients",
+    "clean_name",
     "decoder_layer_classes",
     "fsdp_auto_wrap_policy",
     "fsdp_kwargs",
@@ -87,6 +88,7 @@ __all__ = [
     "polyak_update_sharded",
     "save_adapters_sharded",
     "summon_full_params_if_sharded",
+    "write_adapters",
 ]
 
 ADAPTER_NAMES = ("policy", "critic", "target")
@@ -301,6 +303,8 @@ def summon_full_params_if_sharded(module: Optional[nn.Module], *, recurse: bool 
       their parameters are already full.
     * Collective: every rank must enter the block. ``writeback=True`` keeps changes to the full tensors (each rank
       writes back its own slice; make the same change on every rank).
+    * FSDP2 (``fully_shard``) parameters are DTensors: nothing is summoned (read them with ``.full_tensor()``,
+      update them in place); ``writeback=True`` raises.
     """
     units = _fsdp1_units(module)
     if not units:
@@ -623,8 +627,9 @@ class ETPOFSDPStrategy(_FSDPStrategy):  # type: ignore[misc,valid-type]
         param_dtype, reduce_dtype, buffer_dtype: FSDP mixed precision (null = keep the stored dtype). Only useful with
             ``adapters: shard`` and a float32 model.
         cpu_offload: offload parameter shards to host memory.
-        state_dict_type: ``full`` or ``sharded`` checkpoints (replicate mode writes adapters-only full checkpoints
-            unless ``backbone.checkpoint_base_weights``).
+        state_dict_type: ``full`` or ``sharded`` checkpoints. ``full`` with replicated adapters writes
+            adapters-only checkpoint files without any gather (unless ``backbone.checkpoint_base_weights``);
+            ``sharded`` uses Lightning's distributed checkpoint of the whole model.
         Other keyword arguments go to Lightning's ``FSDPStrategy``.
 
     Trainer ``precision`` must be ``32-true``, meaning "Lightning does not cast": ``bf16-true`` would cast the float32
@@ -723,7 +728,7 @@ class ETPOFSDPStrategy(_FSDPStrategy):  # type: ignore[misc,valid-type]
 
     # -- checkpoints: adapters only (the frozen base is reloaded from its source) ---------------------------------
     def _adapters_only(self) -> bool:
-        if self.adapters != "replicate" or self.lightning_module is None:
+        if self.adapters != "replicate" or self._state_dict_type != "full" or self.lightning_module is None:
             return False
         model = getattr(self.lightning_module, "model", None)
         return not getattr(getattr(model, "config", None), "checkpoint_base_weights", False)

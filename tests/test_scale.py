@@ -525,3 +525,47 @@ def test_fsdp_adapters_on_two_cpu_ranks(tmp_path):
         assert res.pop("naive_polyak") in ("raised", "wrong")
         assert res and all(res.values()), res
     assert json.loads((tmp_path / "rank0.json").read_text())["replicate_saved"] is True
+
+
+def test_strategy_checkpoint_holds_replicated_adapters_only(tmp_path):
+    """ETPOFSDPStrategy (adapters replicated, state_dict_type full): the checkpoint state is the adapter tensors and
+    the plain optimizer state, gathered without any collective, and it loads back (torch FSDP on CPU, 1 process)."""
+    import types
+
+    import torch.distributed as dist
+    from lightning.pytorch.trainer.states import TrainerFn
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from etpo.distributed import ETPOFSDPStrategy, fsdp_kwargs
+    from modules.etpo import ETPOModule
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        def build():
+            module = ETPOModule(tiny_backbone())
+            module.configure_model()
+            root = FSDP(module, device_id=torch.device("cpu"), **fsdp_kwargs(module.model))
+            strategy = ETPOFSDPStrategy()
+            strategy.model, strategy._lightning_module = root, module
+            module.trainer = types.SimpleNamespace(state=types.SimpleNamespace(fn=TrainerFn.FITTING))
+            optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
+            strategy.optimizers = [optimizer]
+            return module, strategy, optimizer
+
+        module, strategy, optimizer = build()
+        for p in module.model.critic_parameters() + module.model.policy_parameters():
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+        module.model.polyak_update(0.5)
+        state = strategy.lightning_module_state_dict()
+        assert set(state) == set(module.model.trainable_state_dict(prefix="model."))
+        checkpoint = {"state_dict": dict(state), "optimizer_states": [strategy.optimizer_state(optimizer)]}
+        torch.save(checkpoint, tmp_path / "last.ckpt")
+        other, strategy2, optimizer2 = build()
+        rest = strategy2.load_checkpoint(tmp_path / "last.ckpt")
+        assert "state_dict" not in rest and "optimizer_states" not in rest
+        for name, value in other.model.trainable_state_dict(prefix="model.").items():
+            assert torch.equal(value, state[name]), name
+        assert optimizer2.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
+    finally:
+        dist.destroy_process_group()
