@@ -468,22 +468,27 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    warnings.filterwarnings("ignore", category=UserWarning)
     if not args.tiny and not torch.cuda.is_available():
         print("gpu_smoke: no CUDA device on this machine -- nothing was measured (exit code 3). "
               "Run with --tiny for the CPU check of the same code path.", file=sys.stderr)
         return EXIT_NO_CUDA
     shape = TINY if args.tiny else CODELLAMA_7B
-    if args.tiny:
-        device, dtype = torch.device("cpu"), torch.float32
-        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    else:
-        device, dtype = torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
-    if args.fsdp:
-        report = run_fsdp_cpu(args, shape, device, dtype) if args.tiny else run_fsdp_lightning(args, shape, device,
-                                                                                                 dtype)
-    else:
-        report = run_plain(args, shape, device, dtype)
+    threads = torch.get_num_threads()
+    try:
+        if args.tiny:
+            device, dtype = torch.device("cpu"), torch.float32
+            torch.set_num_threads(1)  # tiny matmuls: more threads only spin-wait on a shared CPU
+        else:
+            device, dtype = torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
+        if args.fsdp:
+            run = run_fsdp_cpu if args.tiny else run_fsdp_lightning
+        else:
+            run = run_plain
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            report = run(args, shape, device, dtype)
+    finally:
+        torch.set_num_threads(threads)
     if any(not math.isfinite(x["loss"]) for x in report["losses"]):
         print("gpu_smoke: non-finite loss", file=sys.stderr)
         print_report(report)
