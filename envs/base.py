@@ -48,6 +48,21 @@ class TextEnv:
     def close(self) -> None:
         """Release resources (no-op by default)."""
 
+    #: attributes that hold the state of the current episode (the observation itself is kept by the caller)
+    episode_state: tuple[str, ...] = ("_steps", "_done")
+
+    def state_dict(self) -> dict:
+        """The current episode's state, so that a resumed training run continues live episodes exactly."""
+        return {name: getattr(self, name) for name in self.episode_state if hasattr(self, name)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        unknown = set(state) - set(self.episode_state)
+        if unknown:
+            raise KeyError(f"unknown episode state {sorted(unknown)} for {type(self).__name__}")
+        for name, value in state.items():
+            setattr(self, name, value)
+
     def __enter__(self) -> "TextEnv":
         return self
 

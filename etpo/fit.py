@@ -21,6 +21,9 @@ from typing import Any
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import LightningCLI
 
+from etpo.distributed import save_adapters_sharded
+from etpo.hardware import apply_hardware_fallback
+
 __all__ = ["ETPOCLI", "RunArtifacts", "main", "contender_name"]
 
 
@@ -94,8 +97,9 @@ class RunArtifacts(Callback):
         self._write_summary(trainer, finished=False)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero and getattr(pl_module, "model", None) is not None:
-            pl_module.model.save_adapters(self.run_dir / "adapters")
+        if getattr(pl_module, "model", None) is not None:  # on every rank: gathering sharded adapters is collective
+            save_adapters_sharded(pl_module.model, self.run_dir / "adapters", trainer.strategy.model,
+                                  is_global_zero=trainer.is_global_zero)
         self._write_summary(trainer, finished=True)
 
     def state_dict(self) -> dict:
@@ -116,6 +120,8 @@ class ETPOCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config
+        # GPU-only trainer settings fall back to the CPU with one warning line each (ETPO_STRICT_DEVICE=1: fail)
+        apply_hardware_fallback(cfg["trainer"])
         run_dir = cfg.get("run_dir")
         if not run_dir:
             configs = cfg.get("config") or []

@@ -12,9 +12,9 @@ from typing import Any, Iterator
 
 import lightning as L
 import torch
-import torch.distributed as dist
 
 from datamodules.rollout import GenerationConfig
+from etpo.distributed import global_grad_norm
 from modules.shared_base import BackboneConfig, SharedBaseLM
 
 __all__ = ["AgentModule", "adapter_parameters"]
@@ -98,22 +98,19 @@ class AgentModule(L.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip the gradient norm of every parameter group on its own (policy and critic separately).
 
-        Groups carry their own ``max_grad_norm``. Under a sharded strategy each rank holds a disjoint slice of every
-        gradient, so the squared norms are summed across ranks before scaling (FSDP-safe, no extra hooks)."""
-        sharded = "fsdp" in type(self.trainer.strategy).__name__.lower()
+        Groups carry their own ``max_grad_norm``. The norm is the whole model's: sharded gradients are summed over
+        ranks, replicated ones counted once (:func:`etpo.distributed.global_grad_norm`)."""
         for group in optimizer.param_groups:
             max_norm = group.get("max_grad_norm")
-            grads = [p.grad for p in group["params"] if p.grad is not None]
-            if not max_norm or not grads:
+            if not max_norm:
                 continue
-            sq = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
-            if sharded and dist.is_available() and dist.is_initialized():
-                dist.all_reduce(sq)
-            norm = sq.sqrt()
+            # every rank takes part, even without local gradients (the norm is collective when sharded)
+            norm = global_grad_norm(group["params"], self.trainer.model)
             self.log(f"charts/grad_norm_{group.get('name', 'group')}", norm, on_step=True, batch_size=1)
             scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-            for g in grads:
-                g.mul_(scale.to(g.dtype))
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(scale.to(p.grad.dtype))
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         # Post-step bookkeeping lives here rather than in on_train_batch_end: Lightning runs the callbacks' batch-end
@@ -141,5 +138,11 @@ class AgentModule(L.LightningModule):
         agent = checkpoint.get("agent", {})
         self.policy_version = int(agent.get("policy_version", 0))
         self._logged_best = float(agent.get("logged_best", -math.inf))
-        if "torch_rng" in agent:
-            torch.set_rng_state(agent["torch_rng"])
+        # Restored at the first batch, not now: Lightning still builds the dataloader iterator after loading, and
+        # that draws from the global generator (a resumed run must sample exactly what an uninterrupted one does).
+        self._pending_rng = agent.get("torch_rng")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if getattr(self, "_pending_rng", None) is not None:
+            torch.set_rng_state(self._pending_rng)
+            self._pending_rng = None

@@ -37,6 +37,7 @@ from etpo.objectives import (
     soft_value,
     targets_from_values,
 )
+from etpo.distributed import polyak_update_sharded
 from modules.agent import AgentModule, adapter_parameters
 from modules.shared_base import BackboneConfig
 
@@ -229,5 +230,5 @@ class ETPOModule(AgentModule):
         return surrogate - surrogate.detach() + (loss_critic + loss_policy), charts
 
     def after_optimizer_step(self) -> None:
-        # 6. target <- polyak * target + (1 - polyak) * critic
-        self.model.polyak_update(self.polyak)
+        # 6. target <- polyak * target + (1 - polyak) * critic (one FSDP unit gathered at a time when sharded)
+        polyak_update_sharded(self.model, self.polyak, self.trainer.model)

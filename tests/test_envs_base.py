@@ -163,3 +163,17 @@ def test_import_envs_does_not_load_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "False"
+
+
+def test_episode_state_round_trips_into_a_fresh_env():
+    from envs.toy import TargetCharsEnv
+
+    env = TargetCharsEnv(max_steps=3)
+    env.reset(seed=0)
+    env.step("ab")
+    fresh = TargetCharsEnv(max_steps=3)
+    fresh.load_state_dict(env.state_dict())
+    # the fresh env continues the same episode: two more steps, then it is over
+    assert fresh.step("a")[2] is False and fresh.step("a")[2] is True
+    with pytest.raises(KeyError, match="unknown episode state"):
+        fresh.load_state_dict({"nonsense": 1})

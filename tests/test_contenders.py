@@ -1,0 +1,177 @@
+"""Baselines and ablations in the same framework: PPO-KL's math against plain loops and hand computations,
+PPO-KL learning the toy task, Reflection never changing a weight, ETPO(1-step) episodes, shared chart keys."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_backbone, toy_env
+from datamodules.rollout import GenerationConfig, RolloutCollector, RolloutDataModule
+from etpo.ppo import clipped_surrogate, gae, kl_penalised_rewards, token_advantages
+from modules.etpo import ETPOModule
+from modules.ppo_kl import PPOKLModule
+from modules.reflection import ReflectionModule
+from test_etpo_module import TOY_ETPO, TOY_TOKENS, _mean_policy_reward, _trainer
+
+
+def test_gae_equals_a_plain_loop_over_episodes():
+    rng = np.random.default_rng(0)
+    # three environments, interleaved in collection order as the collector lays them out: step-major
+    # env 0: an episode of 3 steps ending (done), env 1: 3 steps, not done (bootstrap), env 2: done at step 1,
+    # then a new episode of 2 steps (not linked to the first).
+    layout = [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1), (0, 2), (1, 2), (2, 2)]  # (env, step)
+    episode_of = {(0, 0): "a", (0, 1): "a", (0, 2): "a", (1, 0): "b", (1, 1): "b", (1, 2): "b",
+                  (2, 0): "c", (2, 1): "d", (2, 2): "d"}
+    done = {(0, 2): 1.0, (2, 0): 1.0}
+    n = len(layout)
+    rewards = torch.tensor(rng.normal(size=n))
+    values = torch.tensor(rng.normal(size=n))
+    next_values = torch.tensor(rng.normal(size=n))
+    dones = torch.tensor([done.get(k, 0.0) for k in layout])
+    next_index = torch.full((n,), -1)
+    for i, key in enumerate(layout):
+        for j in range(i + 1, n):
+            if layout[j][0] == key[0] and episode_of[layout[j]] == episode_of[key]:
+                next_index[i] = j
+                break
+    gamma, lam = 0.9, 0.8
+    adv, ret = gae(rewards, values, next_values, dones, next_index, gamma, lam)
+
+    expected = np.zeros(n)
+    for ep in "abcd":
+        idx = [i for i, k in enumerate(layout) if episode_of[k] == ep]
+        running = 0.0
+        for pos in reversed(range(len(idx))):
+            i = idx[pos]
+            nonterminal = 1.0 - float(dones[i])
+            v_next = float(values[idx[pos + 1]]) if pos + 1 < len(idx) else float(next_values[i])
+            delta = float(rewards[i]) + gamma * nonterminal * v_next - float(values[i])
+            running = delta + gamma * lam * nonterminal * (running if pos + 1 < len(idx) else 0.0)
+            expected[i] = running
+    np.testing.assert_allclose(adv.numpy(), expected, atol=1e-12)
+    np.testing.assert_allclose(ret.numpy(), expected + values.numpy(), atol=1e-12)
+
+
+def test_every_token_of_an_action_gets_its_action_advantage():
+    adv = torch.tensor([0.5, -2.0, 3.0])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.float32)
+    per_token = token_advantages(adv, mask)
+    for b in range(3):
+        real = per_token[b][mask[b] == 1]
+        assert torch.all(real == adv[b]) and torch.all(per_token[b][mask[b] == 0] == 0)
+
+
+def test_clipped_surrogate_matches_a_hand_computation():
+    # token 1: ratio 1.5, A = +1 -> min(1.5, 1.2) = 1.2;  token 2: ratio 0.5, A = +1 -> min(0.5, 0.8) = 0.5
+    # token 3: ratio 1.5, A = -1 -> min(-1.5, -1.2) = -1.5; token 4: ratio 0.5, A = -1 -> min(-0.5, -0.8) = -0.8
+    # token 5: padding
+    old = torch.zeros(1, 5)
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.5, 0.5, 7.0]]))
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
+    loss = clipped_surrogate(new, old, adv, mask, clip=0.2)
+    assert loss.item() == pytest.approx(-(1.2 + 0.5 - 1.5 - 0.8) / 4, abs=1e-6)
+
+
+def test_kl_penalised_rewards():
+    rewards = torch.tensor([1.0, 0.5])
+    old = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -9.0]])
+    ref = torch.tensor([[-1.5, -2.5, -3.0], [-1.0, -1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    got = kl_penalised_rewards(rewards, old, ref, mask, beta=0.1)
+    assert torch.allclose(got, torch.tensor([1.0 - 0.1 * 1.0, 0.5 - 0.1 * 1.0]))
+
+
+def _toy_datamodule(budget, num_envs=8, env=None, steps_per_update=1):
+    return RolloutDataModule(env=env or toy_env(), num_envs=num_envs, steps_per_update=steps_per_update,
+                             budget=budget, seed=0,
+                             generation=GenerationConfig(max_new_tokens=TOY_TOKENS, temperature=1.0, top_k=0))
+
+
+def test_ppo_kl_raises_reward_on_the_toy_task():
+    L.seed_everything(0)
+    module = PPOKLModule(backbone=tiny_backbone(tiny_init_std=0.2), beta_ppo=0.01, policy_lr=1e-2, critic_lr=1e-2,
+                         ppo_epochs=2, minibatch_size=8)
+    module.configure_model()
+    before = _mean_policy_reward(module)
+    _trainer().fit(module, datamodule=_toy_datamodule(budget=8 * 30))
+    after = _mean_policy_reward(module)
+    assert before < 0.35 and after > before + 0.3, (before, after)
+    assert module.policy_version == 30 * 2  # ppo_epochs optimizer steps per rollout batch of one minibatch
+
+
+def test_reflection_never_changes_a_weight():
+    L.seed_everything(0)
+    module = ReflectionModule(backbone=tiny_backbone())
+    module.configure_model()
+    before = {k: v.clone() for k, v in module.model.peft_model.state_dict().items()}
+    dm = _toy_datamodule(budget=8 * 3)
+    _trainer().fit(module, datamodule=dm)
+    after = module.model.peft_model.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    assert module.policy_version == 0
+
+
+class _GarbagePolicy:
+    """A stand-in policy whose actions are never code (the env answers invalid-output): a 1-step episode still
+    must end after its one step."""
+
+    policy_version = 0
+
+    def __init__(self, module):
+        self.module = module
+
+    def act(self, prompts, generation):
+        return self.module.act(prompts, generation)
+
+    def encode_prompts(self, prompts):
+        return self.module.encode_prompts(prompts)
+
+
+def test_etpo_one_step_episodes_never_exceed_one_step():
+    from envs.datascience import DataScienceEnv
+
+    module = ETPOModule(backbone=tiny_backbone(tiny_alphabet="abc ()=:\n"))
+    module.configure_model()
+    env = {"class_path": "envs.datascience.DataScienceEnv",
+           "init_args": {"dataset": "iris", "max_steps": 1, "reflection": False, "n_splits": 2}}
+    collector = RolloutCollector(env, num_envs=4, steps_per_update=3, budget=100, seed=0,
+                                 generation=GenerationConfig(max_new_tokens=6, temperature=1.0, top_k=0))
+    try:
+        batch = collector.collect(_GarbagePolicy(module))
+    finally:
+        collector.close()
+    assert batch["rewards"].numel() == 12
+    assert torch.all(batch["episode_step"] == 1)
+    assert torch.all((batch["dones"] + batch["truncated"]) >= 1)  # every step ends its episode
+    assert torch.all(batch["next_index"] == -1)  # no transition continues into another
+    assert collector.stats.episodes == 12
+    assert DataScienceEnv("iris", max_steps=1, reflection=False).max_steps == 1
+
+
+SHARED_KEYS = {"losses/critic", "losses/policy", "charts/kl", "charts/entropy", "charts/avg_reward",
+               "charts/best_reward", "charts/runnable_fraction", "charts/env_steps", "charts/sps"}
+
+
+@pytest.mark.parametrize("make_module", [
+    lambda: ETPOModule(backbone=tiny_backbone(), **TOY_ETPO),
+    lambda: PPOKLModule(backbone=tiny_backbone(), ppo_epochs=1, minibatch_size=8),
+    lambda: ReflectionModule(backbone=tiny_backbone()),
+], ids=["etpo", "ppo_kl", "reflection"])
+def test_contenders_log_the_same_chart_keys(tmp_path, make_module):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    L.seed_everything(0)
+    module = make_module()
+    logger = TensorBoardLogger(str(tmp_path), name="", version="")
+    _trainer(logger=logger).fit(module, datamodule=_toy_datamodule(budget=16))
+    keys = set(EventAccumulator(str(tmp_path)).Reload().Tags()["scalars"])
+    expected = SHARED_KEYS if not isinstance(module, ReflectionModule) else {
+        k for k in SHARED_KEYS if k.startswith("charts/") and k not in ("charts/kl", "charts/entropy")}
+    assert expected <= keys, sorted(expected - keys)
