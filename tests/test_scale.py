@@ -20,7 +20,7 @@ import torch
 from conftest import tiny_backbone
 
 REPO = Path(__file__).resolve().parents[1]
-GPU_CONFIGS = ["configs/etpo_7b_1gpu.yaml", "configs/etpo_7b_fsdp.yaml"]
+GPU_CONFIGS = ["configs/etpo.yaml", "configs/etpo_7b_fsdp.yaml"]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
 
 
