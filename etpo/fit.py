@@ -145,11 +145,15 @@ class ETPOCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         from lightning.pytorch.callbacks import ModelCheckpoint
 
+        from etpo.credit import TokenCreditCallback
+
         run_dir = self.config["run_dir"]
         extra = [
             ModelCheckpoint(dirpath=os.path.join(run_dir, "checkpoints"), monitor="charts/best_reward", mode="max",
                             save_top_k=1, save_last=True, filename="best-{step}", every_n_train_steps=1),
             RunArtifacts(run_dir),
+            # which tokens the contender credits: HTML under <run_dir>/credit/, a summary in TensorBoard
+            TokenCreditCallback(every_n_steps=10, max_examples=4),
         ]
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.extend(extra)

@@ -94,6 +94,17 @@ class AgentModule(L.LightningModule):
                 text = f"best reward {self._logged_best:.4f}\n\n```python\n{collector.stats.best_code}\n```"
                 experiment.add_text("charts/best_code", text, self.global_step)
 
+    # ---- token-level credit (etpo.credit.TokenCreditCallback) ---------------------------------------------------
+    def _credit_subset(self, batch: dict, max_examples: int | None) -> tuple[dict, list[list[str]]]:
+        """The first ``max_examples`` transitions of a rollout batch, on the device, and their decoded tokens."""
+        k = min(int(batch["rewards"].numel()), max_examples or 4)
+        keys = ("prompt_ids", "prompt_mask", "action_ids", "action_mask", "rewards", "dones")
+        sub = {key: batch[key][:k].to(self.device) for key in keys}
+        tok = self.model.tokenizer
+        tokens = [[tok.decode([int(t)]) for t, m in zip(row, mask) if m]
+                  for row, mask in zip(sub["action_ids"].cpu(), sub["action_mask"].cpu())]
+        return sub, tokens
+
     # ---- optimisation ------------------------------------------------------------------------------------------
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip the gradient norm of every parameter group on its own (policy and critic separately).

@@ -229,6 +229,32 @@ class ETPOModule(AgentModule):
         # the value reported is the true loss; the gradient is the surrogate's (= the true loss's gradient)
         return surrogate - surrogate.detach() + (loss_critic + loss_policy), charts
 
+    @torch.no_grad()
+    def token_credit(self, batch: dict, max_examples: int | None = 4) -> dict:
+        """Per-token credit of the first transitions of a batch, as ETPO assigns it: the soft Q of each taken token
+        (critic), its Eq. 6 target (target network; the last token's target uses the reward and, where the episode
+        goes on, the value of the next state is left out: shown as the reward only), and the soft advantage
+        ``Q(ctx, w) - V(ctx)`` of the taken token under the current policy."""
+        sub, tokens = self._credit_subset(batch, max_examples)
+        m = self.model
+        args = (sub["prompt_ids"], sub["prompt_mask"], sub["action_ids"], sub["action_mask"])
+        mask = sub["action_mask"].float()
+        ref = m.action_logits("reference", *args)
+        q = self._q(m.action_logits("critic", *args), ref)
+        q_target = self._q(m.action_logits("target", *args), ref)
+        pi = m.action_logits("policy", *args)
+        values, _ = soft_value(q_target, pi, ref, self.beta)
+        targets = targets_from_values(values.float(), mask, sub["rewards"].float(), torch.ones_like(sub["rewards"]),
+                                      torch.zeros_like(sub["rewards"]), self.gamma, self.discount_within_action)
+        q_taken = q.gather(-1, sub["action_ids"].unsqueeze(-1)).squeeze(-1)
+        v_now, _ = soft_value(q, pi, ref, self.beta)
+        advantage = q_taken - v_now
+        rows = lambda t: [[float(x) for x, keep in zip(r, mk) if keep] for r, mk in zip(t.cpu(), mask.cpu())]
+        return {"tokens": tokens,
+                "scores": {"soft Q of taken token": rows(q_taken), "target y (Eq. 6)": rows(targets),
+                           "soft advantage Q - V": rows(advantage)},
+                "rewards": [float(r) for r in sub["rewards"].cpu()]}
+
     def after_optimizer_step(self) -> None:
         # 6. target <- polyak * target + (1 - polyak) * critic (one FSDP unit gathered at a time when sharded)
         polyak_update_sharded(self.model, self.polyak, self.trainer.model)

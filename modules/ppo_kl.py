@@ -149,6 +149,25 @@ class PPOKLModule(AgentModule):
             mb[k] = mb[k][:, :width]
         return mb
 
+    @torch.no_grad()
+    def token_credit(self, batch: dict, max_examples: int | None = 4) -> dict:
+        """Per-token credit as PPO-KL assigns it: every token of an action carries the action's GAE advantage
+        (action-level credit), next to the per-token log-ratio to the reference that the KL penalty sums."""
+        full = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        prepared = self.prepare_rollout(full)
+        sub, tokens = self._credit_subset(batch, max_examples)
+        k = sub["rewards"].numel()
+        m = self.model
+        args = (sub["prompt_ids"], sub["prompt_mask"], sub["action_ids"], sub["action_mask"])
+        mask = sub["action_mask"].float()
+        log_ratio = (self._taken_logprobs(m.action_hidden("policy", *args), sub["action_ids"])
+                     - self._taken_logprobs(m.action_hidden("reference", *args), sub["action_ids"]))
+        adv = token_advantages(prepared["advantages"][:k], mask)
+        rows = lambda t: [[float(x) for x, keep in zip(r, mk) if keep] for r, mk in zip(t.cpu(), mask.cpu())]
+        return {"tokens": tokens,
+                "scores": {"advantage (shared by the action)": rows(adv), "log pi - log pi_bar": rows(log_ratio)},
+                "rewards": [float(r) for r in sub["rewards"].cpu()]}
+
     # ---- the update --------------------------------------------------------------------------------------------
     def update_loss(self, mb: dict) -> tuple[torch.Tensor, dict[str, float]]:
         """Clipped surrogate on per-token ratios with the action's advantage on every token, plus the value loss."""

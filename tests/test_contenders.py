@@ -114,7 +114,6 @@ def test_reflection_never_changes_a_weight():
     assert before.keys() == after.keys()
     for k in before:
         assert torch.equal(before[k], after[k]), k
-    assert module.policy_version == 0
 
 
 class _GarbagePolicy:
@@ -175,3 +174,24 @@ def test_contenders_log_the_same_chart_keys(tmp_path, make_module):
     expected = SHARED_KEYS if not isinstance(module, ReflectionModule) else {
         k for k in SHARED_KEYS if k.startswith("charts/") and k not in ("charts/kl", "charts/entropy")}
     assert expected <= keys, sorted(expected - keys)
+
+
+def test_token_credit_etpo_per_token_vs_ppo_shared():
+    from test_etpo_module import _batch
+
+    L.seed_everything(0)
+    etpo = ETPOModule(backbone=tiny_backbone(), **TOY_ETPO)
+    etpo.configure_model()
+    batch = _batch(etpo)
+    credit = etpo.token_credit(batch, max_examples=3)
+    assert len(credit["tokens"]) == 3 and len(credit["rewards"]) == 3
+    n = [int(x) for x in batch["action_mask"][:3].sum(1)]
+    for name, rows in credit["scores"].items():
+        assert [len(r) for r in rows] == n, name
+    # the last token's target is the reward (Eq. 6); the soft Q starts at zero in the "zero" form
+    assert [r[-1] for r in credit["scores"]["target y (Eq. 6)"]] == pytest.approx(credit["rewards"])
+
+    ppo = PPOKLModule(backbone=tiny_backbone())
+    ppo.configure_model()
+    shared = ppo.token_credit(batch, max_examples=3)["scores"]["advantage (shared by the action)"]
+    assert all(len(set(row)) == 1 for row in shared)  # one advantage for every token of an action
