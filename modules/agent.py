@@ -50,6 +50,11 @@ class AgentModule(L.LightningModule):
         if self.model is None:
             self.model = SharedBaseLM(self.backbone)
 
+    def on_train_start(self) -> None:
+        # The model layer loads in eval mode; the update runs in train mode, which is what switches activation
+        # checkpointing on (LoRA dropout too, if configured). Lightning keeps submodules' modes as it finds them.
+        self.model.train()
+
     # ---- acting (called by the rollout DataModule) -------------------------------------------------------------
     @torch.no_grad()
     def act(self, prompts: list[str], generation: GenerationConfig):

@@ -161,9 +161,11 @@ def test_rollout_is_on_policy_and_counts_the_budget():
     class Spy(ETPOModule):
         def update_loss(self, batch):
             versions.append((batch["policy_version"], self.policy_version, self.global_step))
+            # the update runs in train mode: that is what switches activation checkpointing on
+            assert self.model.training and self.model.peft_model.training
             return super().update_loss(batch)
 
-    module = Spy(backbone=tiny_backbone())
+    module = Spy(backbone=tiny_backbone(gradient_checkpointing=True))
     dm = _datamodule(budget=8 * 3 + 1, steps_per_update=1)
     _trainer().fit(module, datamodule=dm)
     assert [v[0] for v in versions] == [0, 1, 2, 3]
