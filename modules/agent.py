@@ -49,11 +49,12 @@ class AgentModule(L.LightningModule):
         # Lightning calls this under the strategy's init context (sharded / meta-device init for FSDP).
         if self.model is None:
             self.model = SharedBaseLM(self.backbone)
+            # The model layer loads in eval mode; updates run in train mode, which is what switches activation
+            # checkpointing on (and LoRA dropout, if configured). ``act`` samples in eval mode.
+            self.model.train()
 
     def on_train_start(self) -> None:
-        # The model layer loads in eval mode; the update runs in train mode, which is what switches activation
-        # checkpointing on (LoRA dropout too, if configured). Lightning keeps submodules' modes as it finds them.
-        self.model.train()
+        self.model.train()  # Lightning keeps submodules' modes as it finds them (e.g. after a validation loop)
 
     # ---- acting (called by the rollout DataModule) -------------------------------------------------------------
     @torch.no_grad()
