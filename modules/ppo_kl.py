@@ -133,7 +133,8 @@ class PPOKLModule(AgentModule):
             order = torch.randperm(n, device=batch["rewards"].device)
             for s in range(0, n, size):
                 idx = order[s:s + size]
-                out.append(self._select(batch, idx))
+                out.append({**self._select(batch, idx), "charts": False})
+        out[0]["charts"] = True  # the KL/entropy charts need a reference forward: once per rollout is enough
         return out
 
     @staticmethod
@@ -181,6 +182,10 @@ class PPOKLModule(AgentModule):
         loss_policy = clipped_surrogate(logprobs, mb["old_logprobs"], adv, mask, hp.clip)
         values = self.state_values(mb["prompt_ids"], mb["prompt_mask"])
         loss_value = value_loss(values, mb["returns"])
+        charts = {"losses/policy": float(loss_policy.detach()), "losses/critic": float(loss_value.detach()),
+                  "charts/value_mean": float(values.detach().mean())}
+        if not mb.get("charts", True):
+            return loss_policy + hp.value_coef * loss_value, charts
         with torch.no_grad():
             n = mask.sum().clamp(min=1)
             kl_sum = ent_sum = 0.0
@@ -194,15 +199,12 @@ class PPOKLModule(AgentModule):
                 ent_sum += float((entropy(pi_logits) * mask[:, s:s + step]).sum())
             ratio = torch.exp(logprobs - mb["old_logprobs"])
             clipfrac = float((((ratio - 1).abs() > hp.clip).float() * mask).sum() / n)
-        charts = {
-            "losses/policy": float(loss_policy.detach()),
-            "losses/critic": float(loss_value.detach()),
+        charts.update({
             "charts/kl": kl_sum / float(n),
             "charts/entropy": ent_sum / float(n),
             "charts/clipfrac": clipfrac,
-            "charts/value_mean": float(values.detach().mean()),
             "charts/action_tokens": float(n) / mask.shape[0],
-        }
+        })
         return loss_policy + hp.value_coef * loss_value, charts
 
     def training_step(self, dataloader_iter: Iterator) -> torch.Tensor:
