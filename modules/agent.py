@@ -1,5 +1,5 @@
 """What every contender's LightningModule shares: the shared-base model, acting for the rollout DataModule,
-rollout charts, per-group gradient clipping, lean checkpoints and the run's artifacts.
+rollout charts, per-group gradient clipping and lean checkpoints.
 
 ETPO, PPO-KL and Reflection subclass :class:`AgentModule`; their TensorBoard keys are the same
 (``charts/...`` from the rollout, ``losses/...`` from the update) so their curves overlay.
@@ -34,9 +34,6 @@ class AgentModule(L.LightningModule):
         backbone: which base LLM to load and how to attach the adapters (see ``modules.shared_base``).
     """
 
-    #: adapters the subclass trains; the model layer is asked for exactly these
-    uses_critic: bool = True
-
     def __init__(self, backbone: BackboneConfig | None = None):
         super().__init__()
         self.backbone = backbone or BackboneConfig()
@@ -59,16 +56,12 @@ class AgentModule(L.LightningModule):
     # ---- acting (called by the rollout DataModule) -------------------------------------------------------------
     @torch.no_grad()
     def act(self, prompts: list[str], generation: GenerationConfig):
-        """Sample one action per prompt from the current policy (dropout off), in one generation batch."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            return self.model.generate(
-                prompts, max_new_tokens=generation.max_new_tokens, temperature=generation.temperature,
-                top_k=generation.top_k, top_p=generation.top_p, stop_strings=generation.stop_strings or None,
-            )
-        finally:
-            self.model.train(was_training)
+        """Sample one action per prompt from the current policy, in one generation batch (the model layer samples
+        in eval mode -- no dropout, KV cache on -- and restores the mode)."""
+        return self.model.generate(
+            prompts, max_new_tokens=generation.max_new_tokens, temperature=generation.temperature,
+            top_k=generation.top_k, top_p=generation.top_p, stop_strings=generation.stop_strings or None,
+        )
 
     def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
         """Token ids of bare prompts (unpadded), exactly as ``act`` tokenises them."""

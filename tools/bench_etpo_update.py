@@ -84,6 +84,8 @@ def main() -> None:
     ap.add_argument("--action_tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--no_checkpointing", action="store_true",
+                    help="keep every activation (the CPU configs use activation checkpointing; so do both steps here)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -94,12 +96,15 @@ def main() -> None:
 
     if args.tiny:
         backbone = BackboneConfig(source="tiny", tiny_alphabet="abcdefghijklmnopqrstuvwxyz ():=.\n", device="cpu",
-                                  tiny_hidden_size=64, tiny_num_layers=2, lora_r=8, lora_alpha=16.0)
+                                  tiny_hidden_size=64, tiny_num_layers=2, lora_r=8, lora_alpha=16.0,
+                                  gradient_checkpointing=not args.no_checkpointing)
     else:
-        backbone = BackboneConfig(source="smollm2", gguf_cache_dir="runs/.model_cache", lora_r=8, lora_alpha=16.0)
+        backbone = BackboneConfig(source="smollm2", gguf_cache_dir="runs/.model_cache", lora_r=8, lora_alpha=16.0,
+                                  gradient_checkpointing=not args.no_checkpointing)
     module = ETPOModule(backbone=backbone, beta=0.01)
     module.configure_model()
     m = module.model
+    m.train()  # training mode for both steps (activation checkpointing is active only there)
 
     env = DataScienceEnv("breast_cancer", prompt_style="few_shot", n_splits=1)
     prompt, _ = env.reset(seed=0)
@@ -149,7 +154,8 @@ def main() -> None:
     name = "tiny random Llama" if args.tiny else "SmolLM2-135M"
     print(f"model: {name}, batch {args.batch}, prompt {batch['prompt_ids'].shape[1]} tokens, "
           f"{n_gen} generated tokens, {len(batch['next_needed'])} next-state prompts of "
-          f"{batch['next_prompt_ids'].shape[1]} tokens, torch threads {torch.get_num_threads()}")
+          f"{batch['next_prompt_ids'].shape[1]} tokens, torch threads {torch.get_num_threads()}, "
+          f"activation checkpointing {'on' if backbone.gradient_checkpointing else 'off'}")
     print(f"{'step':<28}{'median s':>10}{'peak MiB':>10}")
     print(f"{'ETPO update':<28}{med['etpo'][0]:>10.2f}{med['etpo'][1]:>10.0f}")
     print(f"{'LoRA fine-tuning step':<28}{med['lora'][0]:>10.2f}{med['lora'][1]:>10.0f}")
