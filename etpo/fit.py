@@ -14,7 +14,6 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ class RunArtifacts(Callback):
     def __init__(self, run_dir: str | os.PathLike):
         self.run_dir = Path(run_dir)
         self._best_written = -math.inf
-        self._started = time.perf_counter()
+        self._batches_written = 0
 
     def _collector(self, trainer: Trainer):
         return getattr(trainer.datamodule, "collector", None)
@@ -85,6 +84,9 @@ class RunArtifacts(Callback):
         if not trainer.is_global_zero or collector is None:
             return
         stats = collector.stats
+        if stats.updates == self._batches_written:
+            return  # several optimizer steps per rollout batch (PPO-KL): one line per batch
+        self._batches_written = stats.updates
         line = {"batch": stats.updates, "env_steps": stats.env_steps, "avg_reward": stats.batch_avg_reward[-1],
                 "best_reward": stats.best_reward, "runnable_fraction": stats.batch_runnable[-1],
                 "global_step": trainer.global_step}
@@ -103,10 +105,11 @@ class RunArtifacts(Callback):
         self._write_summary(trainer, finished=True)
 
     def state_dict(self) -> dict:
-        return {"best_written": self._best_written}
+        return {"best_written": self._best_written, "batches_written": self._batches_written}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._best_written = state_dict.get("best_written", -math.inf)
+        self._batches_written = state_dict.get("batches_written", 0)
 
 
 class ETPOCLI(LightningCLI):
