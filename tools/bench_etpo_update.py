@@ -11,8 +11,10 @@ reported):
 * LoRA fine-tuning: the policy view's logits over the action tokens, cross-entropy on the same tokens, backward,
   AdamW step -- what one supervised step on the same data costs.
 
-Peak memory is the process's peak resident set size during the step (``VmHWM`` after resetting it through
-``/proc/self/clear_refs``), minus the resident size just before the step: the step's own working memory.
+Peak memory is measured in two fresh subprocesses, one per step kind (an allocator that has already grown during
+one kind of step hides the other's peak): the peak resident set size during the first step (``VmHWM`` after
+resetting it through ``/proc/self/clear_refs``) minus the resident size just before it -- the step's own working
+memory, optimizer state creation included.
 Bytes stored per generated token between rollout and update are counted from a real rollout batch.
 Goals (issue): time <= 3.0x, peak memory <= 1.3x, <= 16 bytes per generated token.
 """
@@ -54,6 +56,16 @@ def measure(step) -> tuple[float, float]:
     return seconds, max(0, peak - before) / 1024
 
 
+def _child_memory(kind: str) -> float:
+    """Working memory of one step of ``kind`` in a fresh process with the same arguments."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, *sys.argv, f"--memory_of={kind}"], capture_output=True, text=True,
+                         check=True).stdout
+    return float(next(line.split()[1] for line in out.splitlines() if line.startswith("MEMORY_MIB")))
+
+
 def synthetic_batch(module, prompts: list[str], next_prompts: list[str], action_len: int, seed: int = 0) -> dict:
     """A rollout-shaped batch: real prompts, random action tokens of ``action_len`` (content does not change
     cost), every other transition non-terminal with its next prompt to evaluate."""
@@ -84,6 +96,7 @@ def main() -> None:
     ap.add_argument("--action_tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--memory_of", choices=["etpo", "lora"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--no_checkpointing", action="store_true",
                     help="keep every activation (the CPU configs use activation checkpointing; so do both steps here)")
     args = ap.parse_args()
@@ -139,12 +152,17 @@ def main() -> None:
         opt_lora.step()
         opt_lora.zero_grad(set_to_none=True)
 
+    if args.memory_of:  # child process: one step of one kind, print its working memory
+        print(f"MEMORY_MIB {measure(etpo_step if args.memory_of == 'etpo' else lora_step)[1]:.1f}")
+        return
+    memory = {kind: _child_memory(kind) for kind in ("etpo", "lora")}
+
     etpo_step(), lora_step()  # warm-up (allocator, optimizer state)
     runs = {"etpo": [], "lora": []}
     for _ in range(args.repeats):
         runs["etpo"].append(measure(etpo_step))
         runs["lora"].append(measure(lora_step))
-    med = {k: (statistics.median(t for t, _ in v), statistics.median(mb for _, mb in v)) for k, v in runs.items()}
+    med = {k: (statistics.median(t for t, _ in v), memory[k]) for k, v in runs.items()}
 
     # bytes held per generated token between rollout and update: the action-aligned tensors of a batch
     per_token = batch["action_ids"].element_size() + batch["action_mask"].element_size()
