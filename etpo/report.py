@@ -507,11 +507,18 @@ def plot_best_within_per_dataset(
         ax.set_title(d, fontsize=9)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
+    return _save_panels(fig, axes, "environment steps n", "best reward within n",
+                        f"Best reward explored within n steps per dataset; mean ± std over seeds (ddof={ddof})", path)
+
+
+def _save_panels(fig, axes, xlabel: str, ylabel: str, title: str, path) -> Path:
+    """Shared legend, axis labels and title of a multi-panel figure; write it to ``path``."""
+    import matplotlib.pyplot as plt
+
     axes[0].legend(fontsize=7)
-    fig.supxlabel("environment steps n", fontsize=9)
-    fig.supylabel("best reward within n", fontsize=9)
-    fig.suptitle(f"Best reward explored within n steps per dataset; mean ± std over seeds (ddof={ddof})",
-                 fontsize=10)
+    fig.supxlabel(xlabel, fontsize=9)
+    fig.supylabel(ylabel, fontsize=9)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
@@ -587,16 +594,9 @@ def plot_batch_rewards(
         ax.set_title("average over datasets" if name == "average" else name, fontsize=9)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.supxlabel("environment steps", fontsize=9)
-    fig.supylabel("average reward of the batch", fontsize=9)
-    fig.suptitle(f"Average reward per rollout batch (-1 = not runnable); mean ± std over seeds (ddof={ddof})",
-                 fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_panels(fig, axes, "environment steps", "average reward of the batch",
+                        f"Average reward per rollout batch (-1 = not runnable); mean ± std over seeds (ddof={ddof})",
+                        path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
