@@ -50,7 +50,7 @@ class RunArtifacts(Callback):
     def summary(self, trainer: Trainer, finished: bool) -> dict:
         stats = self._collector(trainer).stats
         module = trainer.lightning_module
-        runnable = [x for x in stats.batch_runnable]
+        runnable = stats.batch_runnable
         return {
             "contender": contender_name(module),
             "model_class": f"{type(module).__module__}.{type(module).__name__}",

@@ -191,6 +191,8 @@ class ETPOModule(AgentModule):
         stats = {"kl": 0.0, "entropy": 0.0, "q_taken": 0.0}
         for sl in self._chunks(mask.shape[1]):
             msl = mask[:, sl]
+            # The reference (and policy) logits of this chunk were computed in 4a too; recomputing the head is
+            # cheaper than keeping every chunk's [B, c, V] tensors alive until the targets are known.
             with torch.no_grad():
                 ref_logits = m.head(h_ref[:, sl])
             leaf_c, critic_logits = self._head_with_grad(h_critic[:, sl])
