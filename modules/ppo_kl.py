@@ -72,7 +72,10 @@ class PPOKLModule(AgentModule):
         super().configure_model()
         if self.value_head is None:
             hidden = self.model.hidden_size
-            self.value_head = torch.nn.Linear(hidden, 1, device=self.model.device, dtype=torch.float32)
+            # skip_init: the default initialisation would draw from the global generator that rollout sampling
+            # uses, so PPO-KL's first batch would differ from ETPO's and Reflection's under the same seed.
+            self.value_head = torch.nn.utils.skip_init(torch.nn.Linear, hidden, 1, device=self.model.device,
+                                                       dtype=torch.float32)
             torch.nn.init.zeros_(self.value_head.weight)
             torch.nn.init.zeros_(self.value_head.bias)
 

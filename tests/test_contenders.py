@@ -195,3 +195,18 @@ def test_token_credit_etpo_per_token_vs_ppo_shared():
     ppo.configure_model()
     shared = ppo.token_credit(batch, max_examples=3)["scores"]["advantage (shared by the action)"]
     assert all(len(set(row)) == 1 for row in shared)  # one advantage for every token of an action
+
+
+def test_contenders_leave_the_sampling_generator_where_etpo_leaves_it():
+    """Same seed -> same first rollout batch for every contender: building PPO-KL's value head must not draw
+    from the global generator that sampling uses (its default Linear initialisation would)."""
+    draws = {}
+    for name, make in {"etpo": lambda: ETPOModule(backbone=tiny_backbone()),
+                       "ppo_kl": lambda: PPOKLModule(backbone=tiny_backbone()),
+                       "reflection": lambda: ReflectionModule(backbone=tiny_backbone())}.items():
+        module = make()
+        torch.manual_seed(123)
+        module.configure_model()
+        draws[name] = torch.rand(8)
+    assert torch.equal(draws["ppo_kl"], draws["etpo"])
+    assert torch.equal(draws["reflection"], draws["etpo"])
