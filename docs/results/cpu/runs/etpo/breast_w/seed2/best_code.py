@@ -1,0 +1,9 @@
+# best reward -1.000000 at environment step 1
+import numpy as np
+
+
+def build_model(x_train: np.ndarray, y_train: np.ndarray):
+    from sklearn.ensemble import RandomForestClassifier
+    model = build_model_breast_w_original(x_train, y_train)
+    return model
+
