@@ -167,8 +167,10 @@ def main(args: list[str] | None = None) -> ETPOCLI | None:
     from jsonargparse import ArgumentError
 
     from datamodules.rollout import RolloutDataModule
+    from etpo.malloc import maybe_release_freed_memory
     from modules.agent import AgentModule
 
+    maybe_release_freed_memory()  # opt-in (ETPO_RELEASE_FREED_MEMORY=1): smaller resident size, slower steps
     trainer_defaults = {"max_epochs": 1, "num_sanity_val_steps": 0, "limit_val_batches": 0, "log_every_n_steps": 1,
                         "enable_model_summary": False}
     try:

@@ -99,7 +99,14 @@ def main() -> None:
     ap.add_argument("--memory_of", choices=["etpo", "lora"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--no_checkpointing", action="store_true",
                     help="keep every activation (the CPU configs use activation checkpointing; so do both steps here)")
+    ap.add_argument("--release_freed_memory", action="store_true",
+                    help="fix glibc's mmap threshold as ETPO_RELEASE_FREED_MEMORY=1 does in etpo.fit "
+                         "(see etpo/malloc.py)")
     args = ap.parse_args()
+    if args.release_freed_memory:
+        from etpo.malloc import release_freed_memory_promptly
+
+        release_freed_memory_promptly()
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -173,7 +180,8 @@ def main() -> None:
     print(f"model: {name}, batch {args.batch}, prompt {batch['prompt_ids'].shape[1]} tokens, "
           f"{n_gen} generated tokens, {len(batch['next_needed'])} next-state prompts of "
           f"{batch['next_prompt_ids'].shape[1]} tokens, torch threads {torch.get_num_threads()}, "
-          f"activation checkpointing {'on' if backbone.gradient_checkpointing else 'off'}")
+          f"activation checkpointing {'on' if backbone.gradient_checkpointing else 'off'}, glibc malloc "
+          f"{'fixed mmap threshold' if args.release_freed_memory else 'defaults'}")
     print(f"{'step':<28}{'median s':>10}{'peak MiB':>10}")
     print(f"{'ETPO update':<28}{med['etpo'][0]:>10.2f}{med['etpo'][1]:>10.0f}")
     print(f"{'LoRA fine-tuning step':<28}{med['lora'][0]:>10.2f}{med['lora'][1]:>10.0f}")
