@@ -9,8 +9,8 @@ the live tensors. Measured with ``tools/bench_etpo_update.py --batch 4`` (SmolLM
 threshold fixed through the equivalent environment variables): working memory of one LoRA step 3657 -> 1035 MiB and
 of one ETPO update 5979 -> 1459 MiB (ratio 1.63x -> 1.41x).
 
-:func:`release_freed_memory_promptly` fixes the threshold (which also turns off glibc's dynamic adjustment) and trims
-the heap top at once, the run-time equivalent of ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0``.
+:func:`release_freed_memory_promptly` fixes the threshold (which also turns off glibc's dynamic adjustment) and lets
+every free trim the heap top, the run-time equivalent of ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0``.
 
 It is opt-in, because it costs time: every large allocation becomes a fresh mapping whose pages the kernel must
 zero, and the same benchmark ran both steps about 1.5x slower with it (ETPO 107 s vs 72 s, LoRA 33 s vs 22 s; one
