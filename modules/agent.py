@@ -95,8 +95,10 @@ class AgentModule(L.LightningModule):
 
     # ---- token-level credit (etpo.credit.TokenCreditCallback) ---------------------------------------------------
     def _credit_subset(self, batch: dict, max_examples: int | None) -> tuple[dict, list[list[str]]]:
-        """The first ``max_examples`` transitions of a rollout batch, on the device, and their decoded tokens."""
-        k = min(int(batch["rewards"].numel()), max_examples or 4)
+        """The first ``max_examples`` transitions of a rollout batch (all of them for None), on the device, and
+        their decoded tokens."""
+        n = int(batch["rewards"].numel())
+        k = n if max_examples is None else min(n, max_examples)
         keys = ("prompt_ids", "prompt_mask", "action_ids", "action_mask", "rewards", "dones")
         sub = {key: batch[key][:k].to(self.device) for key in keys}
         tok = self.model.tokenizer

@@ -99,12 +99,7 @@ class PPOKLModule(AgentModule):
 
     def _taken_logprobs(self, hidden: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """log pi(w_j | ctx_j) of the taken tokens, evaluated chunk by chunk (no [B, L, V] tensor kept)."""
-        out = []
-        step = max(1, self.hparams.token_chunk_size)
-        for s in range(0, actions.shape[1], step):
-            logits = self.model.head(hidden[:, s:s + step]).float()
-            out.append(torch.log_softmax(logits, -1).gather(-1, actions[:, s:s + step, None]).squeeze(-1))
-        return torch.cat(out, 1)
+        return self.model.taken_logprobs(hidden, actions, max(1, self.hparams.token_chunk_size))
 
     @torch.no_grad()
     def prepare_rollout(self, batch: dict) -> dict:
@@ -125,8 +120,8 @@ class PPOKLModule(AgentModule):
                                   hp.gamma, hp.gae_lambda)
         if hp.normalize_advantages and advantages.numel() > 1:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        return {**batch, "old_logprobs": old_logprobs, "advantages": advantages, "returns": returns,
-                "penalised_rewards": rewards}
+        return {**batch, "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs, "advantages": advantages,
+                "returns": returns, "penalised_rewards": rewards}
 
     def _minibatches(self, batch: dict) -> list[dict]:
         n = batch["rewards"].shape[0]
@@ -161,11 +156,9 @@ class PPOKLModule(AgentModule):
         prepared = self.prepare_rollout(full)
         sub, tokens = self._credit_subset(batch, max_examples)
         k = sub["rewards"].numel()
-        m = self.model
-        args = (sub["prompt_ids"], sub["prompt_mask"], sub["action_ids"], sub["action_mask"])
         mask = sub["action_mask"].float()
-        log_ratio = (self._taken_logprobs(m.action_hidden("policy", *args), sub["action_ids"])
-                     - self._taken_logprobs(m.action_hidden("reference", *args), sub["action_ids"]))
+        # the rollout's own policy and reference log-probs (the subset keeps the batch's action width)
+        log_ratio = (prepared["old_logprobs"][:k] - prepared["ref_logprobs"][:k]) * mask
         adv = token_advantages(prepared["advantages"][:k], mask)
         rows = lambda t: [[float(x) for x, keep in zip(r, mk) if keep] for r, mk in zip(t.cpu(), mask.cpu())]
         return {"tokens": tokens,

@@ -445,12 +445,16 @@ class SharedBaseLM(nn.Module):
         """Log-probability of every taken action token under ``view``: float32 ``[B, L]``, 0 where
         ``action_mask == 0``. Computed chunk by chunk (e.g. ``old_logprobs`` for PPO)."""
         hidden = self.action_hidden(view, prompt_ids, prompt_mask, action_ids, action_mask)
-        ids = action_ids.to(self.device)
-        parts = []
-        for s, logits in self._chunks(hidden, chunk_size):
-            lp = torch.log_softmax(logits, -1).gather(-1, ids[:, s:s + logits.shape[1], None]).squeeze(-1)
-            parts.append(lp)
-        return torch.cat(parts, 1) * action_mask.to(self.device, torch.float32)
+        return self.taken_logprobs(hidden, action_ids, chunk_size) * action_mask.to(self.device, torch.float32)
+
+    def taken_logprobs(self, hidden: Tensor, action_ids: Tensor, chunk_size: int = 128) -> Tensor:
+        """``log pi(w_j | ctx_j)`` of the taken tokens from a view's action hidden states (:meth:`action_hidden`),
+        the head applied chunk by chunk so that no ``[B, L, V]`` tensor is kept: float32 ``[B, L]``, padding
+        positions not masked. Differentiable when ``hidden`` is."""
+        ids = action_ids.to(hidden.device)
+        parts = [torch.log_softmax(logits, -1).gather(-1, ids[:, s:s + logits.shape[1], None]).squeeze(-1)
+                 for s, logits in self._chunks(hidden, chunk_size)]
+        return torch.cat(parts, 1)
 
     def _chunks(self, hidden: Tensor, chunk_size: int) -> Iterator[tuple[int, Tensor]]:
         if chunk_size <= 0:

@@ -196,6 +196,19 @@ def test_token_credit_etpo_per_token_vs_ppo_shared():
     shared = ppo.token_credit(batch, max_examples=3)["scores"]["advantage (shared by the action)"]
     assert all(len(set(row)) == 1 for row in shared)  # one advantage for every token of an action
 
+    # the log-ratio column is log pi - log pi_bar of each taken token (policy moved away from the reference first)
+    with torch.no_grad():
+        for p in ppo.model.policy_parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    credit = ppo.token_credit(batch, max_examples=None)
+    assert len(credit["tokens"]) == batch["rewards"].numel()  # None = every transition
+    args = (batch["prompt_ids"], batch["prompt_mask"], batch["action_ids"], batch["action_mask"])
+    expected = ppo.model.action_logprobs("policy", *args) - ppo.model.action_logprobs("reference", *args)
+    got = credit["scores"]["log pi - log pi_bar"]
+    assert max(abs(x) for row in got for x in row) > 1e-3
+    for row, exp, mask in zip(got, expected, batch["action_mask"].bool()):
+        assert row == pytest.approx(exp[mask].tolist(), abs=1e-5)
+
 
 def test_contenders_leave_the_sampling_generator_where_etpo_leaves_it():
     """Same seed -> same first rollout batch for every contender: building PPO-KL's value head must not draw
