@@ -403,7 +403,8 @@ def test_merged_model_reproduces_the_policy(tmp_path):
         got = merged(input_ids=ids).logits
         with model.use_view("policy"):
             want = model.peft_model(input_ids=ids).logits
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    # merging folds B @ A into W: the same sums in another order, so compare relative to the logits' size
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_state_dict_holds_adapters_only_and_round_trips():
