@@ -26,25 +26,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from datamodules.batch import GenerationConfig, RolloutBatch, RolloutMetrics
 from envs.base import TextEnv, TextVectorEnv
 
-__all__ = ["GenerationConfig", "RolloutPolicy", "RolloutCollector", "RolloutDataModule", "build_env", "env_factory"]
+__all__ = ["GenerationConfig", "RolloutBatch", "RolloutPolicy", "RolloutCollector", "RolloutDataModule", "RolloutStats",
+           "build_env", "env_factory"]
 
 #: builds one environment; LightningCLI fills it from ``{class_path: ..., init_args: {...}}`` (a partial)
 EnvFactory = Callable[[], TextEnv]
-
-
-@dataclass
-class GenerationConfig:
-    """Sampling settings shared by every contender (spec section 8: temperature 0.5, top-k 50, <= 256 tokens)."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.5
-    top_k: int = 50
-    top_p: float = 1.0
-    #: end an action early once its text contains one of these (e.g. a new top-level ``def``/docstring after
-    #: the requested function body); empty = only EOS and max_new_tokens end an action
-    stop_strings: list[str] = field(default_factory=list)
 
 
 class RolloutPolicy(Protocol):
@@ -108,7 +97,9 @@ class _Transition:
 
 
 @dataclass
-class _EpisodeStats:
+class RolloutStats:
+    """What the rollout has seen so far (public: the run artifacts, the charts and the benchmark read it)."""
+
     env_steps: int = 0
     updates: int = 0
     episodes: int = 0
@@ -135,7 +126,7 @@ class RolloutCollector:
         self.seed = seed
         self.generation = generation
         self.vec = TextVectorEnv([make_env() for _ in range(num_envs)], max_workers=max_workers)
-        self.stats = _EpisodeStats()
+        self.stats = RolloutStats()
         self._obs: list[str] | None = None
         self._episode_seeds = np.random.SeedSequence(seed)
         self._started = time.perf_counter()
@@ -153,7 +144,7 @@ class RolloutCollector:
             obs.append(o[0])
         return obs
 
-    def collect(self, policy: RolloutPolicy) -> dict:
+    def collect(self, policy: RolloutPolicy) -> RolloutBatch:
         """One rollout batch: ``steps_per_update`` parallel steps of every environment."""
         if self._obs is None:
             self._obs = self._reset(range(self.num_envs))
@@ -196,7 +187,7 @@ class RolloutCollector:
             self.stats.best_code = str(info.get("code") or text)
             self.stats.best_env_step = self.stats.env_steps + 1
 
-    def _make_batch(self, transitions: list[_Transition], policy: RolloutPolicy, version: int) -> dict:
+    def _make_batch(self, transitions: list[_Transition], policy: RolloutPolicy, version: int) -> RolloutBatch:
         rewards = [t.reward for t in transitions]
         runnable = [t.status == "ok" for t in transitions]
         self.stats.updates += 1
@@ -204,36 +195,38 @@ class RolloutCollector:
         self.stats.batch_avg_reward.append(float(np.mean(rewards)))
         self.stats.batch_runnable.append(float(np.mean(runnable)))
         self.stats.best_within.append((self.stats.env_steps, self.stats.best_reward))
-        # Next-state prompts are needed only where the episode goes on and the next state is not already the
-        # prompt of a later transition in this batch (then V(s_{t+1}) is read from that transition's row 0).
-        need_next = [k for k, t in enumerate(transitions) if not t.terminated and t.next_index < 0]
+        # Next-state prompts are needed only where the episode goes on (neither terminated nor truncated: the step
+        # limit ends an episode, as in the paper) and the next state is not already the prompt of a later
+        # transition in this batch (then V(s_{t+1}) is read from that transition's first row).
+        need_next = [k for k, t in enumerate(transitions)
+                     if not (t.terminated or t.truncated) and t.next_index < 0]
         next_ids = policy.encode_prompts([transitions[k].next_prompt for k in need_next]) if need_next else []
         pad = 0
-        batch = {
-            "prompt_ids": _left_pad([t.prompt_ids for t in transitions], pad),
-            "action_ids": _right_pad([t.action_ids.tolist() for t in transitions], pad),
-            "rewards": torch.tensor(rewards, dtype=torch.float32),
-            "dones": torch.tensor([float(t.terminated) for t in transitions]),
-            "truncated": torch.tensor([float(t.truncated) for t in transitions]),
-            "next_index": torch.tensor([t.next_index for t in transitions], dtype=torch.long),
-            "next_needed": torch.tensor(need_next, dtype=torch.long),
-            "env_index": torch.tensor([t.env_index for t in transitions], dtype=torch.long),
-            "episode_step": torch.tensor([t.episode_step for t in transitions], dtype=torch.long),
-            "policy_version": version,
-            "metrics": {
-                "avg_reward": float(np.mean(rewards)),
-                "best_reward": float(self.stats.best_reward),
-                "runnable_fraction": float(np.mean(runnable)),
-                "env_steps": float(self.stats.env_steps),
-                "sps": self.stats.env_steps / max(self.stats.wall_time_s, 1e-9),
-                "episodes": float(self.stats.episodes),
-            },
-        }
-        batch["prompt_ids"], batch["prompt_mask"] = batch["prompt_ids"]
-        batch["action_ids"], batch["action_mask"] = batch["action_ids"]
-        if next_ids:
-            batch["next_prompt_ids"], batch["next_prompt_mask"] = _left_pad(next_ids, pad)
-        return batch
+        prompt_ids, prompt_mask = _left_pad([t.prompt_ids for t in transitions], pad)
+        action_ids, action_mask = _right_pad([t.action_ids.tolist() for t in transitions], pad)
+        next_prompt_ids, next_prompt_mask = _left_pad(next_ids, pad) if next_ids else (None, None)
+        return RolloutBatch(
+            prompt_ids=prompt_ids, prompt_mask=prompt_mask, action_ids=action_ids, action_mask=action_mask,
+            rewards=torch.tensor(rewards, dtype=torch.float32),
+            terminated=torch.tensor([t.terminated for t in transitions], dtype=torch.bool),
+            truncated=torch.tensor([t.truncated for t in transitions], dtype=torch.bool),
+            next_index=torch.tensor([t.next_index for t in transitions], dtype=torch.long),
+            next_needed=torch.tensor(need_next, dtype=torch.long),
+            env_index=torch.tensor([t.env_index for t in transitions], dtype=torch.long),
+            episode_step=torch.tensor([t.episode_step for t in transitions], dtype=torch.long),
+            runnable=torch.tensor(runnable, dtype=torch.bool),
+            policy_version=version,
+            sampling=self.generation,
+            metrics=RolloutMetrics(
+                avg_reward=float(np.mean(rewards)),
+                best_reward=float(self.stats.best_reward),
+                runnable_fraction=float(np.mean(runnable)),
+                env_steps=float(self.stats.env_steps),
+                sps=self.stats.env_steps / max(self.stats.wall_time_s, 1e-9),
+                episodes=float(self.stats.episodes),
+            ),
+            next_prompt_ids=next_prompt_ids, next_prompt_mask=next_prompt_mask,
+        )
 
     # ---- checkpointing: budget, best record and the live episodes survive a resume -------------------------------
     def state_dict(self) -> dict:
@@ -242,7 +235,7 @@ class RolloutCollector:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.stats = _EpisodeStats(**state["stats"])
+        self.stats = RolloutStats(**state["stats"])
         self.stats.best_within = [tuple(x) for x in self.stats.best_within]
         self._obs = state["obs"]
         self._episode_seeds = np.random.SeedSequence(self.seed)
@@ -290,7 +283,7 @@ class _RolloutStream(IterableDataset):
     def __init__(self, datamodule: "RolloutDataModule"):
         self.datamodule = datamodule
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[RolloutBatch]:
         dm = self.datamodule
         while not dm.collector.exhausted:
             yield dm.collector.collect(dm.policy)
@@ -343,6 +336,16 @@ class RolloutDataModule(L.LightningDataModule):
     @property
     def policy(self) -> RolloutPolicy:
         return self.trainer.lightning_module
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether the environment budget is spent."""
+        return self.collector is not None and self.collector.exhausted
+
+    @property
+    def stats(self) -> RolloutStats | None:
+        """What the rollout has seen so far (None before ``setup`` and after ``teardown``)."""
+        return self.collector.stats if self.collector is not None else None
 
     def train_dataloader(self) -> DataLoader:
         # batch_size=None: the stream already yields whole batches; num_workers=0: generation needs the live model.

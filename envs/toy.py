@@ -3,7 +3,9 @@
 :class:`TargetCharsEnv`: the reward of an action is the fraction of its characters that belong to
 ``target_chars`` (0 for an empty action), so a policy that learns to emit only those characters earns 1.
 With ``max_steps > 1`` the next observation is ``prompt + previous action``, which gives the trainer a
-multi-step episode to test bootstrapping between environment steps (docs/etpo-method.md section 3).
+multi-step episode to test bootstrapping between environment steps (docs/method.md, "Eq. 6"). With
+``success_reward`` the episode has the data-science env's shape: an action earning at least that much ends it
+(terminated) and the step limit ends it otherwise (truncated).
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ def target_chars_reward(action: str, target_chars: str) -> float:
 
 
 class TargetCharsEnv(TextEnv):
-    """Reward = fraction of target characters in the action; terminates after ``max_steps`` steps.
+    """Reward = fraction of target characters in the action.
 
-    ``terminated`` becomes True at step ``max_steps`` (never ``truncated``: the episode length is part of
-    the task here). ``info`` holds ``status="ok"``, ``steps`` and ``reward``.
+    Without ``success_reward``, ``terminated`` becomes True at step ``max_steps`` (never ``truncated``: the episode
+    length is part of the task). With it, ``terminated`` when the reward reaches ``success_reward`` and
+    ``truncated`` when ``max_steps`` steps passed without that. ``info`` holds ``status="ok"``, ``steps`` and
+    ``reward``.
     """
 
     def __init__(
@@ -33,6 +37,7 @@ class TargetCharsEnv(TextEnv):
         target_chars: str = "ab",
         prompt: str = "Write a string that uses only the letters a and b:",
         max_steps: int = 1,
+        success_reward: float | None = None,
     ):
         if not target_chars:
             raise ValueError("target_chars must not be empty")
@@ -41,6 +46,7 @@ class TargetCharsEnv(TextEnv):
         self.target_chars = target_chars
         self.prompt = prompt
         self.max_steps = int(max_steps)
+        self.success_reward = success_reward
         self._steps = 0
         self._done = True
 
@@ -55,7 +61,11 @@ class TargetCharsEnv(TextEnv):
             raise EpisodeOverError("episode is over; call reset() first")
         self._steps += 1
         reward = target_chars_reward(action, self.target_chars)
-        terminated = self._steps >= self.max_steps
-        self._done = terminated
+        if self.success_reward is None:
+            terminated, truncated = self._steps >= self.max_steps, False
+        else:
+            terminated = reward >= self.success_reward
+            truncated = not terminated and self._steps >= self.max_steps
+        self._done = terminated or truncated
         info = {"status": "ok", "steps": self._steps, "reward": reward}
-        return self.prompt + action, reward, terminated, False, info
+        return self.prompt + action, reward, terminated, truncated, info

@@ -9,23 +9,15 @@
   LightningModule for per-token credit and writes ``<run_dir>/credit/step_<k>.html`` (plus ``step_<k>.json`` with
   the raw numbers) and logs the summary to TensorBoard (``credit/summary``).
 
-The module contract (implemented by the contenders' LightningModules)::
-
-    def token_credit(self, batch: dict, max_examples: int | None = None) -> dict:
-        # batch: the rollout dict given to on_train_batch_end (the raw batch: tensors may still be on the CPU)
-        return {"tokens": list[list[str]],             # decoded action tokens, one list per transition
-                "scores": {name: list[list[float]]},   # one value per action token
-                "rewards": list[float]}                # the transitions' rewards
-
-for the first ``max_examples`` transitions of the batch (``max_examples`` is passed only when the method accepts
-it; the callback cuts the lists to ``max_examples`` either way). It is called under ``torch.no_grad()`` after the
-optimizer step of that batch (so with the updated weights). A module without ``token_credit`` is left alone.
+The module contract: ``AgentModule.token_credit(batch, max_examples) -> TokenCredit | None``
+(:class:`modules.agent.TokenCredit`: decoded action tokens, one list of scores per token and score kind, the
+transitions' rewards) for the first ``max_examples`` transitions of the batch. It is called under
+``torch.no_grad()`` after that batch's update (so with the updated weights). A module returning None is left alone.
 """
 
 from __future__ import annotations
 
 import html
-import inspect
 import json
 import math
 import os
@@ -167,10 +159,11 @@ def credit_summary_text(tokens: Sequence[str], scores: Mapping[str, Sequence[flo
     return "\n".join(lines)
 
 
-def _examples(credit: Mapping[str, Any], limit: int) -> list[dict]:
-    tokens = list(credit.get("tokens") or [])[:limit]
-    scores = credit.get("scores") or {}
-    rewards = list(credit.get("rewards") or [])
+def _examples(credit: Any, limit: int) -> list[dict]:
+    """JSON-friendly examples from a ``TokenCredit`` (or any object with ``tokens``, ``scores``, ``rewards``)."""
+    tokens = list(getattr(credit, "tokens", None) or [])[:limit]
+    scores = getattr(credit, "scores", None) or {}
+    rewards = list(getattr(credit, "rewards", None) or [])
     out = []
     for i, toks in enumerate(tokens):
         out.append({"tokens": [str(t) for t in toks],
@@ -216,14 +209,8 @@ class TokenCreditCallback(Callback):
     def _call(self, fn, batch):
         import torch
 
-        kwargs = {}
-        try:
-            if "max_examples" in inspect.signature(fn).parameters:
-                kwargs["max_examples"] = self.max_examples
-        except (TypeError, ValueError):
-            pass
         with torch.no_grad():
-            return fn(batch, **kwargs)
+            return fn(batch, max_examples=self.max_examples)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         fn = getattr(pl_module, "token_credit", None)
@@ -235,7 +222,7 @@ class TokenCreditCallback(Callback):
         self._last_step = step
         try:
             credit = self._call(fn, batch)
-            examples = _examples(credit or {}, self.max_examples)
+            examples = _examples(credit, self.max_examples) if credit is not None else []
             if not examples:
                 return
             title = f"token credit — step {step}"

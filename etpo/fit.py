@@ -20,7 +20,7 @@ from typing import Any
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import LightningCLI
 
-from etpo.distributed import save_adapters_sharded
+from modules.shared_base.fsdp import save_adapters_sharded
 from etpo.hardware import apply_hardware_fallback
 
 __all__ = ["ETPOCLI", "RunArtifacts", "main", "contender_name"]
@@ -44,11 +44,12 @@ class RunArtifacts(Callback):
         self._best_written = -math.inf
         self._batches_written = 0
 
-    def _collector(self, trainer: Trainer):
-        return getattr(trainer.datamodule, "collector", None)
+    @staticmethod
+    def _stats(trainer: Trainer):
+        return getattr(trainer.datamodule, "stats", None)
 
     def summary(self, trainer: Trainer, finished: bool) -> dict:
-        stats = self._collector(trainer).stats
+        stats = self._stats(trainer)
         module = trainer.lightning_module
         runnable = stats.batch_runnable
         return {
@@ -72,7 +73,7 @@ class RunArtifacts(Callback):
         }
 
     def _write_summary(self, trainer: Trainer, finished: bool) -> None:
-        if not trainer.is_global_zero or self._collector(trainer) is None:
+        if not trainer.is_global_zero or self._stats(trainer) is None:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.run_dir / "summary.json.tmp"
@@ -80,10 +81,9 @@ class RunArtifacts(Callback):
         tmp.replace(self.run_dir / "summary.json")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        collector = self._collector(trainer)
-        if not trainer.is_global_zero or collector is None:
+        stats = self._stats(trainer)
+        if not trainer.is_global_zero or stats is None:
             return
-        stats = collector.stats
         if stats.updates == self._batches_written:
             return  # several optimizer steps per rollout batch (PPO-KL): one line per batch
         self._batches_written = stats.updates

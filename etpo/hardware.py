@@ -20,7 +20,7 @@ setting                                                becomes
 
 ``ETPO_STRICT_DEVICE=1`` (or ``strict=True``) turns the rewrite into a :class:`HardwareMismatchError` naming every
 GPU-only setting, for runs that must not silently fall back. The model layer's own fallbacks are separate and
-already in ``modules/loading.py`` (``device: auto``, ``dtype: auto``, ``attn_implementation: auto`` -> sdpa; an
+already in ``modules/shared_base/loading.py`` (``device: auto``, ``dtype: auto``, ``attn_implementation: auto`` -> sdpa; an
 explicit ``flash_attention_2`` without flash-attn or CUDA raises a ValueError saying why).
 
 Call it from ``ETPOCLI.before_instantiate_classes`` (``etpo/fit.py``)::

@@ -25,7 +25,11 @@ __all__ = [
     "soft_value",
     "optimal_policy_logits",
     "targets_from_values",
+    "trace_targets",
+    "trace_coefficients",
+    "behaviour_log_probs",
     "token_targets",
+    "soft_q_regression",
     "critic_loss",
     "policy_loss",
     "entropy",
@@ -41,7 +45,8 @@ def q_from_critic(critic_logits: torch.Tensor, ref_logits: torch.Tensor, paramet
     ``logits`` (the paper, default): ``Q = critic logits``; the critic starts as the reference model, so at
     initialisation Q equals the reference logits and the optimal soft policy ``pi_bar * exp(Q / beta)`` is a strong
     sharpening of the reference. ``zero``: ``Q = critic logits - reference logits``, identically zero at
-    initialisation, so the optimal soft policy starts equal to the reference (spec section 1, last note).
+    initialisation, so the optimal soft policy starts equal to the reference and the soft values start at 0: on
+    the scale of the reward (docs/method.md, "Q parameterisation").
     """
     if parameterisation == "logits":
         return critic_logits
@@ -123,6 +128,90 @@ def targets_from_values(
 
 
 @torch.no_grad()
+def trace_targets(
+    values: torch.Tensor,
+    target_q_taken: torch.Tensor,
+    traces: torch.Tensor,
+    mask: torch.Tensor,
+    rewards: torch.Tensor,
+    dones: torch.Tensor,
+    next_values: torch.Tensor,
+    gamma: float,
+    td_lambda: float,
+    discount_within_action: bool = False,
+) -> torch.Tensor:
+    """Token-level soft TD(lambda) targets in Retrace form (docs/method.md, "Token credit: TD(lambda)").
+
+    For the last real token ``n - 1`` the target is Eq. 6's, ``y = r + gamma (1 - done) V(s_{t+1})``; before it,
+    backwards through the action,
+
+        y_j = V(ctx_{j+1}) + lambda * c_{j+1} * (y_{j+1} - Qbar(ctx_{j+1}, w_{j+1}))
+
+    with ``values[B, L] = V(ctx_j)`` (exact soft values under the target network), ``target_q_taken[B, L] =
+    Qbar(ctx_j, w_j)`` (the target network's Q of the taken token) and ``traces[B, L] = c_j`` in ``[0, 1]``
+    (1, or the truncated importance weight ``min(1, pi / mu)`` when the tokens were sampled from a behaviour
+    ``mu != pi``; see :func:`trace_coefficients`). ``td_lambda = 0`` is Eq. 6 exactly; with ``lambda = 1`` and
+    ``c = 1`` the target is ``r + gamma (1 - done) V(s') + sum_{k > j} (V(ctx_k) - Qbar(ctx_k, w_k))``, whose
+    expectation under pi is the on-policy soft return ``r + gamma (1 - done) V(s') - beta sum_{k > j}
+    log(pi / pi_bar)(w_k)`` -- and which equals that return token for token when pi is the soft-greedy policy of
+    the target network. For every lambda and any behaviour the fixed point is the soft Q of pi (Retrace,
+    Munos et al. 2016). ``discount_within_action`` multiplies every within-action target by gamma (ETPO(Disc.)).
+    No gradient flows out of it.
+    """
+    if not 0.0 <= td_lambda <= 1.0:
+        raise ValueError(f"td_lambda must be in [0, 1], got {td_lambda}")
+    dtype = values.dtype
+    mask_b = mask.bool()
+    b, length = values.shape
+    last = _last_token_index(mask)
+    final = rewards.to(dtype) + gamma * (1.0 - dones.to(dtype)) * next_values.to(dtype)
+    within_scale = gamma if discount_within_action else 1.0
+    targets = torch.zeros_like(values)
+    rows = torch.arange(b, device=values.device)
+    targets[rows, last] = final
+    if length > 1:
+        correction = td_lambda * traces.to(dtype)
+        # y_j depends on y_{j+1}: one vectorised step per column, from the right
+        for j in range(length - 2, -1, -1):
+            within = mask_b[:, j] & (last > j)
+            step = values[:, j + 1] + correction[:, j + 1] * (targets[:, j + 1] - target_q_taken[:, j + 1].to(dtype))
+            targets[:, j] = torch.where(within, within_scale * step, targets[:, j])
+    return (targets * mask.to(dtype)).detach()
+
+
+@torch.no_grad()
+def behaviour_log_probs(logits: torch.Tensor, actions: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+                        top_p: float = 1.0) -> torch.Tensor:
+    """``log mu(w | ctx)`` of the taken tokens under the sampling distribution that drew them: softmax of
+    ``logits / temperature``, restricted to the ``top_k`` largest and then to the smallest set of tokens whose
+    probability reaches ``top_p`` (transformers' sampling warpers, in their order). ``-inf`` for a token outside
+    the kept set (possible only through float rounding at the boundary)."""
+    scores = _upcast(logits) / float(temperature)
+    if top_k and top_k < scores.shape[-1]:
+        kth = torch.topk(scores, int(top_k), dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=False)
+        cumulative = sorted_scores.softmax(-1).cumsum(-1)
+        remove_sorted = cumulative <= (1.0 - top_p)
+        remove_sorted[..., -1] = False  # the most likely token always stays
+        remove = remove_sorted.scatter(-1, order, remove_sorted)
+        scores = scores.masked_fill(remove, float("-inf"))
+    return F.log_softmax(scores, dim=-1).gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def trace_coefficients(policy_log_probs: torch.Tensor, behaviour_log_probs_: torch.Tensor | None,
+                       max_trace: float = 1.0) -> torch.Tensor:
+    """Retrace's ``c = min(max_trace, pi / mu)`` per taken token; all ones when ``behaviour_log_probs_`` is None
+    (the tokens were sampled from pi itself)."""
+    if behaviour_log_probs_ is None:
+        return torch.ones_like(policy_log_probs)
+    ratio = torch.exp((policy_log_probs - behaviour_log_probs_).clamp(max=30.0))
+    return ratio.clamp(max=max_trace)
+
+
+@torch.no_grad()
 def token_targets(
     target_q_logits: torch.Tensor,
     pi_logits: torch.Tensor,
@@ -161,6 +250,27 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return _reduce(_upcast(values), mask, "mean")
 
 
+def soft_q_regression(
+    q_taken: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    huber_delta: float | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The soft Bellman regression on the taken tokens (Eq. 6): mean over real tokens of ``(Q(ctx_j, w_j) - y_j)^2``
+    from ``q_taken[B, L]`` (Q of the taken token only: no vocabulary-sized tensor is needed for this loss).
+
+    With ``huber_delta`` the squared error is replaced by the Huber loss (``0.5 e^2`` for ``|e| <= delta``,
+    ``delta (|e| - delta / 2)`` beyond). ``reduction='sum'`` returns the sum over real tokens."""
+    q_taken = _upcast(q_taken)
+    targets = targets.detach().to(q_taken.dtype)
+    if huber_delta is None:
+        per_token = (q_taken - targets).pow(2)
+    else:
+        per_token = F.huber_loss(q_taken, targets, reduction="none", delta=huber_delta)
+    return _reduce(per_token, mask, reduction)
+
+
 def critic_loss(
     q_logits: torch.Tensor,
     actions: torch.Tensor,
@@ -169,19 +279,9 @@ def critic_loss(
     huber_delta: float | None = None,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Soft Q regression loss (spec section 3): mean over real tokens of ``(Q(ctx_j, w_j) - y_j)^2``.
-
-    With ``huber_delta`` the squared error is replaced by the Huber loss
-    (``0.5 e^2`` for ``|e| <= delta``, ``delta (|e| - delta / 2)`` beyond). ``reduction='sum'`` returns the sum
-    over real tokens so callers evaluating the vocabulary in sequence chunks can divide by the total count.
-    """
+    """:func:`soft_q_regression` on the taken tokens of vocabulary-sized Q-values ``q_logits[B, L, V]``."""
     q_taken = _upcast(q_logits).gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
-    targets = targets.detach().to(q_taken.dtype)
-    if huber_delta is None:
-        per_token = (q_taken - targets).pow(2)
-    else:
-        per_token = F.huber_loss(q_taken, targets, reduction="none", delta=huber_delta)
-    return _reduce(per_token, mask, reduction)
+    return soft_q_regression(q_taken, targets, mask, huber_delta, reduction)
 
 
 def policy_loss(

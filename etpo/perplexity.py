@@ -11,7 +11,7 @@ The trained model is the base with the policy adapter ``<run_dir>/adapters/polic
 ``SharedBaseLM.save_adapters``); the reference is the same model with the adapter disabled, i.e. exactly the base
 (the "reference" view of the model layer). The base is described by ``adapters/backbone.json`` (written next to the
 adapters), else by ``<run_dir>/config.yaml``'s ``model.init_args.backbone``; ``--source/--name_or_path/--gguf_file/
---gguf_cache_dir/--device/--dtype`` override fields of it. It is loaded with ``modules.loading.load_backbone``.
+--gguf_cache_dir/--device/--dtype`` override fields of it. It is loaded with ``modules.shared_base.loading.load_backbone``.
 
 Perplexity, exactly: ``exp(mean NLL)`` over every predicted token of a corpus's token stream (the documents joined
 by a blank line, tokenised without special tokens, cut to ``--max_tokens``). The stream is scored with a sliding
@@ -354,7 +354,7 @@ def stream_nll(model, ids: Sequence[int], window: int, stride: int, bos_id: Opti
 
 def _backbone_from_run(run_dir: Optional[Path], adapters: Optional[Path]):
     """The BackboneConfig saved with the adapters, else the run's config.yaml ``model.init_args.backbone``."""
-    from modules.loading import BackboneConfig, read_backbone_config
+    from modules.shared_base.loading import BackboneConfig, read_backbone_config
 
     for folder in [a for a in (adapters, adapters.parent if adapters else None) if a is not None]:
         cfg = read_backbone_config(folder)
@@ -385,7 +385,7 @@ def load_policy_model(run_dir: Optional[str | Path] = None, adapters: Optional[s
     adapter loaded as a peft model (``model.disable_adapter()`` = the base), or the bare base with ``base_only``."""
     import dataclasses
 
-    from modules.loading import BackboneConfig, load_backbone
+    from modules.shared_base.loading import BackboneConfig, load_backbone
 
     run_dir = Path(run_dir) if run_dir else None
     adapters = Path(adapters) if adapters else (run_dir / "adapters" if run_dir else None)

@@ -1,45 +1,101 @@
-"""What every contender's LightningModule shares: the shared-base model, acting for the rollout DataModule,
-rollout charts, per-group gradient clipping and lean checkpoints.
+"""The contract every algorithm module meets, and what they share (``docs/extending.md`` walks through it).
 
-ETPO, PPO-KL and Reflection subclass :class:`AgentModule`; their TensorBoard keys are the same
-(``charts/...`` from the rollout, ``losses/...`` from the update) so their curves overlay.
+An algorithm is a subclass of :class:`AgentModule` (a LightningModule) that
+
+1. **acts** -- :meth:`AgentModule.act` samples one action per prompt; the rollout DataModule calls it (the default
+   samples from the ``policy`` view of the shared base model with the run's sampling settings);
+2. **learns** -- implements :meth:`AgentModule.learn`, called once per rollout batch with a fresh, on-policy
+   :class:`~datamodules.batch.RolloutBatch` already on the device. It takes its own optimizer steps with
+   :meth:`AgentModule.optimizer_step_on` (manual optimisation: any number of optimizers and of steps per batch --
+   ETPO steps its critic and then its policy, PPO-KL and GRPO take several minibatch steps) and returns its charts;
+3. **logs** -- the charts it returns, keyed ``losses/...`` (shown in the progress bar) and ``charts/...``, next to
+   the rollout charts every contender logs under the same keys (``charts/avg_reward``, ``charts/best_reward``,
+   ``charts/runnable_fraction``, ``charts/env_steps``, ``charts/sps``), so the curves of contenders overlay;
+4. **shows its credit** (optional) -- :meth:`AgentModule.token_credit` returns a :class:`TokenCredit`: which score
+   each token of an action received (``etpo.credit`` renders it as HTML and a TensorBoard summary).
+
+The base class pulls the batch, checks that it is on-policy, calls ``learn``, counts ``policy_version`` and logs;
+it also provides per-optimizer gradient clipping (sharding-aware), optional learning-rate schedulers, lean
+checkpoints (adapters only) and exact resume. A module that needs no gradient (the untrained Reflection baseline)
+returns no optimizer and an empty ``learn``.
+
+Sharded training: with FSDP every forward that is followed by a backward must run inside the root module's forward,
+and a backward must not start inside it (pytorch-lightning #19685, #19626). Lightning's own manual optimisation
+calls ``training_step`` inside the root forward, so the project's FSDP strategy calls ``training_step`` directly
+and :meth:`AgentModule.run_forward` routes each forward phase through the root module (a no-op without sharding).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from abc import ABCMeta, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional
 
 import lightning as L
 import torch
 
-from datamodules.rollout import GenerationConfig
-from etpo.distributed import global_grad_norm
+from datamodules.batch import GenerationConfig, RolloutBatch
 from modules.shared_base import BackboneConfig, SharedBaseLM
+from modules.shared_base.fsdp import global_grad_norm
 
-__all__ = ["AgentModule", "adapter_parameters"]
-
-
-def adapter_parameters(module: torch.nn.Module, adapter: str) -> list[torch.nn.Parameter]:
-    """Trainable parameters of one named peft adapter, found by name in ``module`` -- which may be the strategy's
-    wrapped model (``self.trainer.model``), so optimizers see the (possibly sharded) parameters that are stepped."""
-    marker = f".{adapter}."
-    return [p for n, p in module.named_parameters() if marker in n and p.requires_grad]
+__all__ = ["AgentModule", "TokenCredit"]
 
 
-class AgentModule(L.LightningModule):
-    """Base LightningModule for an LLM agent trained (or not) on rollouts from :mod:`datamodules.rollout`.
+@dataclass
+class TokenCredit:
+    """Per-token credit of some transitions of a batch, as a contender assigns it.
+
+    ``tokens[i]`` are the decoded tokens of transition ``i``'s action; ``scores[name][i]`` holds one number per token
+    for every kind of score (e.g. ``"soft Q of taken token"``); ``rewards[i]`` is the transition's reward."""
+
+    tokens: list[list[str]]
+    scores: dict[str, list[list[float]]]
+    rewards: list[float]
+
+    def __post_init__(self) -> None:
+        for name, rows in self.scores.items():
+            if len(rows) != len(self.tokens) or any(len(r) != len(t) for r, t in zip(rows, self.tokens)):
+                raise ValueError(f"TokenCredit: score {name!r} does not give one number per token")
+
+
+class AgentModule(L.LightningModule, metaclass=ABCMeta):
+    """Base LightningModule of an LLM agent trained (or not) on rollouts from :mod:`datamodules.rollout`.
 
     Args:
         backbone: which base LLM to load and how to attach the adapters (see ``modules.shared_base``).
     """
 
+    #: short, stable name of the contender (run directories, tables, plots)
+    contender: ClassVar[str] = ""
+
     def __init__(self, backbone: BackboneConfig | None = None):
         super().__init__()
+        self.automatic_optimization = False  # modules step their own optimizers in `learn`
         self.backbone = backbone or BackboneConfig()
         self.model: SharedBaseLM | None = None
-        self.policy_version = 0  # optimizer steps taken; the rollout records it to prove on-policy sampling
+        self.policy_version = 0  # rollout batches learned from; the rollout records it to prove on-policy sampling
         self._logged_best = -math.inf
+        self._pending_call: Optional[tuple] = None
+        self._pending_rng: Optional[torch.Tensor] = None
+
+    # ---- the contract ------------------------------------------------------------------------------------------
+    def act(self, prompts: list[str], generation: GenerationConfig):
+        """Sample one action per prompt from the current policy in one generation batch (the model layer samples in
+        eval mode -- no dropout, KV cache on -- and restores the mode). Returns a ``modules.shared_base.Generation``."""
+        with torch.no_grad():
+            return self.model.generate(
+                prompts, max_new_tokens=generation.max_new_tokens, temperature=generation.temperature,
+                top_k=generation.top_k, top_p=generation.top_p, stop_strings=generation.stop_strings or None,
+            )
+
+    @abstractmethod
+    def learn(self, batch: RolloutBatch) -> Mapping[str, float]:
+        """Learn from one fresh rollout batch (on the device) with :meth:`optimizer_step_on`; return the charts."""
+
+    def token_credit(self, batch: RolloutBatch, max_examples: Optional[int] = 4) -> Optional[TokenCredit]:
+        """Per-token credit of the first ``max_examples`` transitions of ``batch`` (all for None); None: no view."""
+        return None
 
     # ---- model -------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -53,93 +109,135 @@ class AgentModule(L.LightningModule):
     def on_train_start(self) -> None:
         self.model.train()  # Lightning keeps submodules' modes as it finds them (e.g. after a validation loop)
 
-    # ---- acting (called by the rollout DataModule) -------------------------------------------------------------
-    @torch.no_grad()
-    def act(self, prompts: list[str], generation: GenerationConfig):
-        """Sample one action per prompt from the current policy, in one generation batch (the model layer samples
-        in eval mode -- no dropout, KV cache on -- and restores the mode)."""
-        return self.model.generate(
-            prompts, max_new_tokens=generation.max_new_tokens, temperature=generation.temperature,
-            top_k=generation.top_k, top_p=generation.top_p, stop_strings=generation.stop_strings or None,
-        )
-
     def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
         """Token ids of bare prompts (unpadded), exactly as ``act`` tokenises them."""
         ids, mask = self.model.encode_prompts(prompts)
         return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
 
-    # ---- batches -----------------------------------------------------------------------------------------------
-    def next_batch(self, dataloader_iter: Iterator) -> dict:
+    # ---- one rollout batch per training step -------------------------------------------------------------------
+    def training_step(self, dataloader_iter: Iterator) -> None:
+        batch = self.run_forward(self.next_batch, dataloader_iter)  # generation runs in here: fresh, on-policy
+        charts = dict(self.learn(batch))
+        self.policy_version += 1
+        size = len(batch)
+        for key, value in charts.items():
+            self.log(key, float(value), on_step=True, prog_bar=key.startswith("losses/"), batch_size=size)
+        self.log_rollout(batch)
+
+    def next_batch(self, dataloader_iter: Iterator) -> RolloutBatch:
         """Pull the next rollout batch *now* (generated with the current weights) and move it to the device."""
         batch, _, _ = next(dataloader_iter)
-        if batch["policy_version"] != self.policy_version:
+        if not isinstance(batch, RolloutBatch):
+            raise TypeError(f"{type(self).__name__} expects RolloutBatch batches, got {type(batch).__name__}")
+        if batch.policy_version != self.policy_version:
             raise RuntimeError("rollout batch was generated with stale weights; the rollout must stay on-policy")
-        tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        tensors = self.trainer.strategy.batch_to_device(tensors)
-        return {**batch, **tensors}
+        return batch.to(self.trainer.strategy.root_device)
 
-    def log_rollout(self, batch: dict) -> None:
-        """The rollout charts every contender logs under the same keys."""
-        metrics = batch["metrics"]
-        size = int(batch["rewards"].numel())
-        for key in ("avg_reward", "best_reward", "runnable_fraction", "env_steps", "sps"):
-            self.log(f"charts/{key}", float(metrics[key]), on_step=True, prog_bar=key in ("avg_reward", "best_reward"),
-                     batch_size=size)
-        collector = getattr(self.trainer.datamodule, "collector", None)
-        if collector is not None and collector.stats.best_reward > self._logged_best:
-            self._logged_best = collector.stats.best_reward
-            experiment = getattr(self.logger, "experiment", None)
-            if hasattr(experiment, "add_text"):
-                text = f"best reward {self._logged_best:.4f}\n\n```python\n{collector.stats.best_code}\n```"
-                experiment.add_text("charts/best_code", text, self.global_step)
+    def run_forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, run inside the strategy's root forward when the strategy asks for it (FSDP: the
+        root's parameters -- embeddings, vocabulary head -- are full only there); a plain call otherwise. Call
+        ``manual_backward`` on what it returns *after* it returns."""
+        trainer = self._trainer
+        strategy = trainer.strategy if trainer is not None else None
+        if strategy is None or not getattr(strategy, "redirects_module_forward", False):
+            return fn(*args, **kwargs)
+        self._pending_call = (fn, args, kwargs)
+        return strategy._forward_redirection(strategy.model, self, "_run_pending_call")
 
-    # ---- token-level credit (etpo.credit.TokenCreditCallback) ---------------------------------------------------
-    def _credit_subset(self, batch: dict, max_examples: int | None) -> tuple[dict, list[list[str]]]:
-        """The first ``max_examples`` transitions of a rollout batch (all of them for None), on the device, and
-        their decoded tokens."""
-        n = int(batch["rewards"].numel())
-        k = n if max_examples is None else min(n, max_examples)
-        keys = ("prompt_ids", "prompt_mask", "action_ids", "action_mask", "rewards", "dones")
-        sub = {key: batch[key][:k].to(self.device) for key in keys}
-        tok = self.model.tokenizer
-        tokens = [[tok.decode([int(t)]) for t, m in zip(row, mask) if m]
-                  for row, mask in zip(sub["action_ids"].cpu(), sub["action_mask"].cpu())]
-        return sub, tokens
+    def _run_pending_call(self) -> Any:
+        fn, args, kwargs = self._pending_call
+        self._pending_call = None
+        return fn(*args, **kwargs)
 
     # ---- optimisation ------------------------------------------------------------------------------------------
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Clip the gradient norm of every parameter group on its own (policy and critic separately).
+    def optimizer_step_on(self, optimizer, loss_fn: Callable[..., tuple[torch.Tensor, dict]], *args: Any) -> dict:
+        """One optimizer step on ``loss_fn(*args) -> (loss, charts)``: the forward (through :meth:`run_forward`),
+        backward, per-group gradient-norm clipping, the step and the optimizer's scheduler, if any. Returns the
+        charts with the gradient norms added."""
+        loss, charts = self.run_forward(loss_fn, *args)
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        charts = {**charts, **self.clip_gradients_per_group(optimizer)}
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler = self._scheduler_of(optimizer)
+        if scheduler is not None:
+            scheduler.step()
+        return charts
 
-        Groups carry their own ``max_grad_norm``. The norm is the whole model's: sharded gradients are summed over
-        ranks, replicated ones counted once (:func:`etpo.distributed.global_grad_norm`)."""
+    def clip_gradients_per_group(self, optimizer) -> dict[str, float]:
+        """Clip the gradient norm of every parameter group to its own ``max_grad_norm``; returns the norms before
+        clipping as ``charts/grad_norm_<group name>``.
+
+        The norm is the whole model's: sharded gradients are summed over ranks, replicated ones counted once
+        (:func:`modules.shared_base.fsdp.global_grad_norm`)."""
+        norms = {}
         for group in optimizer.param_groups:
             max_norm = group.get("max_grad_norm")
             if not max_norm:
                 continue
             # every rank takes part, even without local gradients (the norm is collective when sharded)
             norm = global_grad_norm(group["params"], self.trainer.model)
-            self.log(f"charts/grad_norm_{group.get('name', 'group')}", norm, on_step=True, batch_size=1)
+            norms[f"charts/grad_norm_{group.get('name', 'group')}"] = float(norm)
             scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
             for p in group["params"]:
                 if p.grad is not None:
                     p.grad.mul_(scale.to(p.grad.dtype))
+        return norms
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        # Post-step bookkeeping lives here rather than in on_train_batch_end: Lightning runs the callbacks' batch-end
-        # hooks (ModelCheckpoint) before the module's, and a checkpoint must include this step's effects.
-        super().optimizer_step(*args, **kwargs)
-        self.after_optimizer_step()
-        self.policy_version += 1
+    def _scheduler_of(self, optimizer):
+        configs = getattr(self.trainer, "lr_scheduler_configs", None) or []
+        inner = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer wraps the torch optimizer
+        for config in configs:
+            if config.scheduler.optimizer is inner:
+                return config.scheduler
+        return None
 
-    def after_optimizer_step(self) -> None:
-        """Subclass hook run right after every optimizer step (e.g. the Polyak update of a target network)."""
+    def optimizers_by_name(self) -> dict[str, Any]:
+        """The module's optimizers keyed by the ``name`` of their first parameter group."""
+        optimizers = self.optimizers(use_pl_optimizer=True)
+        if not isinstance(optimizers, (list, tuple)):
+            optimizers = [optimizers]
+        return {opt.optimizer.param_groups[0].get("name", str(i)): opt for i, opt in enumerate(optimizers)}
 
+    # ---- logging -----------------------------------------------------------------------------------------------
+    def log_rollout(self, batch: RolloutBatch) -> None:
+        """The rollout charts every contender logs under the same keys."""
+        metrics = batch.metrics
+        size = len(batch)
+        for key in ("avg_reward", "best_reward", "runnable_fraction", "env_steps", "sps"):
+            self.log(f"charts/{key}", float(getattr(metrics, key)), on_step=True,
+                     prog_bar=key in ("avg_reward", "best_reward"), batch_size=size)
+        stats = getattr(self.trainer.datamodule, "stats", None)
+        if stats is not None and stats.best_reward > self._logged_best:
+            self._logged_best = stats.best_reward
+            experiment = getattr(self.logger, "experiment", None)
+            if hasattr(experiment, "add_text"):
+                text = f"best reward {self._logged_best:.4f}\n\n```python\n{stats.best_code}\n```"
+                experiment.add_text("charts/best_code", text, self.global_step)
+
+    # ---- token-level credit helpers ----------------------------------------------------------------------------
+    def credit_rows(self, batch: RolloutBatch, max_examples: Optional[int]) -> tuple[RolloutBatch, list[list[str]]]:
+        """The first ``max_examples`` transitions of a rollout batch (all of them for None), on the device, and the
+        decoded tokens of their actions."""
+        n = len(batch)
+        k = n if max_examples is None else min(n, max_examples)
+        sub = batch.to(self.device).rows(slice(0, k))
+        tok = self.model.tokenizer
+        tokens = [[tok.decode([int(t)]) for t, m in zip(row, mask) if m]
+                  for row, mask in zip(sub.action_ids.cpu(), sub.action_mask.cpu())]
+        return sub, tokens
+
+    @staticmethod
+    def per_token_lists(values: torch.Tensor, mask: torch.Tensor) -> list[list[float]]:
+        """``values[B, L]`` as one list per row holding the entries where ``mask`` is 1."""
+        return [[float(x) for x, keep in zip(r, m) if keep] for r, m in zip(values.cpu(), mask.cpu())]
+
+    # ---- bookkeeping -------------------------------------------------------------------------------------------
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        datamodule = self.trainer.datamodule
-        if getattr(datamodule, "collector", None) is not None and datamodule.collector.exhausted:
+        if getattr(self.trainer.datamodule, "exhausted", False):
             self.trainer.should_stop = True  # the environment budget is spent
 
-    # ---- checkpoints -------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The model layer's state_dict already leaves out the frozen base (reloaded from its source): checkpoints
         # hold the adapters (policy, critic, target) and any small heads. Add the counters and the sampling RNG.
@@ -155,6 +253,6 @@ class AgentModule(L.LightningModule):
         self._pending_rng = agent.get("torch_rng")
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if getattr(self, "_pending_rng", None) is not None:
+        if self._pending_rng is not None:
             torch.set_rng_state(self._pending_rng)
             self._pending_rng = None

@@ -28,9 +28,10 @@ def tiny_backbone(**overrides):
     return BackboneConfig(**kwargs)
 
 
-def toy_env(target_chars="ab", max_steps=1, prompt="q:"):
+def toy_env(target_chars="ab", max_steps=1, prompt="q:", success_reward=None):
     return {"class_path": "envs.toy.TargetCharsEnv",
-            "init_args": {"target_chars": target_chars, "max_steps": max_steps, "prompt": prompt}}
+            "init_args": {"target_chars": target_chars, "max_steps": max_steps, "prompt": prompt,
+                          "success_reward": success_reward}}
 
 
 @pytest.fixture

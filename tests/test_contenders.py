@@ -100,7 +100,8 @@ def test_ppo_kl_raises_reward_on_the_toy_task():
     _trainer().fit(module, datamodule=_toy_datamodule(budget=8 * 30))
     after = _mean_policy_reward(module)
     assert before < 0.35 and after > before + 0.3, (before, after)
-    assert module.policy_version == 30 * 2  # ppo_epochs optimizer steps per rollout batch of one minibatch
+    assert module.policy_version == 30  # rollout batches learned from
+    assert module.trainer.global_step == 30 * 2  # ppo_epochs optimizer steps per rollout batch of one minibatch
 
 
 def test_reflection_never_changes_a_weight():
@@ -145,10 +146,10 @@ def test_etpo_one_step_episodes_never_exceed_one_step():
         batch = collector.collect(_GarbagePolicy(module))
     finally:
         collector.close()
-    assert batch["rewards"].numel() == 12
-    assert torch.all(batch["episode_step"] == 1)
-    assert torch.all((batch["dones"] + batch["truncated"]) >= 1)  # every step ends its episode
-    assert torch.all(batch["next_index"] == -1)  # no transition continues into another
+    assert len(batch) == 12
+    assert torch.all(batch.episode_step == 1)
+    assert torch.all(batch.dones == 1)  # every step ends its episode (the step limit is a done signal)
+    assert torch.all(batch.next_index == -1) and batch.next_needed.numel() == 0  # nothing bootstraps
     assert collector.stats.episodes == 12
     assert DataScienceEnv("iris", max_steps=1, reflection=False).max_steps == 1
 
@@ -184,16 +185,16 @@ def test_token_credit_etpo_per_token_vs_ppo_shared():
     etpo.configure_model()
     batch = _batch(etpo)
     credit = etpo.token_credit(batch, max_examples=3)
-    assert len(credit["tokens"]) == 3 and len(credit["rewards"]) == 3
-    n = [int(x) for x in batch["action_mask"][:3].sum(1)]
-    for name, rows in credit["scores"].items():
+    assert len(credit.tokens) == 3 and len(credit.rewards) == 3
+    n = [int(x) for x in batch.action_mask[:3].sum(1)]
+    for name, rows in credit.scores.items():
         assert [len(r) for r in rows] == n, name
     # the last token's target is the reward (Eq. 6); the soft Q starts at zero in the "zero" form
-    assert [r[-1] for r in credit["scores"]["target y (Eq. 6)"]] == pytest.approx(credit["rewards"])
+    assert [r[-1] for r in credit.scores["target y (Eq. 6)"]] == pytest.approx(credit.rewards)
 
     ppo = PPOKLModule(backbone=tiny_backbone())
     ppo.configure_model()
-    shared = ppo.token_credit(batch, max_examples=3)["scores"]["advantage (shared by the action)"]
+    shared = ppo.token_credit(batch, max_examples=3).scores["advantage (shared by the action)"]
     assert all(len(set(row)) == 1 for row in shared)  # one advantage for every token of an action
 
     # the log-ratio column is log pi - log pi_bar of each taken token (policy moved away from the reference first)
@@ -201,12 +202,12 @@ def test_token_credit_etpo_per_token_vs_ppo_shared():
         for p in ppo.model.policy_parameters():
             p.add_(0.3 * torch.randn_like(p))
     credit = ppo.token_credit(batch, max_examples=None)
-    assert len(credit["tokens"]) == batch["rewards"].numel()  # None = every transition
-    args = (batch["prompt_ids"], batch["prompt_mask"], batch["action_ids"], batch["action_mask"])
+    assert len(credit.tokens) == len(batch)  # None = every transition
+    args = (batch.prompt_ids, batch.prompt_mask, batch.action_ids, batch.action_mask)
     expected = ppo.model.action_logprobs("policy", *args) - ppo.model.action_logprobs("reference", *args)
-    got = credit["scores"]["log pi - log pi_bar"]
+    got = credit.scores["log pi - log pi_bar"]
     assert max(abs(x) for row in got for x in row) > 1e-3
-    for row, exp, mask in zip(got, expected, batch["action_mask"].bool()):
+    for row, exp, mask in zip(got, expected, batch.action_mask.bool()):
         assert row == pytest.approx(exp[mask].tolist(), abs=1e-5)
 
 

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from modules.agent import TokenCredit
 from etpo.credit import (TokenCreditCallback, credit_summary_text, diverging_colour, render_credit_html,
                          render_credit_page)
 
@@ -91,10 +92,11 @@ class CreditModule:
     def token_credit(self, batch, max_examples=None):
         self.calls.append(max_examples)
         n = len(batch["rewards"])
-        return {"tokens": [["x", "<y>", "\n"] for _ in range(n)],
-                "scores": {"soft Q of taken token": [[0.1 * i, -0.2, 0.3] for i in range(n)],
-                           "advantage": [[1.0, 0.0, -1.0] for _ in range(n)]},
-                "rewards": [float(i) / n for i in range(n)]}
+        k = n if max_examples is None else min(n, max_examples)
+        return TokenCredit(tokens=[["x", "<y>", "\n"] for _ in range(k)],
+                           scores={"soft Q of taken token": [[0.1 * i, -0.2, 0.3] for i in range(k)],
+                                   "advantage": [[1.0, 0.0, -1.0] for _ in range(k)]},
+                           rewards=[float(i) / n for i in range(k)])
 
 
 def fake_trainer(tmp_path, step, logger=None):
@@ -127,7 +129,7 @@ def test_callback_is_a_no_op_without_token_credit(tmp_path):
     assert not (tmp_path / "credit").exists()
 
     class Broken:
-        def token_credit(self, batch):
+        def token_credit(self, batch, max_examples=None):
             raise RuntimeError("boom")
 
     with pytest.warns(RuntimeWarning, match="boom"):

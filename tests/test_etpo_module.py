@@ -15,7 +15,7 @@ import torch
 
 from conftest import REPO, tiny_backbone, toy_env
 from datamodules.rollout import GenerationConfig, RolloutDataModule
-from etpo.objectives import critic_loss, policy_loss, q_from_critic, token_targets, soft_value
+from etpo.objectives import critic_loss, policy_loss, q_from_critic, soft_value, token_targets, trace_targets
 from modules.etpo import ETPOModule
 
 
@@ -47,25 +47,25 @@ class _Collect:
         return self.module.encode_prompts(prompts)
 
 
-def _batch(module, multi_step=False, seed=0):
+def _batch(module, multi_step=False, seed=0, env=None):
+    """A real rollout batch of the toy env; multi-step: 4 steps of 3-step episodes (linked transitions, next
+    prompts that extend the prompt, terminal and non-terminal rows)."""
     from datamodules.rollout import RolloutCollector
 
     torch.manual_seed(seed)
-    env = toy_env(max_steps=3) if multi_step else toy_env()
-    collector = RolloutCollector(env, num_envs=4, steps_per_update=2 if multi_step else 1, budget=100, seed=seed,
+    env = env or (toy_env(max_steps=3) if multi_step else toy_env())
+    collector = RolloutCollector(env, num_envs=4, steps_per_update=4 if multi_step else 1, budget=100, seed=seed,
                                  generation=GenerationConfig(max_new_tokens=6, temperature=1.0, top_k=0))
     batch = collector.collect(_Collect(module))
     collector.close()
     return batch
 
 
-@pytest.mark.parametrize("q_parameterisation", ["logits", "zero"])
-@pytest.mark.parametrize("multi_step", [False, True])
-def test_chunked_update_gives_the_exact_gradient_of_the_objectives(q_parameterisation, multi_step):
-    """The chunked, memory-lean update equals plain autograd through full [B, L, V] logits and the objectives."""
+def _perturbed_module(q_parameterisation="zero", gradient_checkpointing=False, prefix_sharing=True, **kw):
     torch.manual_seed(0)
-    module = ETPOModule(backbone=tiny_backbone(), beta=0.05, gamma=0.9, q_parameterisation=q_parameterisation,
-                        token_chunk_size=2)
+    module = ETPOModule(backbone=tiny_backbone(gradient_checkpointing=gradient_checkpointing,
+                                               prefix_sharing=prefix_sharing),
+                        beta=0.05, gamma=0.9, q_parameterisation=q_parameterisation, token_chunk_size=2, **kw)
     module.configure_model()
     m = module.model
     # give the adapters non-trivial weights so policy, critic, target and reference all differ
@@ -74,47 +74,153 @@ def test_chunked_update_gives_the_exact_gradient_of_the_objectives(q_parameteris
             if "lora_" in name:
                 p.add_(0.3 * torch.randn_like(p))
         m.polyak_update(0.5)
+    m.train()
+    return module
+
+
+def _plain_reference(module, batch, td_lambda=0.0):
+    """Eq. 6 / TD(lambda) targets, the critic loss and the policy loss from full [B, L, V] logits of the plain
+    (unshared) forwards and the library objectives."""
+    m, beta, gamma = module.model, module.hparams.beta, module.hparams.gamma
+    q_form = module.hparams.q_parameterisation
+    args = (batch.prompt_ids, batch.prompt_mask, batch.action_ids, batch.action_mask)
+    plain = dict(share_prefixes=False)
+    mask = batch.action_mask.float()
+    with torch.no_grad():
+        ref = m.head(m.action_hidden("reference", *args, **plain))
+        target_q = q_from_critic(m.head(m.action_hidden("target", *args, **plain)), ref, q_form)
+        pi_now = m.head(m.action_hidden("policy", *args, **plain))
+        next_values = torch.zeros(len(batch))
+        for k in range(len(batch)):
+            j = int(batch.next_index[k])
+            if j >= 0:
+                next_values[k] = soft_value(target_q[j, 0], pi_now[j, 0], ref[j, 0], beta)[0]
+        if batch.next_needed.numel():
+            ids, pm = batch.next_prompt_ids, batch.next_prompt_mask
+            r1 = m.first_token_logits("reference", ids, pm)
+            t1 = q_from_critic(m.first_token_logits("target", ids, pm), r1, q_form)
+            p1 = m.first_token_logits("policy", ids, pm)
+            next_values[batch.next_needed] = soft_value(t1, p1, r1, beta)[0]
+        values, _ = soft_value(target_q, pi_now, ref, beta)
+        taken = batch.action_ids.unsqueeze(-1)
+        y = trace_targets(values, target_q.gather(-1, taken).squeeze(-1), torch.ones_like(values), mask,
+                          batch.rewards, batch.dones, next_values, gamma, td_lambda)
+        if td_lambda == 0.0:
+            torch.testing.assert_close(y, token_targets(target_q, pi_now, ref, mask, batch.rewards, batch.dones,
+                                                        next_values, beta, gamma))
+    q = q_from_critic(m.head(m.action_hidden("critic", *args, **plain)), ref, q_form)
+    pi = m.head(m.action_hidden("policy", *args, **plain))
+    return y, critic_loss(q, batch.action_ids, y, mask), policy_loss(pi, ref, q.detach(), mask, beta)
+
+
+@pytest.mark.parametrize("q_parameterisation", ["logits", "zero"])
+@pytest.mark.parametrize("multi_step", [False, True])
+@pytest.mark.parametrize("prefix_sharing, gradient_checkpointing", [(True, False), (True, True), (False, False)])
+def test_update_gives_the_exact_targets_losses_and_gradients(q_parameterisation, multi_step, prefix_sharing,
+                                                             gradient_checkpointing):
+    """The update's targets, both losses and both adapters' gradients equal plain autograd through full [B, L, V]
+    logits of the plain forwards and the library objectives -- with shared prefixes (multi-step batches mix shared
+    and unshared prompts, left padding, linked, next-prompt, terminal and non-terminal rows) and activation
+    checkpointing."""
+    module = _perturbed_module(q_parameterisation, gradient_checkpointing, prefix_sharing)
+    m = module.model
     batch = _batch(module, multi_step=multi_step)
     if multi_step:
-        assert (batch["next_index"] >= 0).any(), "the multi-step batch should link transitions"
-    params = [p for p in m.parameters() if p.requires_grad]
+        assert (batch.next_index >= 0).any() and batch.next_needed.numel() > 0
+        assert (batch.dones == 1).any() and (batch.dones == 0).any()
+    plan = module.plan(batch)
+    assert (plan.packed is not None) == prefix_sharing
+    t = module.compute_targets(batch, plan)
+    y, ref_critic, ref_policy = _plain_reference(module, batch)
+    torch.testing.assert_close(t.targets, y, rtol=1e-5, atol=1e-5)
 
-    loss, charts = module.update_loss(batch)
-    grads_chunked = torch.autograd.grad(loss, params, allow_unused=True)
+    for params, got, want in ((m.critic_parameters(), module.critic_loss(batch, plan, t)[0], ref_critic),
+                              (m.policy_parameters(), module.policy_loss(batch, plan, t)[0], ref_policy)):
+        assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
+        for g1, g2 in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
+            torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
 
-    # reference: full logits, library objectives, plain autograd
-    args = (batch["prompt_ids"], batch["prompt_mask"], batch["action_ids"], batch["action_mask"])
-    mask = batch["action_mask"].float()
-    with torch.no_grad():
-        ref = m.action_logits("reference", *args)
-        target_q = q_from_critic(m.action_logits("target", *args), ref, q_parameterisation)
-        pi_now = m.action_logits("policy", *args)
-        # next-state values straight from full forwards of the next prompts
-        next_values = torch.zeros(len(batch["rewards"]))
-        for k in range(len(batch["rewards"])):
-            j = int(batch["next_index"][k])
-            if j >= 0:
-                next_values[k] = soft_value(target_q[j, 0], pi_now[j, 0], ref[j, 0], 0.05)[0]
-        needed = batch["next_needed"]
-        if needed.numel():
-            ids, pm = batch["next_prompt_ids"], batch["next_prompt_mask"]
-            r1 = m.first_token_logits("reference", ids, pm)
-            t1 = q_from_critic(m.first_token_logits("target", ids, pm), r1, q_parameterisation)
-            p1 = m.first_token_logits("policy", ids, pm)
-            next_values[needed] = soft_value(t1, p1, r1, 0.05)[0]
-        y = token_targets(target_q, pi_now, ref, mask, batch["rewards"], batch["dones"], next_values, 0.05, 0.9)
-    q = q_from_critic(m.action_logits("critic", *args), ref, q_parameterisation)
-    pi = m.action_logits("policy", *args)
-    ref_loss = critic_loss(q, batch["action_ids"], y, mask) + policy_loss(pi, ref, q.detach(), mask, 0.05)
-    grads_ref = torch.autograd.grad(ref_loss, params, allow_unused=True)
 
-    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5, abs=1e-6)
-    assert charts["losses/critic"] > 0 and charts["losses/policy"] >= 0
-    for g1, g2 in zip(grads_chunked, grads_ref):
-        if g2 is None:
-            assert g1 is None or torch.all(g1 == 0)
-            continue
-        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
+def test_td_lambda_targets_of_the_update_equal_the_plain_computation():
+    module = _perturbed_module(td_lambda=0.7, trace_correction=False)
+    batch = _batch(module, multi_step=True)
+    t = module.compute_targets(batch, module.plan(batch))
+    y, _, _ = _plain_reference(module, batch, td_lambda=0.7)
+    torch.testing.assert_close(t.targets, y, rtol=1e-5, atol=1e-5)
+    y0, _, _ = _plain_reference(module, batch)
+    assert not torch.allclose(y, y0)  # lambda changes the targets of the earlier tokens
+
+
+def test_critic_step_comes_first_and_the_policy_step_sees_the_updated_critic():
+    """Algorithm 1's order with two optimizers: the soft Bellman step, then the policy step against the critic
+    *after* its step; each optimizer touches its own adapter only."""
+    L.seed_everything(0)
+    seen = []
+
+    class Spy(ETPOModule):
+        def learn(self, batch):
+            self._before = {k: [p.detach().clone() for p in ps] for k, ps in
+                            (("critic", self.model.critic_parameters()), ("policy", self.model.policy_parameters()))}
+            return super().learn(batch)
+
+        def policy_loss(self, batch, plan, t):
+            changed = lambda k, ps: any(not torch.equal(a, b) for a, b in zip(self._before[k], ps))  # noqa: E731
+            seen.append((changed("critic", self.model.critic_parameters()),
+                         changed("policy", self.model.policy_parameters())))
+            return super().policy_loss(batch, plan, t)
+
+    module = Spy(backbone=tiny_backbone(), policy_lr=1e-2, critic_lr=1e-2)
+    _trainer().fit(module, datamodule=_datamodule(budget=16))
+    assert seen == [(True, False), (True, False)]
+    optimizers = module.optimizers()
+    assert len(optimizers) == 2
+    assert [o.optimizer.param_groups[0]["name"] for o in optimizers] == ["critic", "policy"]
+
+
+@pytest.mark.parametrize("multi_step", [True, False])
+def test_the_step_limit_ends_the_episode_without_bootstrap(multi_step):
+    """The paper's episode ends: truncation at the step limit is a done signal, so the last token's target of a
+    truncated transition is its reward alone (no V(s_{t+1})), and no next prompt is scored for it."""
+    module = _perturbed_module()
+    env = toy_env(max_steps=3 if multi_step else 1, success_reward=2.0)  # never succeeds: every episode truncates
+    batch = _batch(module, multi_step=multi_step, env=env)
+    assert batch.truncated.any() and not batch.terminated.any()
+    assert torch.equal(batch.dones, batch.truncated.float())
+    assert not any(int(k) in batch.next_needed.tolist() for k in torch.nonzero(batch.truncated).flatten())
+    t = module.compute_targets(batch, module.plan(batch))
+    last = batch.action_mask.sum(1) - 1
+    final = t.targets[torch.arange(len(batch)), last]
+    torch.testing.assert_close(final[batch.truncated], batch.rewards[batch.truncated])
+    if multi_step:  # the episodes that go on bootstrap from V(s_{t+1}) != 0
+        going_on = ~batch.truncated
+        assert going_on.any() and not torch.allclose(final[going_on], batch.rewards[going_on])
+
+
+@pytest.mark.parametrize("frozen", ["policy", "critic"])
+def test_each_optimizer_has_its_own_learning_rate(frozen):
+    L.seed_everything(0)
+    module = ETPOModule(backbone=tiny_backbone(), **{"policy_lr": 1e-2, "critic_lr": 1e-2, f"{frozen}_lr": 0.0})
+    module.configure_model()
+    before = {k: [p.detach().clone() for p in getattr(module.model, f"{k}_parameters")()] for k in ("policy", "critic")}
+    _trainer().fit(module, datamodule=_datamodule(budget=8))
+    for k in ("policy", "critic"):
+        same = all(torch.equal(a, b) for a, b in zip(before[k], getattr(module.model, f"{k}_parameters")()))
+        assert same == (k == frozen), k
+
+
+def test_critic_warmup_freezes_the_policy_for_the_first_batches():
+    L.seed_everything(0)
+    steps = []
+
+    class Spy(ETPOModule):
+        def policy_loss(self, batch, plan, t):
+            steps.append(self.policy_version)
+            return super().policy_loss(batch, plan, t)
+
+    module = Spy(backbone=tiny_backbone(), critic_warmup=2, critic_steps=2)
+    _trainer().fit(module, datamodule=_datamodule(budget=8 * 4))
+    assert steps == [2, 3]
+    assert module.trainer.global_step == 4 * 2 + 2  # two critic steps per batch, policy steps from batch 3 on
 
 
 # Settings under which the toy task is learnable within a few dozen updates: a tiny model whose weights are large
@@ -159,11 +265,12 @@ def test_rollout_is_on_policy_and_counts_the_budget():
     versions = []
 
     class Spy(ETPOModule):
-        def update_loss(self, batch):
-            versions.append((batch["policy_version"], self.policy_version, self.global_step))
+        def learn(self, batch):
+            # two optimizer steps (critic, policy) per batch
+            versions.append((batch.policy_version, self.policy_version, self.global_step // 2))
             # the update runs in train mode: that is what switches activation checkpointing on
             assert self.model.training and self.model.peft_model.training
-            return super().update_loss(batch)
+            return super().learn(batch)
 
     module = Spy(backbone=tiny_backbone(gradient_checkpointing=True))
     dm = _datamodule(budget=8 * 3 + 1, steps_per_update=1)
@@ -237,17 +344,19 @@ def test_resume_reaches_the_same_state_as_an_uninterrupted_run(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a = torch.load(tmp_path / "a" / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     b = torch.load(tmp_path / "b" / "run" / "checkpoints" / "last.ckpt", weights_only=False)
-    assert a["global_step"] == b["global_step"] == 4
+    assert a["global_step"] == b["global_step"] == 8  # a critic and a policy step per batch
     assert a["agent"]["policy_version"] == b["agent"]["policy_version"] == 4
     assert a["state_dict"].keys() == b["state_dict"].keys()
     assert any("target" in k for k in a["state_dict"])
     for k in a["state_dict"]:
         torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=1e-6, msg=k)
-    opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
-    assert opt_a.keys() == opt_b.keys()
-    for k in opt_a:
-        for name in ("exp_avg", "exp_avg_sq", "step"):
-            torch.testing.assert_close(opt_a[k][name], opt_b[k][name], rtol=0, atol=1e-6)
+    assert len(a["optimizer_states"]) == len(b["optimizer_states"]) == 2  # critic and policy
+    for state_a, state_b in zip(a["optimizer_states"], b["optimizer_states"]):
+        opt_a, opt_b = state_a["state"], state_b["state"]
+        assert opt_a and opt_a.keys() == opt_b.keys()
+        for k in opt_a:
+            for name in ("exp_avg", "exp_avg_sq", "step"):
+                torch.testing.assert_close(opt_a[k][name], opt_b[k][name], rtol=0, atol=1e-6)
     sa = json.loads((tmp_path / "a" / "run" / "summary.json").read_text())
     sb = json.loads((tmp_path / "b" / "run" / "summary.json").read_text())
     assert sa["env_steps"] == sb["env_steps"] == 32

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from etpo import perplexity as ppl
-from modules.loading import BackboneConfig, load_backbone
+from modules.shared_base.loading import BackboneConfig, load_backbone
 from modules.shared_base import SharedBaseLM
 
 TEXT = "the quick brown fox jumps.\npack my box with 5 jugs!"

@@ -90,7 +90,7 @@ def test_gpu_config_parses_without_instantiating(config):
     assert data["num_envs"] * world == 8  # the paper's 8 environments over all ranks
     if "fsdp" in config:
         strategy = trainer["strategy"]
-        assert strategy["class_path"] == "etpo.distributed.ETPOFSDPStrategy"
+        assert strategy["class_path"] == "modules.strategy.ETPOFSDPStrategy"
         args = strategy["init_args"]
         assert args["layer_classes"] == ["LlamaDecoderLayer"] and args["use_orig_params"] is True
         assert args["adapters"] == "replicate" and args["sharding_strategy"] == "FULL_SHARD"
@@ -119,7 +119,7 @@ def test_every_gpu_config_field_is_annotated():
 def test_strategy_requires_32_true_and_keeps_model_dtypes():
     from lightning.pytorch.plugins.precision import FSDPPrecision
 
-    from etpo.distributed import ETPOFSDPStrategy
+    from modules.strategy import ETPOFSDPStrategy
 
     strategy = ETPOFSDPStrategy(layer_classes=["LlamaDecoderLayer"])
     with pytest.raises(ValueError, match="32-true"):
@@ -159,7 +159,7 @@ def test_bf16_true_would_freeze_the_polyak_target():
 
 def _gpu_trainer_section():
     return {"accelerator": "gpu", "devices": 4, "num_nodes": 2, "precision": "bf16-true",
-            "strategy": {"class_path": "etpo.distributed.ETPOFSDPStrategy", "init_args": {"adapters": "replicate"}}}
+            "strategy": {"class_path": "modules.strategy.ETPOFSDPStrategy", "init_args": {"adapters": "replicate"}}}
 
 
 def test_hardware_fallback_rewrites_gpu_settings_with_one_line_each(capsys, monkeypatch):
@@ -235,8 +235,8 @@ def test_fsdp_config_instantiates_on_cpu_through_the_fallback(tmp_path, capsys, 
 
 
 def test_attention_fallback_of_the_model_layer():
-    """modules/loading.py: auto -> sdpa without flash-attn / CUDA; an explicit flash_attention_2 says why it cannot."""
-    from modules.loading import flash_attn_available, resolve_attn_implementation
+    """modules/shared_base/loading.py: auto -> sdpa without flash-attn / CUDA; an explicit flash_attention_2 says why it cannot."""
+    from modules.shared_base.loading import flash_attn_available, resolve_attn_implementation
 
     assert resolve_attn_implementation("auto", torch.device("cpu"), torch.float32) == "sdpa"
     assert resolve_attn_implementation("auto", torch.device("cpu"), torch.bfloat16) == "sdpa"
@@ -339,13 +339,13 @@ def test_gpu_smoke_7b_fsdp_lightning(gpu_smoke):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# etpo.distributed
+# modules.shared_base.fsdp
 # ----------------------------------------------------------------------------------------------------------------
 
 def test_wrap_policy_and_kwargs_pick_decoder_layers_and_adapters():
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from etpo.distributed import adapter_modules, decoder_layer_classes, fsdp_auto_wrap_policy, fsdp_kwargs
+    from modules.shared_base.fsdp import adapter_modules, decoder_layer_classes, fsdp_auto_wrap_policy, fsdp_kwargs
     from modules.shared_base import SharedBaseLM
 
     shared = SharedBaseLM(tiny_backbone())
@@ -366,7 +366,7 @@ def test_wrap_policy_and_kwargs_pick_decoder_layers_and_adapters():
 
 
 def test_unsharded_helpers_match_the_model_layer(tmp_path):
-    from etpo.distributed import (full_adapter_state_dict, global_grad_norm, is_sharded, polyak_update_sharded,
+    from modules.shared_base.fsdp import (full_adapter_state_dict, global_grad_norm, is_sharded, polyak_update_sharded,
                                   summon_full_params_if_sharded, write_adapters)
     from modules.shared_base import SharedBaseLM
 
@@ -434,7 +434,7 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from lightning.pytorch.strategies.strategy import _ForwardRedirection
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    from etpo import distributed as D
+    from modules.shared_base import fsdp as D
 
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
@@ -536,7 +536,8 @@ def test_strategy_checkpoint_holds_replicated_adapters_only(tmp_path):
     from lightning.pytorch.trainer.states import TrainerFn
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    from etpo.distributed import ETPOFSDPStrategy, fsdp_kwargs
+    from modules.strategy import ETPOFSDPStrategy
+    from modules.shared_base.fsdp import fsdp_kwargs
     from modules.etpo import ETPOModule
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)

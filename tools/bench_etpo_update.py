@@ -112,7 +112,7 @@ def main() -> None:
 
     from envs.datascience import DataScienceEnv
     from modules.etpo import ETPOModule
-    from modules.loading import BackboneConfig
+    from modules.shared_base.loading import BackboneConfig
 
     if args.tiny:
         backbone = BackboneConfig(source="tiny", tiny_alphabet="abcdefghijklmnopqrstuvwxyz ():=.\n", device="cpu",

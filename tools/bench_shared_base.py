@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     import torch
     from transformers import GenerationConfig
 
-    from modules.loading import BackboneConfig, load_backbone
+    from modules.shared_base.loading import BackboneConfig, load_backbone
     from modules.shared_base import SharedBaseLM, resident_weight_bytes
 
     if args.threads:

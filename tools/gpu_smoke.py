@@ -4,7 +4,7 @@
     python tools/gpu_smoke.py                  # 7B-shaped Llama in bf16 on CUDA: ETPO updates + rollout generations
     python tools/gpu_smoke.py --fsdp           # the same updates under Lightning's FSDP (ETPOFSDPStrategy), 1 GPU
     python tools/gpu_smoke.py --tiny           # the same code path on the CPU with a small Llama (seconds)
-    python tools/gpu_smoke.py --tiny --fsdp    # CPU: torch FSDP (gloo, 1 process) with etpo.distributed's settings
+    python tools/gpu_smoke.py --tiny --fsdp    # CPU: torch FSDP (gloo, 1 process) with modules.shared_base.fsdp's settings
 
 What runs: a ``transformers.LlamaForCausalLM`` with CodeLlama-7B shapes (h 4096, 32 layers, 32 heads, i 11008,
 V 32016) is built directly on the GPU in bf16 and wrapped in the project's model layer
@@ -101,7 +101,7 @@ def build_shared(shape: SmokeShape, device, dtype, checkpointing: bool):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from modules.loading import resolve_attn_implementation
+    from modules.shared_base.loading import resolve_attn_implementation
     from modules.shared_base import BackboneConfig, SharedBaseLM
 
     attn = resolve_attn_implementation("auto", device, dtype)
@@ -120,7 +120,7 @@ def build_shared(shape: SmokeShape, device, dtype, checkpointing: bool):
         torch.set_default_dtype(old)
     backbone = BackboneConfig(source="hf", name_or_path="random-init", lora_r=shape.lora_r,
                               lora_alpha=2.0 * shape.lora_r, gradient_checkpointing=checkpointing, head_fp32=True,
-                              polyak_rho=0.995, seed=0, device=str(device))
+                              seed=0, device=str(device))
     shared = SharedBaseLM(backbone, model=model, tokenizer=word_tokenizer(shape.vocab))
     return shared, backbone, attn
 
@@ -198,7 +198,7 @@ class Meter:
 
 def clip_and_step(optimizer, root=None) -> dict[str, float]:
     """Per-group gradient-norm clipping as ``AgentModule.configure_gradient_clipping`` does, then the step."""
-    from etpo.distributed import global_grad_norm
+    from modules.shared_base.fsdp import global_grad_norm
 
     norms = {}
     for group in optimizer.param_groups:
@@ -263,7 +263,7 @@ def flops_report(shape: SmokeShape, n_params: int, t_update: float, t_gen: float
 def run_plain(args, shape: SmokeShape, device, dtype) -> dict:
     import torch
 
-    from etpo.distributed import polyak_update_sharded
+    from modules.shared_base.fsdp import polyak_update_sharded
 
     meter = Meter(device)
     with meter.phase("build"):
@@ -321,14 +321,14 @@ def _free_port() -> int:
 
 
 def run_fsdp_cpu(args, shape: SmokeShape, device, dtype) -> dict:
-    """torch FSDP1 on the CPU (gloo, one process) with etpo.distributed's wrap settings, the update inside the root
+    """torch FSDP1 on the CPU (gloo, one process) with modules.shared_base.fsdp's wrap settings, the update inside the root
     forward exactly as Lightning's training_step runs (Lightning's FSDPStrategy itself refuses a CPU)."""
     import torch
     import torch.distributed as dist
     from lightning.pytorch.strategies.strategy import _ForwardRedirection
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    from etpo.distributed import (allreduce_replicated_gradients, fsdp_kwargs, is_sharded, polyak_update_sharded,
+    from modules.shared_base.fsdp import (allreduce_replicated_gradients, fsdp_kwargs, is_sharded, polyak_update_sharded,
                                   summon_full_params_if_sharded)
 
     started = not dist.is_initialized()
@@ -373,7 +373,7 @@ def run_fsdp_lightning(args, shape: SmokeShape, device, dtype) -> dict:
     from lightning.pytorch import Callback, Trainer
     from torch.utils.data import DataLoader, IterableDataset
 
-    from etpo.distributed import ETPOFSDPStrategy
+    from modules.strategy import ETPOFSDPStrategy
     from modules.etpo import ETPOModule
 
     shared, backbone, attn = build_shared(shape, device, dtype, checkpointing=not args.no_checkpointing)

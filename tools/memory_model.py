@@ -124,7 +124,7 @@ def full_eager_layer_bytes(shape: Shape, s: int, seq_len: int) -> float:
 def etpo_breakdown(shape: Shape = Shape(), wl: Workload = Workload(), gpus: int = 1,
                    adapters: str = "replicate") -> dict[str, float]:
     """Per-GPU bytes of one ETPO update. ``gpus > 1``: FSDP FULL_SHARD over ``gpus`` ranks with the global batch split
-    (each rank ``ceil(sequences / gpus)`` sequences); ``adapters``: ``replicate`` (etpo.distributed default: LoRA
+    (each rank ``ceil(sequences / gpus)`` sequences); ``adapters``: ``replicate`` (modules.shared_base.fsdp default: LoRA
     FSDP-ignored, float32) or ``shard`` (everything flattened: float32 storage, bf16 compute, gradient shards for
     the frozen weights too)."""
     n = max(1, int(gpus))

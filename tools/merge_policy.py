@@ -4,11 +4,11 @@
     python tools/merge_policy.py --adapters RUN/adapters --out merged/ --model configs/model/smollm2.yaml
     python tools/merge_policy.py --adapters RUN/adapters --out merged/ --model.source hf --model.name_or_path DIR
 
-The base model is described by a :class:`modules.loading.BackboneConfig`: by default the ``backbone.json`` that
+The base model is described by a :class:`modules.shared_base.loading.BackboneConfig`: by default the ``backbone.json`` that
 ``SharedBaseLM.save_adapters`` wrote next to the adapters, overridden by any ``--model...`` argument. The result
 loads with ``AutoModelForCausalLM.from_pretrained(OUT)`` and ``AutoTokenizer.from_pretrained(OUT)`` and computes
 the policy view's logits. A GGUF base is de-quantized on load and stripped of its GGUF bookkeeping
-(``modules.loading.strip_gguf_quantization``) so that it can be saved as safetensors.
+(``modules.shared_base.loading.strip_gguf_quantization``) so that it can be saved as safetensors.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def merge_policy(adapters: str | Path, out: str | Path, config=None, adapter: st
     ``adapters/<adapter>`` with peft, merge it into the weights and save model + tokenizer to ``out``."""
     from peft import PeftModel
 
-    from modules.loading import BackboneConfig, load_backbone, read_backbone_config
+    from modules.shared_base.loading import BackboneConfig, load_backbone, read_backbone_config
 
     adapters = Path(adapters)
     if config is None:
@@ -51,7 +51,7 @@ def merge_policy(adapters: str | Path, out: str | Path, config=None, adapter: st
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from jsonargparse import ArgumentParser
 
-    from modules.loading import BackboneConfig, read_backbone_config
+    from modules.shared_base.loading import BackboneConfig, read_backbone_config
 
     argv = list(sys.argv[1:] if argv is None else argv)
     # The saved backbone.json provides the defaults of the --model group, so it must be read before parsing.

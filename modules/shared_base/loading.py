@@ -48,9 +48,12 @@ class BackboneConfig:
     Tokenisation: ``max_prompt_tokens`` (left-truncate longer prompts; None = no truncation),
     ``use_chat_template`` (wrap each prompt as one user message of the tokenizer's chat template).
     Tiny model (source=tiny): ``tiny_*`` fields and ``seed``.
-    Adapters: ``lora_r``, ``lora_alpha``, ``lora_dropout``, ``lora_target_modules``; ``polyak_rho`` for the
-    target; ``gradient_checkpointing``; ``head_fp32`` (vocabulary head computed with float32 output when the
-    model runs in 16-bit); ``checkpoint_base_weights`` (include the frozen base in ``state_dict``).
+    Adapters: ``lora_r``, ``lora_alpha``, ``lora_dropout``, ``lora_target_modules``; ``gradient_checkpointing``;
+    ``head_fp32`` (vocabulary head computed with float32 output when the model runs in 16-bit);
+    ``checkpoint_base_weights`` (include the frozen base in ``state_dict``).
+    Speed: ``prefix_sharing`` -- score prompt prefixes shared by several rows once (prefix trees), and prefill the
+    prefix every row of a generation batch shares once; exact (tested against the plain computation), used when
+    the attention implementation takes a custom mask (sdpa, eager). False: every row on its own.
     """
 
     source: str = "smollm2"
@@ -76,10 +79,10 @@ class BackboneConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LORA_TARGETS))
-    polyak_rho: float = 0.995
     gradient_checkpointing: bool = False
     head_fp32: bool = True
     checkpoint_base_weights: bool = False
+    prefix_sharing: bool = True
 
     def to_dict(self) -> dict:
         """Plain JSON-serialisable dict (written next to saved adapters)."""

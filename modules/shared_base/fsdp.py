@@ -1,7 +1,7 @@
 """Sharding the shared-base ETPO model with FSDP: what peft adapters need, and the helpers the trainer calls.
 
 ETPO keeps ONE frozen base LLM with three LoRA adapters (``policy``, ``critic``, ``target``) and reads a fourth view
-(the reference) with the adapters disabled (``modules/shared_base.py``). Lightning's ``FSDPStrategy`` is FSDP1
+(the reference) with the adapters disabled (``modules/shared_base/``). Lightning's ``FSDPStrategy`` is FSDP1
 (``FullyShardedDataParallel``): every wrapped unit flattens the parameters it manages into one ``FlatParameter`` and
 every rank owns one contiguous 1/N slice of it. Four consequences for this model were checked on CPU with the gloo
 backend and two or three processes (``tests/test_scale.py``, torch 2.13); none could be checked on a GPU here.
@@ -9,12 +9,12 @@ backend and two or three processes (``tests/test_scale.py``, torch 2.13); none c
 (a) The vocabulary head. ``SharedBaseLM.head`` reads ``lm_head.weight`` directly (a float32-output matmul); it
     does not call ``lm_head.forward``, so FSDP's pre-forward hook of a unit around the head would never fire and the
     head would see its 1-D local shard. The head must therefore NOT be its own FSDP unit. It stays in the *root* unit
-    (with the embeddings and the final norm): Lightning runs ``training_step`` inside the root module's forward
-    (``Strategy._forward_redirection``), FSDP does not reshard the root between forward and backward, and so the
-    root's parameters are full for the whole step -- every ``head(...)`` call of ``ETPOModule.update_loss`` and
-    every generation inside ``training_step`` sees the full weight (checked: identical logits and samples to the
-    unsharded model). Outside ``training_step`` (a callback, an evaluation script) the root is sharded: wrap such
-    code in :func:`summon_full_params_if_sharded` (``recurse=False`` is enough for a forward or ``generate``).
+    (with the embeddings and the final norm): every forward phase of a module runs inside the root module's forward
+    (``AgentModule.run_forward`` through Lightning's forward redirection), FSDP does not reshard the root between
+    forward and backward, and so the root's parameters are full for the whole phase -- every ``head(...)`` call of
+    a loss and every generation of the rollout sees the full weight (checked: identical logits and samples to the
+    unsharded model). Outside such a phase (a callback, an evaluation script) the root is sharded: wrap that code
+    in :func:`summon_full_params_if_sharded` (``recurse=False`` is enough for a forward or ``generate``).
     :class:`ETPOWrapPolicy` wraps the decoder layers only, never the head and never a LoRA sub-module.
 
 (b) The Polyak update ``target <- rho * target + (1 - rho) * critic``. Under ``use_orig_params=True`` the original
@@ -53,10 +53,10 @@ backend and two or three processes (``tests/test_scale.py``, torch 2.13); none c
     :func:`save_adapters_sharded` gathers the adapter tensors on every rank and rank 0 writes peft's format itself
     (:func:`write_adapters`; the files load with ``SharedBaseLM.load_adapters`` / ``PeftModel.from_pretrained``).
 
-Where the trainer calls these (see the report of issue 7 for the exact code):
-``ETPOModule.after_optimizer_step`` -> :func:`polyak_update_sharded`;
-``AgentModule.configure_gradient_clipping`` -> :func:`global_grad_norm` (replicated adapters must not have their
+Where the trainer calls these: ``ETPOModule`` after its optimizer steps -> :func:`polyak_update_sharded`;
+``AgentModule.clip_gradients_per_group`` -> :func:`global_grad_norm` (replicated adapters must not have their
 squared norms summed over ranks); ``RunArtifacts.on_train_end`` -> :func:`save_adapters_sharded` on every rank.
+The Lightning strategy that applies these settings is :class:`modules.strategy.ETPOFSDPStrategy`.
 """
 
 from __future__ import annotations
@@ -72,10 +72,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from modules.shared_base.views import ADAPTERS, adapter_parameters
+
 __all__ = [
-    "ADAPTER_NAMES",
     "ETPOWrapPolicy",
-    "ETPOFSDPStrategy",
     "adapter_modules",
     "allreduce_replicated_gradients",
     "clean_name",
@@ -91,7 +91,6 @@ __all__ = [
     "write_adapters",
 ]
 
-ADAPTER_NAMES = ("policy", "critic", "target")
 #: sub-modules of a peft LoRA layer that hold adapter weights (one entry per adapter name in each ModuleDict)
 _LORA_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 _FSDP_PREFIX = "_fsdp_wrapped_module."
@@ -120,7 +119,7 @@ def decoder_layer_classes(model: nn.Module, names: Optional[Sequence[str]] = Non
     return found
 
 
-def adapter_modules(model: nn.Module, adapters: Sequence[str] = ADAPTER_NAMES) -> list[nn.Module]:
+def adapter_modules(model: nn.Module, adapters: Sequence[str] = ADAPTERS) -> list[nn.Module]:
     """The leaf modules holding the LoRA weights of ``adapters`` (``lora_A[name]``, ``lora_B[name]``, ... of every
     peft LoRA layer), e.g. to keep them out of FSDP's flat parameters (``ignored_states``)."""
     out = []
@@ -343,12 +342,12 @@ def _target_pairs(shared: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 @torch.no_grad()
-def polyak_update_sharded(shared: nn.Module, rho: Optional[float] = None, root: Optional[nn.Module] = None) -> None:
+def polyak_update_sharded(shared: nn.Module, rho: float, root: Optional[nn.Module] = None) -> None:
     """``target <- rho * target + (1 - rho) * critic`` that is exact whether or not the model is sharded.
 
     Args:
         shared: the :class:`~modules.shared_base.SharedBaseLM` (``self.model`` of the LightningModule).
-        rho: Polyak coefficient (default ``shared.config.polyak_rho``).
+        rho: Polyak coefficient.
         root: the strategy's wrapped model (``self.trainer.model``); None or an unsharded module means plain
             ``shared.polyak_update(rho)``.
 
@@ -357,7 +356,7 @@ def polyak_update_sharded(shared: nn.Module, rho: Optional[float] = None, root: 
     identical placements are updated shard by shard. Collective under FSDP1 sharded adapters: call on every rank,
     outside forward/backward (e.g. right after the optimizer step).
     """
-    rho = float(shared.config.polyak_rho if rho is None else rho)
+    rho = float(rho)
     owner = _param_owner(root) if root is not None else {}
     pairs = _target_pairs(shared)
     if not owner and not any(_is_dtensor(t) for t, _ in pairs):
@@ -463,16 +462,6 @@ def _default_device() -> torch.device:
 # adapters on disk
 # ----------------------------------------------------------------------------------------------------------------
 
-def _adapter_named_params(shared: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    out = []
-    for name, p in shared.named_parameters():
-        clean = clean_name(name)
-        parts = clean.split(".")
-        if any(x.startswith("lora_") for x in parts) and any(a in parts for a in ADAPTER_NAMES):
-            out.append((clean, p))
-    return out
-
-
 @torch.no_grad()
 def full_adapter_state_dict(shared: nn.Module, root: Optional[nn.Module] = None,
                             rank0_only: bool = True) -> dict[str, torch.Tensor]:
@@ -480,7 +469,7 @@ def full_adapter_state_dict(shared: nn.Module, root: Optional[nn.Module] = None,
     (``peft_model.base_model.model...``). Gathers FSDP1-sharded adapters one unit at a time; replicated adapters are
     copied as they are. Collective when adapters are sharded: call on every rank; with ``rank0_only`` the other
     ranks get an empty dict."""
-    named = _adapter_named_params(shared)
+    named = [(clean_name(n), p) for a in ADAPTERS for n, p in adapter_parameters(shared, a)]
     owner = _param_owner(root) if root is not None else {}
     keep = not rank0_only or not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     out: dict[str, torch.Tensor] = {}
@@ -514,11 +503,11 @@ def write_adapters(shared: nn.Module, state: dict[str, torch.Tensor], directory:
     names that carry FSDP's wrapper prefix.)"""
     from safetensors.torch import save_file
 
-    from modules.loading import save_backbone_config
+    from modules.shared_base.loading import save_backbone_config
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for adapter in ADAPTER_NAMES:
+    for adapter in ADAPTERS:
         marker = f".{adapter}."
         tensors = {}
         for key, value in state.items():
@@ -549,224 +538,3 @@ def save_adapters_sharded(shared: nn.Module, directory: str | os.PathLike, root:
         write_adapters(shared, state, directory)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Lightning strategy
-# ----------------------------------------------------------------------------------------------------------------
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-
-
-def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
-    if name is None:
-        return None
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}") from None
-
-
-try:
-    from lightning.pytorch.plugins.precision import FSDPPrecision as _FSDPPrecision
-    from lightning.pytorch.strategies import FSDPStrategy as _FSDPStrategy
-except ImportError:  # pragma: no cover
-    _FSDPPrecision = object  # type: ignore[assignment,misc]
-    _FSDPStrategy = object  # type: ignore[assignment,misc]
-
-
-class _ModelDtypePrecision(_FSDPPrecision):  # type: ignore[misc,valid-type]
-    """FSDP precision plugin for ``precision: 32-true`` that leaves the model's dtypes alone.
-
-    The model layer chooses them (``backbone.dtype``: bf16 base on CUDA; peft keeps LoRA adapters in float32);
-    Lightning's own ``32-true`` would cast the whole module to float32 and make FSDP compute in float32. FSDP mixed
-    precision comes only from the strategy's ``param_dtype`` / ``reduce_dtype`` / ``buffer_dtype``."""
-
-    def __init__(self, mixed_precision=None):
-        super().__init__("32-true")
-        self._mixed = mixed_precision
-
-    def convert_module(self, module: nn.Module) -> nn.Module:
-        return module
-
-    @property
-    def mixed_precision_config(self):
-        return self._mixed
-
-    def tensor_init_context(self):
-        return contextlib.nullcontext()
-
-    def module_init_context(self):
-        return contextlib.nullcontext()
-
-    def forward_context(self):
-        return contextlib.nullcontext()
-
-
-class ETPOFSDPStrategy(_FSDPStrategy):  # type: ignore[misc,valid-type]
-    """Lightning's ``FSDPStrategy`` configured for the shared-base ETPO model (YAML-friendly: only strings, numbers
-    and lists; classes are resolved against the model when it is wrapped).
-
-    Args:
-        adapters: ``replicate`` (default): LoRA sub-modules are FSDP-ignored -- replicated float32 tensors whose
-            gradients this strategy averages after backward; ``shard``: adapters are flattened with their layer
-            (needs one dtype per unit, i.e. ``backbone.dtype: float32`` with ``param_dtype: bfloat16``; the target
-            update then needs :func:`polyak_update_sharded`, and every decoder unit holds a gradient shard for its
-            frozen weights too).
-        layer_classes: decoder layer class names, one FSDP unit each (default: the model's ``_no_split_modules``).
-        sharding_strategy: ``FULL_SHARD`` (least memory; re-gathers layers for every generated token),
-            ``SHARD_GRAD_OP`` (gathered weights kept from forward to backward: fast generation, base memory like
-            DDP), ``HYBRID_SHARD`` (FULL_SHARD inside a node, replicated across nodes), ``NO_SHARD``.
-        use_orig_params: must stay True (peft's per-adapter ``requires_grad`` and the optimizer's parameter groups).
-        limit_all_gathers: at most two layers gathered ahead (caps unsharded memory).
-        backward_prefetch: ``BACKWARD_PRE`` | ``BACKWARD_POST`` | null.
-        forward_prefetch: issue the next layer's all-gather before the current forward.
-        activation_checkpointing_layers: class names to wrap in FSDP's activation-checkpoint wrapper. Leave null when
-            the model layer checkpoints itself (``backbone.gradient_checkpointing: true``); never both.
-        param_dtype, reduce_dtype, buffer_dtype: FSDP mixed precision (null = keep the stored dtype). Only useful with
-            ``adapters: shard`` and a float32 model.
-        cpu_offload: offload parameter shards to host memory.
-        state_dict_type: ``full`` or ``sharded`` checkpoints. ``full`` with replicated adapters writes
-            adapters-only checkpoint files without any gather (unless ``backbone.checkpoint_base_weights``);
-            ``sharded`` uses Lightning's distributed checkpoint of the whole model.
-        Other keyword arguments go to Lightning's ``FSDPStrategy``.
-
-    Trainer ``precision`` must be ``32-true``, meaning "Lightning does not cast": ``bf16-true`` would cast the float32
-    adapters to bf16 (where a Polyak step of 0.5 % is below bf16 resolution and the target never moves) and
-    ``bf16-mixed`` autocasts the float32-output vocabulary head back to bf16 logits.
-    """
-
-    def __init__(
-        self,
-        adapters: Literal["replicate", "shard"] = "replicate",
-        layer_classes: Optional[list[str]] = None,
-        sharding_strategy: str = "FULL_SHARD",
-        use_orig_params: bool = True,
-        limit_all_gathers: bool = True,
-        backward_prefetch: Optional[str] = "BACKWARD_PRE",
-        forward_prefetch: bool = False,
-        activation_checkpointing_layers: Optional[list[str]] = None,
-        param_dtype: Optional[str] = None,
-        reduce_dtype: Optional[str] = None,
-        buffer_dtype: Optional[str] = None,
-        cpu_offload: bool = False,
-        state_dict_type: Literal["full", "sharded"] = "full",
-        **kwargs: Any,
-    ) -> None:
-        if adapters not in ("replicate", "shard"):
-            raise ValueError(f"adapters must be 'replicate' or 'shard', got {adapters!r}")
-        if not use_orig_params:
-            raise ValueError("use_orig_params must be True: peft mixes frozen and trainable parameters and switches "
-                             "requires_grad per adapter; the optimizer groups are built from the original parameters")
-        from torch.distributed.fsdp import BackwardPrefetch
-
-        self.adapters = adapters
-        self.layer_classes = layer_classes
-        self.activation_checkpointing_layers = activation_checkpointing_layers
-        self._mixed = None
-        if any(x is not None for x in (param_dtype, reduce_dtype, buffer_dtype)):
-            from torch.distributed.fsdp import MixedPrecision
-
-            self._mixed = MixedPrecision(param_dtype=_dtype(param_dtype), reduce_dtype=_dtype(reduce_dtype),
-                                         buffer_dtype=_dtype(buffer_dtype))
-        prefetch = None if backward_prefetch is None else BackwardPrefetch[backward_prefetch]
-        super().__init__(sharding_strategy=sharding_strategy, cpu_offload=cpu_offload, state_dict_type=state_dict_type,
-                         use_orig_params=True, limit_all_gathers=limit_all_gathers, backward_prefetch=prefetch,
-                         forward_prefetch=forward_prefetch, **kwargs)
-
-    # -- precision: the model layer owns the dtypes --------------------------------------------------------------
-    @property
-    def precision_plugin(self):
-        plugin = self._precision_plugin
-        return plugin if plugin is not None else _ModelDtypePrecision(getattr(self, "_mixed", None))
-
-    @precision_plugin.setter
-    def precision_plugin(self, plugin) -> None:
-        if plugin is not None and not isinstance(plugin, _ModelDtypePrecision):
-            precision = getattr(plugin, "precision", None)
-            if precision != "32-true":
-                raise ValueError(
-                    f"ETPOFSDPStrategy needs trainer precision '32-true' (got {precision!r}): the model layer sets the "
-                    "dtypes (backbone.dtype auto = bf16 base on CUDA, float32 LoRA adapters); 'bf16-true' would cast "
-                    "the adapters to bf16, where the Polyak target stops moving, and '*-mixed' autocasts the float32 "
-                    "vocabulary head. Use precision: 32-true (and param_dtype for FSDP mixed precision).")
-            plugin = _ModelDtypePrecision(getattr(self, "_mixed", None))
-        self._precision_plugin = plugin
-
-    # -- wrapping -------------------------------------------------------------------------------------------------
-    def _setup_model(self, model: nn.Module) -> nn.Module:
-        kwargs = fsdp_kwargs(model, self.adapters, self.layer_classes)
-        if self.adapters == "shard":
-            dtypes = {p.dtype for p in model.parameters()}
-            if len(dtypes) > 1:
-                raise ValueError(f"adapters='shard' needs one parameter dtype per FSDP unit, the model has "
-                                 f"{sorted(str(d) for d in dtypes)}: set backbone.dtype: float32 (and param_dtype: "
-                                 "bfloat16), or use adapters: replicate")
-        self.kwargs.update(kwargs)
-        if self.activation_checkpointing_layers:
-            if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
-                raise ValueError("activation_checkpointing_layers is set but the model already checkpoints its layers "
-                                 "(backbone.gradient_checkpointing: true); use one of the two")
-            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-            classes = decoder_layer_classes(model, self.activation_checkpointing_layers)
-            self._activation_checkpointing_kwargs = {"auto_wrap_policy": ModuleWrapPolicy(classes)}
-        wrapped = super()._setup_model(model)
-        if self.adapters == "replicate" and _world() > 1:
-            with torch.no_grad():  # identical replicas from the start (they are seeded alike; this makes it certain)
-                for m in kwargs["ignored_states"]:
-                    for p in m.parameters():
-                        dist.broadcast(p.data, src=0)
-        return wrapped
-
-    # -- replicated adapters: average their gradients after every backward ----------------------------------------
-    def post_backward(self, closure_loss: torch.Tensor) -> None:
-        super().post_backward(closure_loss)
-        if self.adapters == "replicate" and self.model is not None:
-            allreduce_replicated_gradients(self.model.parameters(), self.model)
-
-    # -- checkpoints: adapters only (the frozen base is reloaded from its source) ---------------------------------
-    def _adapters_only(self) -> bool:
-        if self.adapters != "replicate" or self._state_dict_type != "full" or self.lightning_module is None:
-            return False
-        model = getattr(self.lightning_module, "model", None)
-        return not getattr(getattr(model, "config", None), "checkpoint_base_weights", False)
-
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        if not self._adapters_only():
-            return super().lightning_module_state_dict()
-        owner = _param_owner(self.model)
-        return {clean_name(n): p.detach() for n, p in self.lightning_module.named_parameters()
-                if id(p) not in owner}
-
-    def optimizer_state(self, optimizer) -> dict[str, Any]:
-        if not self._adapters_only():
-            return super().optimizer_state(optimizer)
-        from lightning.pytorch.core.optimizer import LightningOptimizer
-
-        if isinstance(optimizer, LightningOptimizer):
-            optimizer = optimizer._optimizer
-        return optimizer.state_dict()
-
-    def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        if not self._adapters_only():
-            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        from lightning.pytorch.trainer.states import TrainerFn
-
-        path = Path(self.broadcast(checkpoint_path))
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False if weights_only is None else weights_only)
-        state = checkpoint.pop("state_dict")
-        params = {clean_name(n): p for n, p in self.lightning_module.named_parameters()}
-        missing = [k for k in state if k not in params]
-        if missing:
-            raise KeyError(f"checkpoint tensors not in the model: {missing[:3]} ...")
-        with torch.no_grad():
-            for k, v in state.items():
-                params[k].copy_(v)
-        optimizer_states = checkpoint.pop("optimizer_states", None)
-        if optimizer_states is not None and self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
-            for optimizer, opt_state in zip(self.optimizers, optimizer_states):
-                optimizer.load_state_dict(opt_state)
-        return checkpoint
-

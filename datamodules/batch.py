@@ -1,0 +1,157 @@
+"""The rollout batch: what the rollout DataModule hands to an algorithm module, typed.
+
+A :class:`RolloutBatch` holds ``B`` transitions ``(s_t, a_t, r_t, s_{t+1})`` as token ids only -- nothing
+vocabulary-sized is stored between rollout and update; every per-token value, log-probability and KL is computed
+by the module inside its training step. Shapes and conventions:
+
+=====================  ==========  =================================================================================
+field                  shape       meaning
+=====================  ==========  =================================================================================
+``prompt_ids/_mask``   [B, P]      the state ``s_t`` exactly as the model read it, **left**-padded (mask 1 = real)
+``action_ids/_mask``   [B, L]      the sampled action ``a_t``, **right**-padded; the mask includes the final EOS
+``rewards``            [B]         ``r_t`` (float32)
+``terminated``         [B] bool    the environment ended the episode (e.g. the code ran)
+``truncated``          [B] bool    the step limit ended the episode
+``next_index``         [B] long    row of the transition that acts in ``s_{t+1}`` when it is in this batch, else -1
+``next_needed``        [K] long    rows whose ``s_{t+1}`` goes on but is not in the batch: their next prompts are
+                                   ``next_prompt_ids/_mask`` [K, P'] (left-padded), in this order
+``env_index``          [B] long    which environment took the step
+``episode_step``       [B] long    steps taken in the episode after this one (1 for a first attempt)
+``runnable``           [B] bool    the environment reported status ``ok`` (for the data-science env: the code ran)
+``policy_version``     int         the module's ``policy_version`` when the batch was sampled (on-policy check)
+``sampling``           -           the sampling settings the actions were drawn with (the behaviour policy)
+``metrics``            -           rollout statistics of this batch (:class:`RolloutMetrics`)
+=====================  ==========  =================================================================================
+
+Episode ends follow the paper: "a done signal will also be received if t reaches a pre-set maximum step limit",
+so :attr:`RolloutBatch.dones` is ``terminated or truncated`` and no value is bootstrapped through either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["GenerationConfig", "RolloutBatch", "RolloutMetrics"]
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling settings shared by every contender (the paper's: temperature 0.5, top-k 50, <= 256 tokens)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.5
+    top_k: int = 50
+    top_p: float = 1.0
+    #: end an action early once its text contains one of these (e.g. a new top-level ``def``/docstring after
+    #: the requested function body); empty = only EOS and max_new_tokens end an action
+    stop_strings: list[str] = field(default_factory=list)
+
+    @property
+    def samples_from_the_policy(self) -> bool:
+        """True when sampling draws from the policy's own distribution (no temperature, top-k or top-p)."""
+        return self.temperature == 1.0 and not self.top_k and self.top_p >= 1.0
+
+
+@dataclass
+class RolloutMetrics:
+    """Rollout statistics of one batch, logged under ``charts/`` by every contender."""
+
+    avg_reward: float
+    best_reward: float
+    runnable_fraction: float
+    env_steps: float
+    sps: float
+    episodes: float
+
+    def as_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RolloutBatch:
+    """``B`` transitions sampled by the current policy (see the module docstring for every field)."""
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    action_ids: Tensor
+    action_mask: Tensor
+    rewards: Tensor
+    terminated: Tensor
+    truncated: Tensor
+    next_index: Tensor
+    next_needed: Tensor
+    env_index: Tensor
+    episode_step: Tensor
+    runnable: Tensor
+    policy_version: int
+    sampling: GenerationConfig
+    metrics: RolloutMetrics
+    next_prompt_ids: Optional[Tensor] = None
+    next_prompt_mask: Optional[Tensor] = None
+
+    def __post_init__(self) -> None:
+        b = self.rewards.shape[0]
+        for name in ("prompt_ids", "prompt_mask", "action_ids", "action_mask", "terminated", "truncated",
+                     "next_index", "env_index", "episode_step", "runnable"):
+            value = getattr(self, name)
+            if value.shape[0] != b:
+                raise ValueError(f"RolloutBatch.{name} has {value.shape[0]} rows, rewards has {b}")
+        k = self.next_needed.numel()
+        if k and (self.next_prompt_ids is None or self.next_prompt_ids.shape[0] != k):
+            raise ValueError(f"RolloutBatch: next_needed lists {k} rows but next_prompt_ids has "
+                             f"{None if self.next_prompt_ids is None else self.next_prompt_ids.shape[0]}")
+
+    def __len__(self) -> int:
+        return int(self.rewards.shape[0])
+
+    @property
+    def dones(self) -> Tensor:
+        """float32 [B]: 1 where the episode ended after this step (terminated or truncated) -- no bootstrap."""
+        return (self.terminated | self.truncated).float()
+
+    @property
+    def device(self) -> torch.device:
+        return self.rewards.device
+
+    def to(self, device: torch.device | str) -> "RolloutBatch":
+        """A copy with every tensor on ``device`` (the other fields shared)."""
+        moved = {f.name: (v.to(device) if isinstance(v, Tensor) else v)
+                 for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
+        return RolloutBatch(**moved)
+
+    def rows(self, index: Tensor | slice) -> "RolloutBatch":
+        """The transitions ``index`` as a batch of their own (padding the subset no longer needs trimmed).
+
+        Links between transitions are dropped (``next_index = -1``, no next prompts): a sub-batch is for methods
+        that look at each transition on its own (minibatches of a surrogate loss, credit displays)."""
+        if isinstance(index, slice):
+            index = torch.arange(len(self), device=self.device)[index]
+        index = index.to(self.device)
+        prompt_ids, prompt_mask = self.prompt_ids[index], self.prompt_mask[index]
+        keep = prompt_mask.sum(0) > 0  # left padding: leading columns no row of the subset uses
+        action_ids, action_mask = self.action_ids[index], self.action_mask[index]
+        width = max(1, int(action_mask.sum(1).max())) if len(index) else 1
+        return RolloutBatch(
+            prompt_ids=prompt_ids[:, keep], prompt_mask=prompt_mask[:, keep],
+            action_ids=action_ids[:, :width], action_mask=action_mask[:, :width],
+            rewards=self.rewards[index], terminated=self.terminated[index], truncated=self.truncated[index],
+            next_index=torch.full_like(self.next_index[index], -1),
+            next_needed=self.next_needed.new_zeros(0),
+            env_index=self.env_index[index], episode_step=self.episode_step[index], runnable=self.runnable[index],
+            policy_version=self.policy_version, sampling=self.sampling, metrics=self.metrics,
+        )
+
+    def prompt_groups(self) -> Tensor:
+        """long [B]: one id per distinct prompt (rows with token-identical states share an id, numbered in order of
+        first appearance). The groups of group-relative methods such as GRPO."""
+        keys: dict[tuple[int, ...], int] = {}
+        ids = []
+        for row, mask in zip(self.prompt_ids.cpu(), self.prompt_mask.cpu()):
+            key = tuple(row[mask.bool()].tolist())
+            ids.append(keys.setdefault(key, len(keys)))
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
