@@ -154,9 +154,11 @@ def trace_targets(
     ``c = 1`` the target is ``r + gamma (1 - done) V(s') + sum_{k > j} (V(ctx_k) - Qbar(ctx_k, w_k))``, whose
     expectation under pi is the on-policy soft return ``r + gamma (1 - done) V(s') - beta sum_{k > j}
     log(pi / pi_bar)(w_k)`` -- and which equals that return token for token when pi is the soft-greedy policy of
-    the target network. For every lambda and any behaviour the fixed point is the soft Q of pi (Retrace,
-    Munos et al. 2016). ``discount_within_action`` multiplies every within-action target by gamma (ETPO(Disc.)).
-    No gradient flows out of it.
+    the target network. For every lambda, any behaviour and any traces in [0, 1] the fixed point is the soft Q of
+    pi: the corrections ``y - Qbar(w)`` have mean zero given the token (Retrace, Munos et al. 2016). Away from it
+    (a lagging target network) the traces decide what the target estimates: ``pi / mu`` would make targets sampled
+    from ``mu`` on-policy ones, Retrace's ``min(1, pi / mu)`` keeps them bounded. ``discount_within_action``
+    multiplies every within-action target by gamma (ETPO(Disc.)). No gradient flows out of it.
     """
     if not 0.0 <= td_lambda <= 1.0:
         raise ValueError(f"td_lambda must be in [0, 1], got {td_lambda}")

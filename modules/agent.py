@@ -20,13 +20,15 @@ checkpoints (adapters only) and exact resume. A module that needs no gradient (t
 returns no optimizer and an empty ``learn``.
 
 Sharded training: with FSDP every forward that is followed by a backward must run inside the root module's forward,
-and a backward must not start inside it (pytorch-lightning #19685, #19626). Lightning's own manual optimisation
-calls ``training_step`` inside the root forward, so the project's FSDP strategy calls ``training_step`` directly
-and :meth:`AgentModule.run_forward` routes each forward phase through the root module (a no-op without sharding).
+and the backward must start after it (pytorch-lightning #19685, #19626; a backward inside it leaves gradients
+unset or wrong, shown in tests/test_scale.py). Lightning's own manual optimisation calls ``training_step`` inside
+the root forward, so the project's FSDP strategy (``modules.strategy``) calls ``training_step`` directly and
+:meth:`AgentModule.run_forward` routes each forward phase through the root module (a no-op without sharding).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass
@@ -78,6 +80,7 @@ class AgentModule(L.LightningModule, metaclass=ABCMeta):
         self._logged_best = -math.inf
         self._pending_call: Optional[tuple] = None
         self._pending_rng: Optional[torch.Tensor] = None
+        self._standalone: Optional[dict] = None
 
     # ---- the contract ------------------------------------------------------------------------------------------
     def act(self, prompts: list[str], generation: GenerationConfig):
@@ -137,6 +140,14 @@ class AgentModule(L.LightningModule, metaclass=ABCMeta):
         """``fn(*args, **kwargs)``, run inside the strategy's root forward when the strategy asks for it (FSDP: the
         root's parameters -- embeddings, vocabulary head -- are full only there); a plain call otherwise. Call
         ``manual_backward`` on what it returns *after* it returns."""
+        if self._standalone is not None:
+            root = self._standalone["root"]
+            if root is self:
+                return fn(*args, **kwargs)
+            from lightning.pytorch.strategies.strategy import _ForwardRedirection
+
+            self._pending_call = (fn, args, kwargs)
+            return _ForwardRedirection()(root, self, "_run_pending_call")
         trainer = self._trainer
         strategy = trainer.strategy if trainer is not None else None
         if strategy is None or not getattr(strategy, "redirects_module_forward", False):
@@ -150,6 +161,40 @@ class AgentModule(L.LightningModule, metaclass=ABCMeta):
         return fn(*args, **kwargs)
 
     # ---- optimisation ------------------------------------------------------------------------------------------
+    def root_model(self) -> torch.nn.Module:
+        """The model optimizers step: the strategy's wrapped model (``trainer.model``; FSDP units included)."""
+        if self._standalone is not None:
+            return self._standalone["root"]
+        return self.trainer.model
+
+    @contextlib.contextmanager
+    def without_trainer(self, optimizers: Optional[list] = None, root: Optional[torch.nn.Module] = None):
+        """Drive :meth:`learn` without a Trainer (benchmarks, the raw-FSDP tests): it steps ``optimizers`` (default:
+        ``configure_optimizers()``), backward is a plain ``loss.backward()``, and ``root`` -- e.g. a
+        ``FullyShardedDataParallel`` around this module -- plays the strategy's wrapped model (forward phases run
+        through its forward; replicated adapter gradients are averaged over ranks after each backward)."""
+        self._standalone = {"root": root if root is not None else self, "optimizers": None}
+        try:
+            if optimizers is None:
+                configured = self.configure_optimizers()
+                configured = configured if isinstance(configured, (list, tuple)) else [configured]
+                optimizers = [c["optimizer"] if isinstance(c, dict) else c for c in configured if c is not None]
+            self._standalone["optimizers"] = list(optimizers)
+            yield self
+        finally:
+            self._standalone = None
+
+    def manual_backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        if self._standalone is None:
+            return super().manual_backward(loss, *args, **kwargs)
+        loss.backward(*args, **kwargs)
+        root = self._standalone["root"]
+        if root is not self:
+            from modules.shared_base.fsdp import allreduce_replicated_gradients
+
+            allreduce_replicated_gradients(root.parameters(), root)
+        return None
+
     def optimizer_step_on(self, optimizer, loss_fn: Callable[..., tuple[torch.Tensor, dict]], *args: Any) -> dict:
         """One optimizer step on ``loss_fn(*args) -> (loss, charts)``: the forward (through :meth:`run_forward`),
         backward, per-group gradient-norm clipping, the step and the optimizer's scheduler, if any. Returns the
@@ -177,7 +222,7 @@ class AgentModule(L.LightningModule, metaclass=ABCMeta):
             if not max_norm:
                 continue
             # every rank takes part, even without local gradients (the norm is collective when sharded)
-            norm = global_grad_norm(group["params"], self.trainer.model)
+            norm = global_grad_norm(group["params"], self.root_model())
             norms[f"charts/grad_norm_{group.get('name', 'group')}"] = float(norm)
             scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
             for p in group["params"]:
@@ -186,6 +231,8 @@ class AgentModule(L.LightningModule, metaclass=ABCMeta):
         return norms
 
     def _scheduler_of(self, optimizer):
+        if self._standalone is not None:
+            return None
         configs = getattr(self.trainer, "lr_scheduler_configs", None) or []
         inner = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer wraps the torch optimizer
         for config in configs:
@@ -195,10 +242,13 @@ class AgentModule(L.LightningModule, metaclass=ABCMeta):
 
     def optimizers_by_name(self) -> dict[str, Any]:
         """The module's optimizers keyed by the ``name`` of their first parameter group."""
-        optimizers = self.optimizers(use_pl_optimizer=True)
-        if not isinstance(optimizers, (list, tuple)):
-            optimizers = [optimizers]
-        return {opt.optimizer.param_groups[0].get("name", str(i)): opt for i, opt in enumerate(optimizers)}
+        if self._standalone is not None:
+            optimizers = self._standalone["optimizers"]
+        else:
+            optimizers = self.optimizers(use_pl_optimizer=True)
+            optimizers = optimizers if isinstance(optimizers, (list, tuple)) else [optimizers]
+        inner = lambda o: getattr(o, "optimizer", o)  # noqa: E731  (LightningOptimizer wraps the torch optimizer)
+        return {inner(opt).param_groups[0].get("name", str(i)): opt for i, opt in enumerate(optimizers)}
 
     # ---- logging -----------------------------------------------------------------------------------------------
     def log_rollout(self, batch: RolloutBatch) -> None:

@@ -130,7 +130,7 @@ class ETPOModule(AgentModule):
         # From the strategy's model, so that sharded (FSDP) parameters are the ones being stepped. Two optimizers:
         # the soft Bellman step and the policy step are separate steps (Algorithm 1), each with its own settings.
         hp = self.hparams
-        wrapped = self.trainer.model
+        wrapped = self.root_model()
         configs = []
         for name, lr, clip, scheduler in (("critic", hp.critic_lr, hp.critic_max_grad_norm, self.critic_lr_scheduler),
                                           ("policy", hp.policy_lr, hp.policy_max_grad_norm, self.policy_lr_scheduler)):
@@ -164,7 +164,7 @@ class ETPOModule(AgentModule):
             charts.update(self.optimizer_step_on(optimizers["critic"], self.critic_loss, batch, plan, targets))
         if hp.train_policy and self.policy_version >= hp.critic_warmup:  # 3.
             charts.update(self.optimizer_step_on(optimizers["policy"], self.policy_loss, batch, plan, targets))
-        polyak_update_sharded(self.model, hp.polyak, self.trainer.model)  # 4.
+        polyak_update_sharded(self.model, hp.polyak, self.root_model())  # 4.
         return charts
 
     @torch.no_grad()

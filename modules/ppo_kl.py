@@ -79,7 +79,7 @@ class PPOKLModule(AgentModule):
     def configure_optimizers(self):
         # one optimizer, two parameter groups: PPO's policy and value losses are summed into one loss per minibatch
         hp = self.hparams
-        wrapped = self.trainer.model
+        wrapped = self.root_model()
         critic = [p for _, p in adapter_parameters(wrapped, "critic", trainable_only=True)]
         critic += [p for n, p in wrapped.named_parameters() if "value_head" in n and p.requires_grad]
         groups = [
@@ -133,7 +133,7 @@ class PPOKLModule(AgentModule):
     def learn(self, batch: RolloutBatch) -> Mapping[str, float]:
         hp = self.hparams
         prepared = self.run_forward(self.prepare_rollout, batch)
-        optimizer = self.optimizers()
+        optimizer = next(iter(self.optimizers_by_name().values()))
         n = len(batch)
         size = min(hp.minibatch_size, n)
         charts: dict[str, float] = {}

@@ -2,9 +2,11 @@
 
 What sharding a peft model needs, and the helpers this strategy applies, are in :mod:`modules.shared_base.fsdp`.
 Besides wrapping, precision and adapter-only checkpoints, the strategy runs the modules' manual optimisation the
-way FSDP1 allows it: Lightning calls ``training_step`` inside the root module's forward, where a backward cannot
-start (pytorch-lightning #19685, #19626), so :class:`ETPOFSDPStrategy` calls ``training_step`` directly and the
-module routes each forward phase through the root (``AgentModule.run_forward``), backward following outside it.
+way FSDP1 allows it: Lightning calls ``training_step`` inside the root module's forward, and a backward started
+there is not supported (pytorch-lightning #19685, #19626) -- with torch 2.13 on CPU it raises nothing but leaves
+some gradients unset and others wrong (shown in tests/test_scale.py::test_fsdp_adapters_on_two_cpu_ranks). So
+:class:`ETPOFSDPStrategy` calls ``training_step`` directly and the module routes each forward phase through the
+root (``AgentModule.run_forward``), its backward following outside it.
 """
 
 from __future__ import annotations

@@ -11,13 +11,17 @@ import pytest
 import torch
 
 from etpo.objectives import (
+    behaviour_log_probs,
     critic_loss,
     optimal_policy_logits,
     policy_loss,
     q_from_critic,
+    soft_q_regression,
     soft_value,
     targets_from_values,
     token_targets,
+    trace_coefficients,
+    trace_targets,
 )
 
 
@@ -323,3 +327,200 @@ def test_library_targets_are_the_fixed_point_of_the_token_recursion(disc):
         assert abs(v0 - mdp.v_action("s0")) > 1e-3
     else:
         assert v0 == pytest.approx(mdp.v_action("s0"), abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Token-level soft TD(lambda) in Retrace form (trace_targets), the behaviour policy, the traces
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("disc", [False, True])
+def test_trace_targets_match_plain_loop(lam, disc):
+    b = _random_batch(seed=3)
+    g = torch.Generator().manual_seed(4)
+    B, L, _ = b["pi"].shape
+    values = torch.randn(B, L, generator=g, dtype=torch.float64)
+    q_taken = torch.randn(B, L, generator=g, dtype=torch.float64)
+    traces = torch.rand(B, L, generator=g, dtype=torch.float64)
+    gamma = 0.9
+    got = trace_targets(values, q_taken, traces, b["mask"], b["rewards"], b["dones"], b["next_values"], gamma, lam,
+                        discount_within_action=disc)
+    expected = np.zeros((B, L))
+    for i in range(B):
+        n = int(b["mask"][i].sum())
+        y = float(b["rewards"][i] + gamma * (1 - b["dones"][i]) * b["next_values"][i])
+        expected[i, n - 1] = y
+        for j in range(n - 2, -1, -1):
+            y = float(values[i, j + 1] + lam * traces[i, j + 1] * (y - q_taken[i, j + 1]))
+            y = gamma * y if disc else y
+            expected[i, j] = y
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-12)
+    if lam == 0.0:  # Eq. 6 exactly
+        eq6 = targets_from_values(values, b["mask"], b["rewards"], b["dones"], b["next_values"], gamma, disc)
+        assert torch.allclose(got, eq6, atol=1e-12)
+
+
+def test_lambda_one_is_the_soft_return_when_pi_is_soft_greedy_for_the_target():
+    """With lambda = 1 and no trace cuts, each target is r + gamma (1 - done) V(s') - beta * the later tokens'
+    log(pi / pi_bar), token for token, when pi is the optimal soft policy of the target network."""
+    b = _random_batch(seed=5)
+    beta, gamma = 0.3, 0.9
+    pi = optimal_policy_logits(b["ref"], b["target_q"], beta)
+    values, _ = soft_value(b["target_q"], pi, b["ref"], beta)
+    taken = b["actions"].unsqueeze(-1)
+    q_taken = b["target_q"].gather(-1, taken).squeeze(-1)
+    got = trace_targets(values, q_taken, torch.ones_like(values), b["mask"], b["rewards"], b["dones"],
+                        b["next_values"], gamma, 1.0)
+    log_ratio = (pi.log_softmax(-1) - b["ref"].log_softmax(-1)).gather(-1, taken).squeeze(-1)
+    B, L = values.shape
+    for i in range(B):
+        n = int(b["mask"][i].sum())
+        final = float(b["rewards"][i] + gamma * (1 - b["dones"][i]) * b["next_values"][i])
+        for j in range(n):
+            soft_return = final - beta * float(log_ratio[i, j + 1:n].sum())
+            assert got[i, j].item() == pytest.approx(soft_return, abs=1e-9)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.5, 0, 1.0), (0.7, 4, 1.0), (1.0, 0, 0.8), (0.5, 5, 0.9)])
+def test_behaviour_log_probs_equal_transformers_sampling_warpers(temperature, top_k, top_p):
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(3, 4, 11, generator=g) * 2
+    actions = torch.randint(0, 11, (3, 4), generator=g)
+    got = behaviour_log_probs(logits, actions, temperature, top_k, top_p)
+    flat = logits.reshape(-1, 11)
+    scores = TemperatureLogitsWarper(temperature)(None, flat.clone())
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    want = scores.log_softmax(-1).gather(-1, actions.reshape(-1, 1)).reshape(3, 4)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-6)
+    assert torch.equal(trace_coefficients(got, None), torch.ones_like(got))
+    assert (trace_coefficients(torch.zeros_like(got), got) <= 1).all()
+
+
+def test_soft_q_regression_equals_critic_loss_on_gathered_q():
+    b = _random_batch()
+    targets = torch.randn(4, 6, dtype=torch.float64)
+    q_taken = b["target_q"].gather(-1, b["actions"].unsqueeze(-1)).squeeze(-1)
+    for delta in (None, 0.5):
+        assert soft_q_regression(q_taken, targets, b["mask"], delta).item() == pytest.approx(
+            critic_loss(b["target_q"], b["actions"], targets, b["mask"], delta).item(), rel=1e-12)
+
+
+class PolicyMDP(TinyMDP):
+    """TinyMDP with an arbitrary (not soft-optimal) token policy pi, a behaviour mu != pi (pi at temperature 0.5),
+    and pi's exact soft Q by the token-level recursion -- the fixed point TD(lambda) must keep."""
+
+    def __init__(self, beta, gamma, seed=0):
+        super().__init__(beta, gamma, seed)
+        self._pi = {}
+
+    def pi_logits(self, state, prefix):
+        key = (state, prefix)
+        if key not in self._pi:
+            self._pi[key] = self.rng.normal(size=VOCAB) * 1.5
+        return self._pi[key]
+
+    def probs(self, state, prefix, temperature=1.0):
+        z = self.pi_logits(state, prefix) / temperature
+        return np.exp(z - np.logaddexp.reduce(z))
+
+    def q_pi(self, state, prefix):
+        q = np.zeros(VOCAB)
+        for w in range(VOCAB):
+            a = prefix + (w,)
+            if self.ends(a):
+                nxt = 0.0 if self.terminal_after(state) else self.v_pi(self.next_state(state, a), ())
+                q[w] = self.reward(state, a) + self.gamma * nxt
+            else:
+                q[w] = self.v_pi(state, a)
+        return q
+
+    def v_pi(self, state, prefix):
+        pi = self.probs(state, prefix)
+        lg = self.ref_logits(state, prefix)
+        log_ratio = np.log(pi) - (lg - np.logaddexp.reduce(lg))
+        return float(np.sum(pi * (self.q_pi(state, prefix) - self.beta * log_ratio)))
+
+
+def _expected_trace_targets(mdp, state, lam, temperature, traces_kind, perturb=0.0):
+    """E_mu[y_j | ctx_j, w_j] for every (prefix, token) of ``state``, by enumerating every continuation under mu
+    (pi at ``temperature``), with y from the library's trace_targets. Qbar = pi's exact soft Q (plus ``perturb``
+    noise: a lagging target network), V = the soft values of Qbar under pi. ``traces_kind``: ``none`` (c = 1),
+    ``retrace`` (min(1, pi / mu)) or ``importance`` (pi / mu, untruncated)."""
+    rng = np.random.default_rng(11)
+    noise = {}
+
+    def qbar(prefix):
+        if prefix not in noise:
+            noise[prefix] = perturb * rng.normal(size=VOCAB)
+        return mdp.q_pi(state, prefix) + noise[prefix]
+
+    def vbar(prefix):
+        pi = mdp.probs(state, prefix)
+        lg = mdp.ref_logits(state, prefix)
+        return float(np.sum(pi * (qbar(prefix) - mdp.beta * (np.log(pi) - (lg - np.logaddexp.reduce(lg))))))
+
+    actions = mdp.actions()
+    B = len(actions)
+    values = torch.zeros(B, MAX_LEN, dtype=torch.float64)
+    q_taken = torch.zeros_like(values)
+    traces = torch.ones_like(values)
+    mask = torch.zeros_like(values)
+    rewards = torch.zeros(B, dtype=torch.float64)
+    next_values = torch.zeros(B, dtype=torch.float64)
+    done = 1.0 if mdp.terminal_after(state) else 0.0
+    for i, a in enumerate(actions):
+        for j, w in enumerate(a):
+            values[i, j] = vbar(a[:j])
+            q_taken[i, j] = qbar(a[:j])[w]
+            ratio = mdp.probs(state, a[:j])[w] / mdp.probs(state, a[:j], temperature)[w]
+            traces[i, j] = {"none": 1.0, "retrace": min(1.0, ratio), "importance": ratio}[traces_kind]
+            mask[i, j] = 1.0
+        rewards[i] = mdp.reward(state, a)
+        if not done:
+            next_values[i] = mdp.v_pi(mdp.next_state(state, a), ())
+    y = trace_targets(values, q_taken, traces, mask, rewards, torch.full((B,), done, dtype=torch.float64),
+                      next_values, mdp.gamma, lam)
+    expected = {}
+    for i, a in enumerate(actions):
+        for j in range(len(a)):
+            weight = np.prod([mdp.probs(state, a[:k], temperature)[a[k]] for k in range(j + 1, len(a))])
+            key = a[: j + 1]
+            expected[key] = expected.get(key, 0.0) + weight * float(y[i, j])
+    return expected
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("state", ["s0", "s1_1"])
+@pytest.mark.parametrize("traces_kind", ["none", "retrace"])
+def test_the_soft_q_of_pi_stays_the_fixed_point_of_td_lambda_under_a_behaviour_policy(lam, state, traces_kind):
+    """Appendix-A MDP, enumerated: with Qbar = Q^pi and V = V^pi, the expected TD(lambda) target of every taken
+    token under the sampling policy mu (pi at temperature 0.5) is Q^pi of that token -- for every lambda, with or
+    without trace cuts (the Retrace form's corrections y - Qbar(w) have mean zero given the token)."""
+    mdp = PolicyMDP(beta=0.4, gamma=0.9, seed=7)
+    for temperature in (0.5, 1.0):
+        expected = _expected_trace_targets(mdp, state, lam, temperature, traces_kind)
+        for key, value in expected.items():
+            assert value == pytest.approx(mdp.q_pi(state, key[:-1])[key[-1]], abs=1e-9), (temperature, key)
+
+
+@pytest.mark.parametrize("state", ["s0", "s1_1"])
+def test_importance_traces_turn_behaviour_samples_into_on_policy_targets(state):
+    """Away from the fixed point (a lagging target network, Qbar != Q^pi) the traces decide what a target
+    estimates: per-decision importance weights pi / mu make the expected target under mu the on-policy one (under
+    pi), uncut traces (c = 1) do not; Retrace's cut weights min(1, pi / mu) trade that bias for bounded traces."""
+    mdp = PolicyMDP(beta=0.4, gamma=0.9, seed=7)
+    on_policy = _expected_trace_targets(mdp, state, 1.0, 1.0, "none", perturb=0.5)
+    importance = _expected_trace_targets(mdp, state, 1.0, 0.5, "importance", perturb=0.5)
+    uncut = _expected_trace_targets(mdp, state, 1.0, 0.5, "none", perturb=0.5)
+    retrace = _expected_trace_targets(mdp, state, 1.0, 0.5, "retrace", perturb=0.5)
+    gap = lambda x: max(abs(x[k] - on_policy[k]) for k in on_policy)  # noqa: E731
+    assert gap(importance) < 1e-9
+    assert gap(uncut) > 1e-2 and gap(retrace) > 1e-9
