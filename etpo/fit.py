@@ -117,7 +117,7 @@ class ETPOCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run_dir", type=str | None, default=None,
-                            help="directory of this run (default: runs/<config file name>)")
+                            help="directory of this run (default: runs/<config file names joined by +>)")
         parser.add_argument("--ckpt_path", type=str | None, default=None,
                             help="'last' (or a checkpoint path) to resume the run in --run_dir")
 
@@ -127,8 +127,10 @@ class ETPOCLI(LightningCLI):
         apply_hardware_fallback(cfg["trainer"])
         run_dir = cfg.get("run_dir")
         if not run_dir:
+            # base + overlays (--config configs/quickstart.yaml --config configs/contenders/ppo_kl.yaml) name the run
+            # after all of them, runs/quickstart+ppo_kl: one overlay on two settings gets two directories
             configs = cfg.get("config") or []
-            stem = Path(str(configs[-1])).stem if configs else "run"
+            stem = "+".join(Path(str(c)).stem for c in configs) if configs else "run"
             run_dir = os.path.join("runs", stem)
         cfg["run_dir"] = run_dir
         trainer_cfg = cfg["trainer"]
