@@ -109,7 +109,8 @@ class RunArtifacts(Callback):
     def summary_line(self, summary: dict) -> str:
         """The one line a finished run prints: what ran, the best reward and where it was found, where to look."""
         best = summary["best_reward"]
-        found = "no reward yet" if best is None else f"best reward {best:.4f} at environment step {summary['best_env_step']}"
+        found = ("no reward yet" if best is None
+                 else f"best reward {best:.4f} at environment step {summary['best_env_step']}")
         what = summary["contender"] + (f" on {summary['dataset']}" if summary.get("dataset") else "")
         return (f"etpo.fit: {what}: {found} ({summary['env_steps']} environment steps, {summary['updates']} updates, "
                 f"{summary['wall_time_s']:.0f} s); results in {self.run_dir}/ (summary.json, best_code.py)")
