@@ -8,10 +8,11 @@ folder. The benchmark config is a small YAML (read with omegaconf)::
     budget: 500                        # environment steps per run (--data.budget)
     seeds: 5                           # an int n (= seeds 0..n-1) or a list; seed k = train/validation split k
     datasets: [breast_w, cmc]          # --data.env.init_args.dataset
-    contenders:                        # name: an etpo.fit config, or {config: ..., overrides: [...] | {key: value}}
-      reflection: configs/reflection_cpu.yaml
-      ppo_kl: configs/ppo_kl_cpu.yaml
-      etpo: {config: configs/quickstart.yaml, overrides: ["--model.init_args.beta=0.01"]}
+    base: configs/quickstart.yaml      # the setting: every run's first --config (null: contenders are whole configs)
+    contenders:                        # name: an overlay on the base, or {config: ..., overrides: [...] | {key: value}}
+      reflection: configs/contenders/reflection.yaml
+      ppo_kl: {config: configs/contenders/ppo_kl.yaml, overrides: ["--model.init_args.ppo_epochs=2"]}
+      etpo: null                       # null: the base alone (it is ETPO)
     overrides: []                      # extra etpo.fit arguments for every run
     env_override: dotted               # how the dataset / split reach etpo.fit (see below)
     jobs: 1                            # runs at a time (several fit on one GPU; mind the memory)
@@ -25,14 +26,15 @@ command line as ``key=value`` or ``--key=value`` (omegaconf dotlist: ``--budget=
 
 One run (contender c, dataset d, seed k) is::
 
-    python -m etpo.fit --config <c.config> --run_dir <out>/runs/<c>/<d>/seed<k>
+    python -m etpo.fit [--config <base>] [--config <c.config>] --run_dir <out>/runs/<c>/<d>/seed<k>
         --data.env.init_args.dataset=<d> --data.env.init_args.split_seed=<k> --data.seed=<k> --data.budget=<N>
         --seed_everything=<k> <overrides> <c.overrides> [--ckpt_path last]
 
-so all contenders share the 5 train/validation splits. With ``env_override: file`` the dataset and split are passed
-instead as a second ``--config <run_dir>/benchmark_env.yaml`` holding the contender config's whole ``data.env``
-with ``init_args.dataset`` / ``init_args.split_seed`` replaced (for a DataModule whose ``env`` argument is a plain
-dict, which jsonargparse cannot override key by key).
+so all contenders share the 5 train/validation splits, and -- composed from one base -- everything else of the
+setting. With ``env_override: file`` the dataset and split are passed instead as a last
+``--config <run_dir>/benchmark_env.yaml`` holding the composed ``data.env`` of base and overlay with
+``init_args.dataset`` / ``init_args.split_seed`` replaced (for a DataModule whose ``env`` argument is a plain dict,
+which jsonargparse cannot override key by key).
 
 Resumable: a run whose ``summary.json`` says ``finished`` is skipped; a run directory holding checkpoints is
 resumed with ``--ckpt_path last``; anything else starts afresh. stdout/stderr of every run go to
@@ -69,7 +71,7 @@ _ENV_MODES = ("dotted", "file")
 @dataclass
 class Contender:
     name: str
-    config: str
+    config: Optional[str]            # a whole etpo.fit config, or an overlay on BenchmarkConfig.base (None: the base)
     overrides: list[str] = field(default_factory=list)
 
 
@@ -87,10 +89,15 @@ class BenchmarkConfig:
     fit_cmd: Optional[list[str]] = None
     preflight: str = "auto"
     report: dict = field(default_factory=lambda: {"within": None, "ddof": 1, "paper": False})
+    base: Optional[str] = None       # the setting's config, first --config of every run
 
     @property
     def runs_dir(self) -> Path:
         return Path(self.out) / "runs"
+
+    def config_files(self, contender: Contender) -> list[str]:
+        """The ``--config`` files of one contender's runs, in order: the base, then the contender's overlay."""
+        return [c for c in (self.base, contender.config) if c]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -165,18 +172,21 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"unknown benchmark config keys {unknown}; known: {sorted(known)}")
+    base = None if raw.get("base") is None else str(raw["base"])
     contenders = []
     for name, spec in (raw.get("contenders") or {}).items():
-        if isinstance(spec, str):
+        if isinstance(spec, str) or spec is None:
             contenders.append(Contender(str(name), spec))
         elif isinstance(spec, dict) and "config" in spec:
             extra = sorted(set(spec) - {"config", "overrides"})
             if extra:
                 raise ValueError(f"contender {name}: unknown keys {extra} (use config, overrides)")
-            contenders.append(Contender(str(name), str(spec["config"]),
+            contenders.append(Contender(str(name), None if spec["config"] is None else str(spec["config"]),
                                         _override_list(spec.get("overrides"), f"contender {name}")))
         else:
             raise ValueError(f"contender {name}: give a config path or {{config: ..., overrides: ...}}, got {spec!r}")
+        if contenders[-1].config is None and base is None:
+            raise ValueError(f"contender {name}: no config, and no base to run as it is; name a config or set base")
     if not contenders:
         raise ValueError("the benchmark config names no contenders")
     datasets = [str(d) for d in (raw.get("datasets") or [])]
@@ -197,6 +207,7 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
         fit_cmd=shlex.split(raw["fit_cmd"]) if isinstance(raw.get("fit_cmd"), str) else raw.get("fit_cmd"),
         preflight=str(raw.get("preflight", "auto")).lower(),
         report=report,
+        base=base,
     )
     if cfg.preflight not in ("auto", "true", "false"):
         raise ValueError(f"preflight must be auto, true or false, got {cfg.preflight!r}")
@@ -248,16 +259,23 @@ def run_state(run_dir: str | os.PathLike) -> str:
     return "new"
 
 
-def _env_spec_with(config_path: str, dataset: str, seed: int) -> dict:
-    """The contender config's ``data.env`` with ``init_args.dataset`` / ``init_args.split_seed`` replaced."""
+def _env_spec_with(config_paths: Sequence[str], dataset: str, seed: int) -> dict:
+    """The ``data.env`` that the configs compose to (later files override earlier ones; a new ``class_path`` starts
+    the ``init_args`` afresh) with ``init_args.dataset`` / ``init_args.split_seed`` replaced."""
     from omegaconf import OmegaConf
 
-    raw = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
-    env = ((raw or {}).get("data") or {}).get("env")
-    if not isinstance(env, dict) or "class_path" not in env:
-        raise ValueError(f"{config_path} has no data.env with a class_path (needed for env_override: file)")
-    env = dict(env)
-    env["init_args"] = {**(env.get("init_args") or {}), "dataset": dataset, "split_seed": seed}
+    env: dict = {}
+    for path in config_paths:
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        layer = ((raw or {}).get("data") or {}).get("env")
+        if not isinstance(layer, dict):
+            continue
+        if layer.get("class_path", env.get("class_path")) != env.get("class_path"):
+            env = {}
+        env = {**env, **layer, "init_args": {**(env.get("init_args") or {}), **(layer.get("init_args") or {})}}
+    if "class_path" not in env:
+        raise ValueError(f"{' + '.join(config_paths)}: no data.env with a class_path (needed for env_override: file)")
+    env["init_args"] = {**env["init_args"], "dataset": dataset, "split_seed": seed}
     return {"data": {"env": env}}
 
 
@@ -266,7 +284,7 @@ def build_command(cfg: BenchmarkConfig, contender: Contender, dataset: str, seed
     """The ``etpo.fit`` argument list of one run (see the module docstring for the exact form)."""
     fit_cmd = list(fit_cmd or cfg.fit_cmd or DEFAULT_FIT_CMD)
     run_dir = str(run_dir)
-    cmd = fit_cmd + ["--config", contender.config]
+    cmd = fit_cmd + [arg for path in cfg.config_files(contender) for arg in ("--config", path)]
     if cfg.env_override == "file":
         cmd += ["--config", str(Path(run_dir) / "benchmark_env.yaml"), "--run_dir", run_dir]
     else:
@@ -296,7 +314,7 @@ def plan(cfg: BenchmarkConfig, fit_cmd: Optional[Sequence[str]] = None, only: Op
                 cmd = build_command(cfg, c, dataset, seed, run_dir, resume=state == "resume", fit_cmd=fit_cmd)
                 env_file = None
                 if cfg.env_override == "file" and state != "finished" and with_env_files:
-                    env_file = _env_spec_with(c.config, dataset, seed)
+                    env_file = _env_spec_with(cfg.config_files(c), dataset, seed)
                 specs.append(RunSpec(c.name, dataset, seed, run_dir, cmd, state, env_file))
     return specs
 
@@ -556,17 +574,17 @@ def run_benchmark(cfg: BenchmarkConfig, fit_cmd: Optional[Sequence[str]] = None,
                   poll_s: float = 0.5) -> list[RunResult]:
     """Plan, run (unless ``dry_run``: print the commands) and report. Returns the run results (empty when dry)."""
     specs = plan(cfg, fit_cmd, only, with_env_files=not dry_run)
-    missing = sorted({c.config for c in cfg.contenders
-                      if (not only or c.name in only) and not Path(c.config).is_file()})
+    missing = sorted({path for c in cfg.contenders if not only or c.name in only
+                      for path in cfg.config_files(c) if not Path(path).is_file()})
     if dry_run:
         for s in specs:
             note = {"finished": "# finished, skipped: ", "resume": "# resume: ", "new": ""}[s.state]
             print(note + shlex.join(s.command))
         if missing:
-            print(f"# warning: contender configs not found: {missing}", file=sys.stderr)
+            print(f"# warning: configs not found: {missing}", file=sys.stderr)
         return []
     if missing:
-        raise FileNotFoundError(f"contender configs not found: {missing}")
+        raise FileNotFoundError(f"benchmark configs not found (base or contender): {missing}")
     check = cfg.preflight == "true" or (cfg.preflight == "auto" and not fit_cmd and not cfg.fit_cmd)
     if check:
         problems = preflight(specs)

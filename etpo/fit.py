@@ -103,6 +103,17 @@ class RunArtifacts(Callback):
             save_adapters_sharded(pl_module.model, self.run_dir / "adapters", trainer.strategy.model,
                                   is_global_zero=trainer.is_global_zero)
         self._write_summary(trainer, finished=True)
+        if trainer.is_global_zero and self._stats(trainer) is not None:
+            print(self.summary_line(self.summary(trainer, finished=True)), flush=True)
+
+    def summary_line(self, summary: dict) -> str:
+        """The one line a finished run prints: what ran, the best reward and where it was found, where to look."""
+        best = summary["best_reward"]
+        found = ("no reward yet" if best is None
+                 else f"best reward {best:.4f} at environment step {summary['best_env_step']}")
+        what = summary["contender"] + (f" on {summary['dataset']}" if summary.get("dataset") else "")
+        return (f"etpo.fit: {what}: {found} ({summary['env_steps']} environment steps, {summary['updates']} updates, "
+                f"{summary['wall_time_s']:.0f} s); results in {self.run_dir}/ (summary.json, best_code.py)")
 
     def state_dict(self) -> dict:
         return {"best_written": self._best_written, "batches_written": self._batches_written}
@@ -117,7 +128,7 @@ class ETPOCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run_dir", type=str | None, default=None,
-                            help="directory of this run (default: runs/<config file name>)")
+                            help="directory of this run (default: runs/<config file names joined by +>)")
         parser.add_argument("--ckpt_path", type=str | None, default=None,
                             help="'last' (or a checkpoint path) to resume the run in --run_dir")
 
@@ -127,8 +138,10 @@ class ETPOCLI(LightningCLI):
         apply_hardware_fallback(cfg["trainer"])
         run_dir = cfg.get("run_dir")
         if not run_dir:
+            # base + overlays (--config configs/quickstart.yaml --config configs/contenders/ppo_kl.yaml) name the run
+            # after all of them, runs/quickstart+ppo_kl: one overlay on two settings gets two directories
             configs = cfg.get("config") or []
-            stem = Path(str(configs[-1])).stem if configs else "run"
+            stem = "+".join(Path(str(c)).stem for c in configs) if configs else "run"
             run_dir = os.path.join("runs", stem)
         cfg["run_dir"] = run_dir
         trainer_cfg = cfg["trainer"]
@@ -146,8 +159,9 @@ class ETPOCLI(LightningCLI):
                 (Path(run_dir) / stale).unlink(missing_ok=True)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        from lightning.pytorch.callbacks import ModelCheckpoint
+        from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 
+        from etpo.console import RolloutProgressBar
         from etpo.credit import TokenCreditCallback
 
         run_dir = self.config["run_dir"]
@@ -158,19 +172,28 @@ class ETPOCLI(LightningCLI):
             # which tokens the contender credits: HTML under <run_dir>/credit/, a summary in TensorBoard
             TokenCreditCallback(every_n_steps=10, max_examples=4),
         ]
-        trainer = super().instantiate_trainer(**kwargs)
-        trainer.callbacks.extend(extra)
-        return trainer
+        configured = self.config_init["trainer"].get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        if self.config["trainer"].get("enable_progress_bar") is not False and \
+                not any(isinstance(c, ProgressBar) for c in configured):
+            extra.append(RolloutProgressBar())
+        # Handed to the Trainer at construction (LightningCLI's persistent callbacks), not appended afterwards: with a
+        # ModelCheckpoint and a progress bar of ours, Lightning adds neither of its defaults (no second checkpoint
+        # file, no litmodels tip).
+        self.trainer_defaults = {**self.trainer_defaults, "callbacks": extra}
+        return super().instantiate_trainer(**kwargs)
 
 
 def main(args: list[str] | None = None) -> ETPOCLI | None:
     from jsonargparse import ArgumentError
 
     from datamodules.rollout import RolloutDataModule
+    from etpo.console import quiet_console
     from etpo.malloc import maybe_release_freed_memory
     from modules.agent import AgentModule
 
     maybe_release_freed_memory()  # opt-in (ETPO_RELEASE_FREED_MEMORY=1): smaller resident size, slower steps
+    quiet_console()  # no Lightning tips, no warnings about our deliberate choices (etpo/console.py)
     trainer_defaults = {"max_epochs": 1, "num_sanity_val_steps": 0, "limit_val_batches": 0, "log_every_n_steps": 1,
                         "enable_model_summary": False}
     try:

@@ -43,9 +43,9 @@ STUB = textwrap.dedent(r'''
         fh.write(json.dumps(argv) + "\n")
     print("stub fit running in", run_dir)
     dataset = opts.get("--data.env.init_args.dataset")
-    if dataset is None:  # env_override: file -> read the second config
+    if dataset is None:  # env_override: file -> read the last config
         import yaml
-        env = yaml.safe_load(open(opts["--config"][1]))["data"]["env"]
+        env = yaml.safe_load(open(opts["--config"][-1]))["data"]["env"]
         dataset = env["init_args"]["dataset"]
     if (Path(os.environ["STUB_FAIL_DIR"]) / dataset).exists():
         print("stub: failing on purpose", file=sys.stderr)
@@ -180,7 +180,7 @@ def _dump(cfg: benchmark.BenchmarkConfig, tmp_path: Path) -> Path:
 
     data = {"out": cfg.out, "budget": cfg.budget, "seeds": cfg.seeds, "datasets": cfg.datasets,
             "contenders": {c.name: {"config": c.config, "overrides": c.overrides} for c in cfg.contenders},
-            "overrides": cfg.overrides}
+            "overrides": cfg.overrides, "base": cfg.base}
     path = tmp_path / "bench.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -230,3 +230,64 @@ def test_preflight_catches_overrides_that_do_not_take_effect(tmp_path, stub, mon
     with pytest.raises(ValueError, match="data.env.init_args.dataset resolves to None, not 'cmc'"):
         benchmark.run_benchmark(cfg, stub["cmd"], show_progress=False, poll_s=0.02, report=False)
     assert len(stub["calls"]()) == 4  # nothing ran after the failed preflight
+
+
+def _base_and_overlays(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "model:\n  class_path: modules.etpo.ETPOModule\n"
+        "data:\n  env:\n    class_path: envs.datascience.DataScienceEnv\n"
+        "    init_args: {dataset: breast_w, max_steps: 5, reflection: true, split_seed: 0}\n")
+    (tmp_path / "one_step.yaml").write_text("data:\n  env:\n    init_args: {max_steps: 1, reflection: false}\n")
+    (tmp_path / "toy_env.yaml").write_text("data:\n  env:\n    class_path: envs.toy.TargetCharsEnv\n"
+                                           "    init_args: {target_chars: ab}\n")
+    (tmp_path / "ppo.yaml").write_text("model:\n  class_path: modules.ppo_kl.PPOKLModule\n")
+
+
+def test_contenders_compose_the_base_and_their_overlay(tmp_path):
+    _base_and_overlays(tmp_path)
+    cfg = make_config(tmp_path, base=str(tmp_path / "base.yaml"),
+                      contenders={"etpo": None, "ppo_kl": {"config": str(tmp_path / "ppo.yaml"),
+                                                           "overrides": ["--model.init_args.ppo_epochs=2"]}})
+    etpo, ppo = cfg.contenders
+    assert etpo.config is None and cfg.config_files(etpo) == [str(tmp_path / "base.yaml")]
+    cmd = benchmark.build_command(cfg, ppo, "cmc", 3, "out/runs/ppo_kl/cmc/seed3", fit_cmd=["FIT"])
+    assert cmd == ["FIT", "--config", str(tmp_path / "base.yaml"), "--config", str(tmp_path / "ppo.yaml"),
+                   "--run_dir", "out/runs/ppo_kl/cmc/seed3", "--data.env.init_args.dataset=cmc",
+                   "--data.env.init_args.split_seed=3", "--data.seed=3", "--data.budget=32", "--seed_everything=3",
+                   "--trainer.accelerator=cpu", "--model.init_args.ppo_epochs=2"]
+    assert benchmark.build_command(cfg, etpo, "cmc", 3, "d", fit_cmd=["FIT"])[:4] == \
+        ["FIT", "--config", str(tmp_path / "base.yaml"), "--run_dir"]
+    # run naming and order do not depend on how a contender's config is composed
+    assert [s.name for s in benchmark.plan(cfg, ["FIT"])][:2] == ["etpo/breast_w/seed0", "ppo_kl/breast_w/seed0"]
+    assert benchmark.plan(cfg, ["FIT"])[1].run_dir == cfg.runs_dir / "ppo_kl" / "breast_w" / "seed0"
+    with pytest.raises(ValueError, match="no config, and no base"):
+        make_config(tmp_path, contenders={"etpo": None})
+
+
+def test_env_override_file_composes_base_and_overlay(tmp_path, stub):
+    _base_and_overlays(tmp_path)
+    cfg = make_config(tmp_path, base=str(tmp_path / "base.yaml"), env_override="file", seeds=[4], datasets=["pc1"],
+                      contenders={"one_step": str(tmp_path / "one_step.yaml"), "toy": str(tmp_path / "toy_env.yaml")})
+    results = benchmark.run_benchmark(cfg, stub["cmd"], show_progress=False, poll_s=0.02, report=False)
+    assert [r.status for r in results] == ["ok", "ok"], [r.error for r in results]
+    import yaml
+
+    def env_of(name):
+        return yaml.safe_load((cfg.runs_dir / name / "pc1" / "seed4" / "benchmark_env.yaml").read_text())["data"]["env"]
+
+    assert env_of("one_step") == {"class_path": "envs.datascience.DataScienceEnv",  # base + overlay, merged
+                                  "init_args": {"dataset": "pc1", "max_steps": 1, "reflection": False,
+                                                "split_seed": 4}}
+    assert env_of("toy") == {"class_path": "envs.toy.TargetCharsEnv",  # a new class_path starts afresh
+                             "init_args": {"target_chars": "ab", "dataset": "pc1", "split_seed": 4}}
+    one_step_call = next(c for c in stub["calls"]() if str(tmp_path / "one_step.yaml") in c)
+    configs = [one_step_call[i + 1] for i, a in enumerate(one_step_call) if a == "--config"]
+    assert configs == [str(tmp_path / "base.yaml"), str(tmp_path / "one_step.yaml"),
+                       str(cfg.runs_dir / "one_step" / "pc1" / "seed4" / "benchmark_env.yaml")]
+
+
+def test_a_missing_base_is_reported_before_anything_runs(tmp_path, stub):
+    cfg = make_config(tmp_path, base=str(tmp_path / "nowhere.yaml"))
+    with pytest.raises(FileNotFoundError, match="nowhere.yaml"):
+        benchmark.run_benchmark(cfg, stub["cmd"], show_progress=False, poll_s=0.02, report=False)
+    assert stub["calls"]() == []

@@ -1,61 +1,204 @@
-"""Every shipped experiment config parses (types, class paths, keys) with the real CLI, and contender configs
-differ from ETPO's only in the model section -- the contenders meet on the same environment, budget and splits."""
+"""The shipped configs: one complete base per setting, short contender / ablation overlays on top of them.
+
+Every combination a user is told to run -- each base alone, each base with each overlay, every run of the shipped
+benchmark sweeps -- parses with the real CLI; and the resolved configs of one setting differ only where the
+contender or ablation must (the contenders meet on the same model, environment, budget, splits and sampling)."""
 
 from __future__ import annotations
 
 import io
+import sys
 from contextlib import redirect_stdout
+from functools import lru_cache
+from unittest import mock
 
 import pytest
 import yaml
 
 from conftest import REPO
 
-FIT_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
+CONFIGS = REPO / "configs"
+SETTINGS = {"cpu": "quickstart.yaml", "7b": "etpo.yaml", "7b_fsdp": "etpo_7b_fsdp.yaml"}  # the setting bases
+STANDALONE = sorted(p.name for p in CONFIGS.glob("*.yaml"))  # every top-level config runs on its own
+OVERLAYS = sorted(p.name for p in (CONFIGS / "contenders").glob("*.yaml"))
+PRESETS = sorted(p.name for p in (CONFIGS / "model").glob("*.yaml"))
+BENCHMARKS = sorted(p.name for p in (CONFIGS / "benchmark").glob("*.yaml"))
+# The init_args a contender with its own class_path inherits from the base (jsonargparse keeps those its class also
+# takes): they describe the setting, not the algorithm. Any other inherited init arg (say a `beta` that means
+# something else in the new algorithm) must be set in the overlay itself.
+SETTING_INIT_ARGS = {"backbone", "gamma", "policy_lr", "critic_lr", "weight_decay", "policy_max_grad_norm",
+                     "critic_max_grad_norm", "token_chunk_size"}
 
 
-def test_there_is_a_config_per_contender_and_setting():
-    for name in ("quickstart", "toy", "etpo", "ppo_kl", "reflection", "etpo_disc", "etpo_1step", "etpo_7b_fsdp",
-                 "ppo_kl_cpu", "reflection_cpu", "etpo_disc_cpu", "etpo_1step_cpu"):
-        assert f"{name}.yaml" in FIT_CONFIGS, name
-
-
-@pytest.mark.parametrize("name", FIT_CONFIGS)
-def test_config_parses(name, tmp_path):
+@lru_cache(maxsize=None)
+def resolve(*configs: str, extra: tuple[str, ...] = ()) -> dict:
+    """The config ``python -m etpo.fit --config A --config B ... --print_config`` resolves to."""
     from etpo.fit import main
 
+    args = [a for c in configs for a in ("--config", str(CONFIGS / c))] + ["--run_dir", "runs/x", *extra]
     out = io.StringIO()
-    with redirect_stdout(out), pytest.raises(SystemExit) as info:
-        main(["--config", str(REPO / "configs" / name), "--run_dir", str(tmp_path), "--print_config"])
+    with redirect_stdout(out), pytest.raises(SystemExit) as info, mock.patch.object(sys, "argv", ["etpo.fit"]):
+        main(args + ["--print_config"])
     assert info.value.code in (0, None), out.getvalue()[-2000:]
-    resolved = yaml.safe_load(out.getvalue())
+    return yaml.safe_load(out.getvalue())
+
+
+def flat(tree, prefix=""):
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists are values."""
+    if isinstance(tree, dict) and tree:
+        return {k: v for key, sub in tree.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def differing(a: dict, b: dict) -> set[str]:
+    fa, fb = flat(a), flat(b)
+    return {k for k in fa.keys() | fb.keys() if fa.get(k, "<absent>") != fb.get(k, "<absent>")}
+
+
+def _raw(path) -> dict:
+    return yaml.safe_load((CONFIGS / path).read_text()) or {}
+
+
+def test_the_layout_has_a_base_per_setting_and_an_overlay_per_contender():
+    assert set(SETTINGS.values()) | {"toy.yaml"} == set(STANDALONE), STANDALONE
+    assert {"ppo_kl.yaml", "reflection.yaml", "etpo_disc.yaml", "etpo_1step.yaml"} <= set(OVERLAYS), OVERLAYS
+    assert {"smollm2.yaml", "codellama7b.yaml"} <= set(PRESETS)
+    for name in OVERLAYS:  # overlays are short: only what differs
+        lines = [ln for ln in (CONFIGS / "contenders" / name).read_text().splitlines()
+                 if ln.strip() and not ln.lstrip().startswith("#")]
+        assert len(lines) <= 15, (name, len(lines))
+
+
+@pytest.mark.parametrize("name", STANDALONE)
+def test_every_standalone_config_parses(name):
+    resolved = resolve(name)
     assert resolved["model"]["class_path"].startswith("modules.")
     assert resolved["data"]["env"]["class_path"].startswith("envs.")
 
 
-def _load(name):
-    return yaml.safe_load((REPO / "configs" / name).read_text())
+@pytest.mark.parametrize("base", sorted(SETTINGS.values()))
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_overlay_parses_on_every_base(base, overlay):
+    resolved = resolve(base, f"contenders/{overlay}")
+    assert resolved["model"]["class_path"].startswith("modules.")
 
 
-@pytest.mark.parametrize("etpo, others", [
-    ("etpo.yaml", ["ppo_kl.yaml", "reflection.yaml", "etpo_disc.yaml", "etpo_1step.yaml"]),
-    ("quickstart.yaml", ["ppo_kl_cpu.yaml", "reflection_cpu.yaml", "etpo_disc_cpu.yaml", "etpo_1step_cpu.yaml"]),
-])
-def test_contenders_share_everything_but_the_model(etpo, others):
-    base = _load(etpo)
-    for name in others:
-        other = _load(name)
-        assert other["model"]["init_args"]["backbone"] == base["model"]["init_args"]["backbone"], name
-        assert other["trainer"] == base["trainer"] and other.get("seed_everything") == base.get("seed_everything")
-        data, base_data = dict(other["data"]), dict(base["data"])
-        if name.startswith("etpo_1step"):  # the ablation itself: one attempt, no reflection
-            env_args = dict(data["env"]["init_args"])
-            assert env_args.pop("max_steps") == 1 and env_args.pop("reflection") is False
-            base_args = dict(base_data["env"]["init_args"])
-            base_args.pop("max_steps"), base_args.pop("reflection", None)
-            assert env_args == base_args
-            data.pop("env"), base_data.pop("env")
-        assert data == base_data, name
-    ppo = _load(others[0])
-    assert ppo["model"]["class_path"] == "modules.ppo_kl.PPOKLModule"
-    assert base["model"]["class_path"] == "modules.etpo.ETPOModule"
+@pytest.mark.parametrize("bench", BENCHMARKS)
+def test_every_benchmark_run_parses(bench):
+    """What a sweep runs: base + overlay + the sweep's own overrides, for each contender."""
+    from etpo import benchmark
+
+    cfg = benchmark.load_config(CONFIGS / "benchmark" / bench)
+    assert cfg.base in {f"configs/{b}" for b in SETTINGS.values()}, "a sweep composes one setting base"
+    for contender in cfg.contenders:
+        cmd = benchmark.build_command(cfg, contender, cfg.datasets[-1], cfg.seeds[-1], "runs/x", fit_cmd=["FIT"])
+        configs, rest, args = [], [], iter(cmd[1:])
+        for arg in args:
+            if arg == "--config":
+                configs.append(next(args).removeprefix("configs/"))
+            elif arg == "--run_dir":
+                next(args)
+            else:
+                rest.append(arg)
+        assert configs[0] == cfg.base.removeprefix("configs/")
+        rest = tuple(rest)
+        resolved = resolve(*configs, extra=rest)
+        init = resolved["data"]["env"]["init_args"]
+        assert init["dataset"] == cfg.datasets[-1] and init["split_seed"] == cfg.seeds[-1]
+        assert resolved["data"]["budget"] == cfg.budget
+
+
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_contenders_of_a_setting_differ_only_where_they_must(setting):
+    base_file = SETTINGS[setting]
+    base = resolve(base_file)
+    assert base["model"]["class_path"] == "modules.etpo.ETPOModule"  # every base is ETPO in its setting
+    for overlay in OVERLAYS:
+        variant = resolve(base_file, f"contenders/{overlay}")
+        diff = differing(base, variant)
+        raw = _raw(f"contenders/{overlay}")
+        if overlay == "etpo_disc.yaml":
+            assert diff == {"model.init_args.discount_within_action"}, diff
+            assert variant["model"]["init_args"]["discount_within_action"] is True
+        elif overlay == "etpo_1step.yaml":
+            assert diff == {"data.env.init_args.max_steps", "data.env.init_args.reflection"}, diff
+            init = variant["data"]["env"]["init_args"]
+            assert init["max_steps"] == 1 and init["reflection"] is False
+        else:  # another algorithm: only the model section, never the setting's part of it
+            assert {k.split(".")[0] for k in diff} == {"model"}, (overlay, diff)
+            assert set(raw) == {"model"}, overlay
+            assert not any(k.startswith("model.init_args.backbone") for k in diff), (overlay, diff)
+            new_args = variant["model"]["init_args"]
+            for key in SETTING_INIT_ARGS & new_args.keys():
+                assert new_args[key] == base["model"]["init_args"][key], (overlay, key)
+        if overlay == "ppo_kl.yaml":
+            assert variant["model"]["class_path"] == "modules.ppo_kl.PPOKLModule"
+        if overlay == "reflection.yaml":
+            assert variant["model"]["class_path"] == "modules.reflection.ReflectionModule"
+            assert set(variant["model"]["init_args"]) == {"backbone"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_an_overlay_sets_what_it_changes_and_nothing_else(overlay):
+    """A variant file holds only what differs: none of its values repeats the base's. A contender with its own
+    class_path sets every init arg of its own -- it inherits from the base only the setting's (SETTING_INIT_ARGS)."""
+    raw = _raw(f"contenders/{overlay}")
+    base = resolve(SETTINGS["cpu"])
+    variant = resolve(SETTINGS["cpu"], f"contenders/{overlay}")
+    own_class = "class_path" in raw.get("model", {}) and raw["model"]["class_path"] != base["model"]["class_path"]
+    base_flat = flat({k: v for k, v in base.items() if not (own_class and k == "model")})
+    if own_class:
+        base_flat.update({f"model.init_args.{k}": v for k, v in flat(base["model"]["init_args"]).items()
+                          if k.split(".")[0] in SETTING_INIT_ARGS})
+    for key, value in flat(raw).items():
+        if key in base_flat:
+            assert base_flat[key] != value, f"{overlay}: {key} = {value!r} repeats the base"
+    if own_class:
+        set_here = set(raw["model"].get("init_args") or {})
+        inherited = (set(variant["model"]["init_args"]) & set(base["model"]["init_args"])) - set_here
+        assert inherited <= SETTING_INIT_ARGS, (
+            f"{overlay} inherits {sorted(inherited - SETTING_INIT_ARGS)} from the base's "
+            f"{base['model']['class_path']}: set them in the overlay (they belong to the algorithm, not the setting)")
+
+
+def test_the_fsdp_base_is_the_7b_base_sharded():
+    diff = differing(resolve(SETTINGS["7b"]), resolve(SETTINGS["7b_fsdp"]))
+    assert {k for k in diff if not k.startswith("trainer.")} == {"data.num_envs"}, diff
+
+
+def test_every_setting_shares_its_model_preset():
+    """The bases name the backbone presets (configs/model/), so each backbone is written down once."""
+    preset_of = {"cpu": "smollm2.yaml", "7b": "codellama7b.yaml", "7b_fsdp": "codellama7b.yaml"}
+    for setting, base_file in SETTINGS.items():
+        assert _raw(base_file)["model"]["init_args"]["backbone"] == f"model/{preset_of[setting]}"
+        preset = _raw(f"model/{preset_of[setting]}")
+        backbone = resolve(base_file)["model"]["init_args"]["backbone"]
+        assert {k: backbone[k] for k in preset} == preset, setting
+
+
+@pytest.mark.parametrize("path", STANDALONE + [f"contenders/{n}" for n in OVERLAYS] + [f"model/{n}" for n in PRESETS])
+def test_every_field_is_annotated(path):
+    """litgpt style: each field line says why, except class paths (their block names them)."""
+    for number, line in enumerate((CONFIGS / path).read_text().splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#") or stripped.startswith("- "):
+            continue
+        key, _, value = stripped.partition(":")
+        if value.strip() and not value.strip().startswith("#") and key != "class_path":
+            assert "#" in value, f"{path}:{number} has no comment: {line}"
+
+
+def test_base_plus_overlay_names_its_run_after_both(tmp_path, monkeypatch):
+    """Without --run_dir a run is runs/<config stems joined by +>: one overlay on two bases gets two directories."""
+    from datamodules.rollout import RolloutDataModule
+    from etpo.fit import ETPOCLI
+    from modules.agent import AgentModule
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["etpo.fit"])
+    cli = ETPOCLI(AgentModule, RolloutDataModule, subclass_mode_model=True, subclass_mode_data=False,
+                  parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False, "default_env": False},
+                  auto_configure_optimizers=False, run=False,
+                  args=["--config", str(CONFIGS / "toy.yaml"), "--config", str(CONFIGS / "contenders/ppo_kl.yaml")])
+    assert cli.config["run_dir"] == "runs/toy+ppo_kl"
+    assert type(cli.model).__name__ == "PPOKLModule" and cli.model.backbone.source == "tiny"
