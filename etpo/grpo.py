@@ -27,9 +27,10 @@ Choices made here (each an option where the field disagrees):
   with a variance the exact sum does not have, and the vocabulary is already in hand for the taken token's
   log-probability.
 * **aggregation**: ``token_mean`` (default) weights every real token of the minibatch equally, as DAPO (Yu et al.
-  2025) and Dr. GRPO recommend and as PPO-KL and ETPO reduce their losses here; ``sequence_mean`` is DeepSeekMath's
-  ``1/G sum_i 1/|o_i| sum_t``, under which a token of a long answer counts less than one of a short answer (for a
-  negative advantage, long wrong answers are penalised less per token: the length bias Dr. GRPO reports).
+  2025) recommends (Dr. GRPO goes further: a constant divisor) and as PPO-KL and ETPO reduce their losses here;
+  ``sequence_mean`` is DeepSeekMath's ``1/G sum_i 1/|o_i| sum_t``, under which a token of a long answer counts less
+  than one of a short answer (for a negative advantage, long wrong answers are penalised less per token: the
+  length bias Dr. GRPO reports).
 """
 
 from __future__ import annotations
