@@ -295,9 +295,9 @@ class RolloutDataModule(L.LightningDataModule):
     Args:
         env: the environment, as ``{class_path: ..., init_args: {...}}`` of a :class:`envs.base.TextEnv` in a
             config (e.g. ``envs.datascience.DataScienceEnv`` with a dataset name); built ``num_envs`` times.
-        num_envs: environments stepped together; one generation batch per step (spec: 8).
-        steps_per_update: parallel environment steps collected per training batch (spec: 2).
-        budget: total environment steps (over all environments, per rank) before training stops (spec: 500).
+        num_envs: environments stepped together; one generation batch per step (the paper: 8).
+        steps_per_update: parallel environment steps collected per training batch (the paper: 2).
+        budget: total environment steps (over all environments, per rank) before training stops (the paper: 500).
         seed: seeds the episode resets (rank r uses ``seed + 1000 * r``).
         generation: sampling settings used by every contender.
         max_workers: threads stepping the environments (default: one per environment).

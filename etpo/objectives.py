@@ -1,6 +1,6 @@
 """ETPO objectives: exact per-token soft values, Bellman targets and losses (pure torch, no Lightning).
 
-Notation follows ``etpo-method.md`` (the paper's equation numbers):
+Notation follows docs/method.md (the paper's equation numbers):
 
 * every ``*_logits`` tensor is ``[B, L, V]`` and *aligned to the action*: row ``j`` is the distribution over the
   choice of action token ``j`` given the prompt and the action tokens before it (any leading shape works for the
@@ -68,7 +68,7 @@ def _log_probs(logits: torch.Tensor) -> torch.Tensor:
 def soft_value(
     q_logits: torch.Tensor, pi_logits: torch.Tensor, ref_logits: torch.Tensor, beta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact soft value of a context and its KL to the reference (spec section 3).
+    """Exact soft value of a context and its KL to the reference (docs/method.md, section 3).
 
     ``KL(ctx) = sum_w pi(w|ctx) (log pi(w|ctx) - log pi_bar(w|ctx))`` and
     ``V(ctx) = sum_w pi(w|ctx) Q(ctx, w) - beta * KL(ctx)``, with ``pi = softmax(pi_logits)`` and
@@ -86,7 +86,7 @@ def soft_value(
 
 def optimal_policy_logits(ref_logits: torch.Tensor, q_logits: torch.Tensor, beta: float) -> torch.Tensor:
     """Log-probabilities of the optimal soft policy ``pi*(w|ctx) = pi_bar(w|ctx) exp(Q(ctx,w)/beta) / Z(ctx)``
-    (spec section 4, Appendix B)."""
+    (docs/method.md, section 6; Appendix B)."""
     return F.log_softmax(_log_probs(ref_logits) + _upcast(q_logits) / beta, dim=-1)
 
 
@@ -300,7 +300,7 @@ def policy_loss(
     Q and the reference are detached: only the policy receives gradient. The KL is computed exactly, ``log Z``
     included, so the loss is non-negative and zero exactly at the optimal soft policy. By default the KL is
     multiplied by ``beta`` (``scale_by_beta``): the same minimiser, with gradients on the scale of Q rather than
-    ``Q / beta`` (spec section 4).
+    ``Q / beta`` (docs/method.md, section 6).
     """
     log_pi = _log_probs(pi_logits)
     log_target = optimal_policy_logits(ref_logits.detach(), q_logits.detach(), beta)

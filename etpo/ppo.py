@@ -1,4 +1,4 @@
-"""PPO-KL math (spec section 6), pure torch: the paper's RLHF-style, action-level baseline.
+"""PPO-KL math (docs/method.md, section 11), pure torch: the paper's RLHF-style, action-level baseline.
 
 * per-action reward ``r'_t = r_t - beta_ppo * sum_j log(pi_theta(w_j|ctx) / pi_bar(w_j|ctx))`` (sampled KL of the
   whole action to the reference, with the log-probabilities of the sampling policy);

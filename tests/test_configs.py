@@ -27,7 +27,7 @@ BENCHMARKS = sorted(p.name for p in (CONFIGS / "benchmark").glob("*.yaml"))
 # takes): they describe the setting, not the algorithm. Any other inherited init arg (say a `beta` that means
 # something else in the new algorithm) must be set in the overlay itself.
 SETTING_INIT_ARGS = {"backbone", "gamma", "policy_lr", "critic_lr", "weight_decay", "policy_max_grad_norm",
-                     "critic_max_grad_norm", "token_chunk_size"}
+                     "critic_max_grad_norm", "policy_lr_scheduler", "critic_lr_scheduler", "token_chunk_size"}
 
 
 @lru_cache(maxsize=None)

@@ -12,6 +12,7 @@ from conftest import tiny_backbone, toy_env
 from datamodules.rollout import GenerationConfig, RolloutCollector, RolloutDataModule
 from etpo.ppo import clipped_surrogate, gae, kl_penalised_rewards, token_advantages
 from modules.etpo import ETPOModule
+from modules.grpo import GRPOModule
 from modules.ppo_kl import PPOKLModule
 from modules.reflection import ReflectionModule
 from test_etpo_module import TOY_ETPO, TOY_TOKENS, _mean_policy_reward, _trainer
@@ -161,8 +162,9 @@ SHARED_KEYS = {"losses/critic", "losses/policy", "charts/kl", "charts/entropy", 
 @pytest.mark.parametrize("make_module", [
     lambda: ETPOModule(backbone=tiny_backbone(), **TOY_ETPO),
     lambda: PPOKLModule(backbone=tiny_backbone(), ppo_epochs=1, minibatch_size=8),
+    lambda: GRPOModule(backbone=tiny_backbone(), epochs=1, minibatch_size=8),
     lambda: ReflectionModule(backbone=tiny_backbone()),
-], ids=["etpo", "ppo_kl", "reflection"])
+], ids=["etpo", "ppo_kl", "grpo", "reflection"])
 def test_contenders_log_the_same_chart_keys(tmp_path, make_module):
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -172,8 +174,12 @@ def test_contenders_log_the_same_chart_keys(tmp_path, make_module):
     logger = TensorBoardLogger(str(tmp_path), name="", version="")
     _trainer(logger=logger).fit(module, datamodule=_toy_datamodule(budget=16))
     keys = set(EventAccumulator(str(tmp_path)).Reload().Tags()["scalars"])
-    expected = SHARED_KEYS if not isinstance(module, ReflectionModule) else {
-        k for k in SHARED_KEYS if k.startswith("charts/") and k not in ("charts/kl", "charts/entropy")}
+    expected = SHARED_KEYS
+    if isinstance(module, ReflectionModule):
+        expected = {k for k in SHARED_KEYS if k.startswith("charts/") and k not in ("charts/kl", "charts/entropy")}
+    elif isinstance(module, GRPOModule):  # no critic, so no critic loss
+        expected = SHARED_KEYS - {"losses/critic"}
+        assert "losses/critic" not in keys
     assert expected <= keys, sorted(expected - keys)
 
 
@@ -217,10 +223,12 @@ def test_contenders_leave_the_sampling_generator_where_etpo_leaves_it():
     draws = {}
     for name, make in {"etpo": lambda: ETPOModule(backbone=tiny_backbone()),
                        "ppo_kl": lambda: PPOKLModule(backbone=tiny_backbone()),
+                       "grpo": lambda: GRPOModule(backbone=tiny_backbone()),
                        "reflection": lambda: ReflectionModule(backbone=tiny_backbone())}.items():
         module = make()
         torch.manual_seed(123)
         module.configure_model()
         draws[name] = torch.rand(8)
     assert torch.equal(draws["ppo_kl"], draws["etpo"])
+    assert torch.equal(draws["grpo"], draws["etpo"])
     assert torch.equal(draws["reflection"], draws["etpo"])

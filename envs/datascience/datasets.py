@@ -2,7 +2,7 @@
 
 :func:`load_dataset` returns a :class:`TabularDataset` (float features, integer labels ``0..K-1``).
 
-Names: the 14 benchmark sets of docs/etpo-method.md section 7 - Kaggle ``pharyngitis``, ``kidney_stone``,
+Names: the 14 benchmark sets of docs/method.md section 13 - Kaggle ``pharyngitis``, ``kidney_stone``,
 ``health_insurance``, ``spaceship_titanic`` and OpenML ``airlines`` (1169), ``balance_scale`` (11),
 ``breast_w`` (15), ``cmc`` (23), ``credit_g`` (31), ``diabetes`` (37), ``eucalyptus`` (188), ``jungle_chess``
 (41027), ``pc1`` (1068), ``tic_tac_toe`` (50) - plus scikit-learn's bundled ``breast_cancer``, ``wine``,
@@ -103,7 +103,7 @@ class _Spec:
     origin: str = ""
 
 
-# Facts from ../shared/datasets/*/SOURCE.md and docs/etpo-method.md section 7.
+# Facts from ../shared/datasets/*/SOURCE.md and docs/method.md section 13.
 _ETPO_REPO = "github.com/morning9393/ETPO (etpo/envs/datascience/{name}/{file})"
 _SPECS: dict[str, _Spec] = {
     "pharyngitis": _Spec("radt", ("pharyngitis.csv", "pharyngitis.csv.gz"), ("number",),
