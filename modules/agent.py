@@ -73,6 +73,10 @@ class AgentModule(L.LightningModule, metaclass=ABCMeta):
 
     def __init__(self, backbone: BackboneConfig | None = None):
         super().__init__()
+        if backbone is not None and not isinstance(backbone, BackboneConfig):
+            raise TypeError(f"{type(self).__name__}: backbone must be a BackboneConfig, got {type(backbone).__name__}; "
+                            "give the argument the type hint `backbone: BackboneConfig | None = None` so that "
+                            "LightningCLI builds it from YAML")
         self.automatic_optimization = False  # modules step their own optimizers in `learn`
         self.backbone = backbone or BackboneConfig()
         self.model: SharedBaseLM | None = None

@@ -239,29 +239,22 @@ class ETPOModule(AgentModule):
                       "charts/q_taken": float((q_taken.detach() * mask).sum()) / n}
 
     def policy_loss(self, batch: RolloutBatch, plan: ScoringPlan, t: _Targets) -> tuple[torch.Tensor, dict]:
-        """Step 3: Eq. 7 at every action token against the updated critic, chunk by chunk; returns a surrogate whose
-        value is the loss and whose gradient is the loss's."""
+        """Step 3: Eq. 7 at every action token against the updated critic, chunk by chunk over the vocabulary."""
         hp, m = self.hparams, self.model
         mask = batch.action_mask.float()
         n_tokens = mask.sum().clamp(min=1)
         with torch.no_grad():
             h_critic, _ = m.plan_hidden("critic", plan)
         h_policy, _ = m.plan_hidden("policy", plan)
-        grad_policy = torch.zeros_like(h_policy, dtype=torch.float32)
-        total = 0.0
-        for sl in token_chunks(mask.shape[1], hp.token_chunk_size):
+
+        def chunk_loss(sl: slice, pi_logits: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 ref_logits = m.head(t.ref_hidden[:, sl])
                 q = self._q(m.head(h_critic[:, sl]), ref_logits)
-            # the chunk's vocabulary-sized work in a small local graph (the head only), reduced at once to dL/dh
-            leaf = h_policy[:, sl].detach().requires_grad_(True)
-            with torch.enable_grad():
-                loss = policy_loss(m.head(leaf), ref_logits, q, mask[:, sl], hp.beta, reduction="sum")
-                grad_policy[:, sl] = torch.autograd.grad(loss / n_tokens, leaf)[0].float()
-            total += float(loss.detach())
-        value = total / float(n_tokens)
-        surrogate = (h_policy.float() * grad_policy).sum()
-        return surrogate - surrogate.detach() + value, {"losses/policy": value}
+            return policy_loss(pi_logits, ref_logits, q, mask[:, sl], hp.beta, reduction="sum") / n_tokens
+
+        loss = m.chunked_head_loss(h_policy, chunk_loss, hp.token_chunk_size)
+        return loss, {"losses/policy": float(loss.detach())}
 
     # ---- token-level credit ------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -189,31 +189,27 @@ class GRPOModule(AgentModule):
         weights = token_weights(mask, hp.loss_aggregation)
         plan = m.plan(mb.prompt_ids, mb.prompt_mask, mb.action_ids, mb.action_mask)
         h_policy, _ = m.plan_hidden("policy", plan)
-        grad_policy = torch.zeros_like(h_policy, dtype=torch.float32)
-        total = kl_sum = entropy_sum = clipped = 0.0
-        for sl in token_chunks(mask.shape[1], hp.token_chunk_size):
+        stats = {"kl": 0.0, "entropy": 0.0, "clipped": 0.0}
+
+        def chunk_loss(sl: slice, logits: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 ref_logits = m.head(prepared.ref_hidden[:, sl])
-            # the chunk's vocabulary-sized work in a small local graph (the head only), reduced at once to dL/dh
-            leaf = h_policy[:, sl].detach().requires_grad_(True)
-            with torch.enable_grad():
-                logits = m.head(leaf)
-                logprobs = torch.log_softmax(logits, -1).gather(-1, mb.action_ids[:, sl, None]).squeeze(-1)
-                old = logprobs.detach() if prepared.old_logprobs is None else prepared.old_logprobs[:, sl]
-                kl = reference_kl(logits, ref_logits)
-                loss = grpo_loss(logprobs, old, advantages[:, sl], kl, weights[:, sl], hp.clip, hp.beta_kl)
-                grad_policy[:, sl] = torch.autograd.grad(loss, leaf)[0].float()
+            logprobs = torch.log_softmax(logits, -1).gather(-1, mb.action_ids[:, sl, None]).squeeze(-1)
+            old = logprobs.detach() if prepared.old_logprobs is None else prepared.old_logprobs[:, sl]
+            kl = reference_kl(logits, ref_logits)
             with torch.no_grad():
                 real = mask[:, sl]
-                total += float(loss.detach())
-                kl_sum += float((kl * real).sum())
-                entropy_sum += float((entropy(logits.detach()) * real).sum())
-                clipped += float((((logprobs - old).exp() - 1).abs() > hp.clip).float().mul(real).sum())
-        surrogate = (h_policy.float() * grad_policy).sum()
+                stats["kl"] += float((kl * real).sum())
+                stats["entropy"] += float((entropy(logits.detach()) * real).sum())
+                stats["clipped"] += float((((logprobs - old).exp() - 1).abs() > hp.clip).float().mul(real).sum())
+            return grpo_loss(logprobs, old, advantages[:, sl], kl, weights[:, sl], hp.clip, hp.beta_kl)
+
+        loss = m.chunked_head_loss(h_policy, chunk_loss, hp.token_chunk_size)
         n = float(mask.sum().clamp(min=1))
-        charts = {"losses/policy": total, "charts/kl": kl_sum / n, "charts/entropy": entropy_sum / n,
-                  "charts/clipfrac": clipped / n, "charts/action_tokens": n / mask.shape[0]}
-        return surrogate - surrogate.detach() + total, charts
+        charts = {"losses/policy": float(loss.detach()), "charts/kl": stats["kl"] / n,
+                  "charts/entropy": stats["entropy"] / n, "charts/clipfrac": stats["clipped"] / n,
+                  "charts/action_tokens": n / mask.shape[0]}
+        return loss, charts
 
     # ---- token-level credit ------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -286,6 +286,27 @@ class ScoringMixin:
         so that no ``[B, L, V]`` tensor has to exist at once."""
         for sl in token_chunks(hidden.shape[1], chunk_size):
             yield sl, self.head(hidden[:, sl])
+
+    def chunked_head_loss(self, hidden: Tensor, chunk_loss: Callable[[slice, Tensor], Tensor],
+                          chunk_size: int = 64) -> Tensor:
+        """``sum over chunks of chunk_loss(positions, head(hidden[:, positions]))`` as a surrogate whose value is that
+        sum and whose gradient is its gradient -- without ever holding more than one chunk's vocabulary-sized graph.
+
+        Each chunk's loss is built in a small local graph (the head only) and reduced at once to ``dL/dh``
+        (``[B, c, H]``); one backward of ``sum(h * dL/dh)`` then carries the exact gradient through the transformer
+        (the standard chunked-loss technique). ``chunk_loss`` returns a scalar; statistics it wants can be taken
+        from its detached inputs."""
+        grad = torch.zeros_like(hidden, dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for sl in token_chunks(hidden.shape[1], chunk_size):
+            leaf = hidden[:, sl].detach().requires_grad_(hidden.requires_grad)
+            with torch.enable_grad():
+                loss = chunk_loss(sl, self.head(leaf))
+                if hidden.requires_grad:
+                    grad[:, sl] = torch.autograd.grad(loss, leaf)[0].float()
+            total = total + loss.detach().float()
+        surrogate = (hidden.float() * grad).sum()
+        return surrogate - surrogate.detach() + total
 
     def action_logits(self, view: str, prompt_ids: Tensor, prompt_mask: Tensor, action_ids: Tensor,
                       action_mask: Tensor) -> Tensor:
