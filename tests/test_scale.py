@@ -11,6 +11,7 @@ import io
 import os
 import socket
 import sys
+from dataclasses import replace
 from pathlib import Path
 from unittest import mock
 
@@ -257,29 +258,54 @@ def test_memory_model_counts(memory_model):
     shape = mm.Shape()
     assert shape.params == 6_738_546_688  # CodeLlama-7B (vocab 32016, untied head)
     assert shape.lora_params(16) == 39_976_960 and shape.lora_params(8) == 19_988_480
+    lora = shape.lora_params(16)
     one = mm.etpo_breakdown(shape, mm.Workload(), 1)
     assert one["base weights"] == 2 * shape.params  # bf16
-    assert one["adapters (policy, critic, target)"] == 3 * 4 * shape.lora_params(16)  # fp32
-    assert one["optimizer states"] == 2 * 2 * 4 * shape.lora_params(16)  # AdamW, 2 fp32 moments, 2 adapters
+    assert one["adapters (policy, critic, target)"] == 3 * 4 * lora  # fp32
+    assert one["optimizer states"] == 2 * 2 * 4 * lora  # two AdamW (critic, policy), two fp32 moments each
+    assert one["gradients"] == 4 * lora  # one adapter's at a time: each step frees its gradients
+    assert mm.etpo_breakdown(shape, mm.Workload(), 2)["gradients"] == 2 * 4 * lora  # + the all-reduce buffer
     ref = mm.reference_breakdown(shape, mm.Workload())
     assert ref["base weights"] == 4 * 2 * shape.params  # four fp16 copies
     assert ref["optimizer states"] == ref["gradients"] == 2 * 2 * shape.params
     assert ref["host RAM: rollout buffer"] == 3 * 3 * 8 * 256 * 32016 * 4
+    assert ref["phase 2: critic step"] is None and one["phase: one update (both graphs)"] is None
 
 
 @pytest.mark.parametrize("sequences", [8, 16])
 def test_memory_model_orderings(memory_model, sequences):
     mm = memory_model
     wl = mm.Workload(sequences=sequences)
-    one = mm.etpo_breakdown(mm.Shape(), wl, 1)["peak"]
-    no_ckpt = mm.etpo_breakdown(mm.Shape(), mm.Workload(sequences=sequences, checkpointing=False), 1)["peak"]
+    peak = lambda w=wl, n=1, **kw: mm.etpo_breakdown(mm.Shape(), w, n, **kw)["peak"]  # noqa: E731
+    one = peak()
+    no_ckpt = peak(replace(wl, checkpointing=False))
+    plain = mm.etpo_breakdown(mm.Shape(), replace(wl, prefix_sharing=False), 1)
     ref = mm.reference_breakdown(mm.Shape(), wl)["peak"]
-    assert one < 80e9 < no_ckpt < ref  # checkpointing is what makes one 80 GB GPU enough
-    fsdp = [mm.etpo_breakdown(mm.Shape(), wl, n)["peak"] for n in (1, 2, 4, 8)]
+    assert one < 80e9 and one < no_ckpt < ref and one < plain["peak"] < ref
+    assert mm.view_layout(wl).tokens < plain["tokens per view forward"]  # the task prompt once, not per row
+    fsdp = [peak(n=n) for n in (1, 2, 4, 8)]
     assert fsdp == sorted(fsdp, reverse=True) and len(set(fsdp)) == 4
-    assert mm.etpo_breakdown(mm.Shape(), wl, 2, adapters="shard")["peak"] > fsdp[1]
+    assert peak(n=2, adapters="shard") > fsdp[1]
     table = mm.render(mm.Shape(), wl)
-    assert "reference impl." in table and "FSDP 8" in table and "**" in table
+    assert "reference impl." in table and "FSDP 8" in table and "no prefix sharing" in table and "**" in table
+
+
+def test_memory_model_phases_hold_what_the_update_holds(memory_model):
+    """The critic step holds no vocabulary-sized tensor (taken-token head rows only); the targets' chunks count in
+    phase 1 only, the policy step's in phase 3 only; checkpointing only changes the phases with a graph."""
+    mm = memory_model
+    base = mm.etpo_breakdown(mm.Shape(), mm.Workload(), 1)
+    more_targets = mm.etpo_breakdown(mm.Shape(), mm.Workload(vocab_tensors_targets=20.0), 1)
+    more_policy = mm.etpo_breakdown(mm.Shape(), mm.Workload(vocab_tensors_policy=20.0), 1)
+    for phase in ("phase 2: critic step", "phase: rollout"):
+        assert more_targets[phase] == more_policy[phase] == base[phase]
+    assert more_targets["phase 1: targets (no grad)"] > base["phase 1: targets (no grad)"]
+    assert more_targets["phase 3: policy step"] == base["phase 3: policy step"]
+    assert more_policy["phase 3: policy step"] > base["phase 3: policy step"]
+    assert more_policy["phase 1: targets (no grad)"] == base["phase 1: targets (no grad)"]
+    no_ckpt = mm.etpo_breakdown(mm.Shape(), mm.Workload(checkpointing=False), 1)
+    assert no_ckpt["phase 1: targets (no grad)"] == base["phase 1: targets (no grad)"]
+    assert no_ckpt["phase 2: critic step"] > base["phase 2: critic step"]
 
 
 @pytest.mark.parametrize("hidden,inter,heads,batch,seq,r", [(64, 176, 4, 2, 24, 8), (96, 256, 4, 3, 40, 4)])
@@ -296,9 +322,30 @@ def test_memory_model_layer_constants_match_autograd(memory_model, hidden, inter
 
 
 def test_memory_model_vocab_tensor_count(memory_model):
-    """The model assumes 12 live float32 [B, chunk, V] tensors in update_loss; measured on CPU it is 11-13."""
-    k = memory_model.measure_vocab_tensors()
-    assert 9.0 <= k <= memory_model.Workload().vocab_tensors + 1.0
+    """The live float32 [B, chunk, V] tensors of each phase of ETPOModule.learn, measured on CPU, are the constants
+    the model assumes -- and the critic step has none at all."""
+    measured = memory_model.measure_vocab_tensors()
+    wl = memory_model.Workload()
+    assert measured["critic step"] == 0.0
+    assert abs(measured["targets"] - wl.vocab_tensors_targets) <= 0.5, measured
+    assert abs(measured["policy step"] - wl.vocab_tensors_policy) <= 0.5, measured
+
+
+@pytest.mark.parametrize("sequences,tokens,action,reflections,nexts,own", [
+    (6, 20, 8, 2, 2, 5),  # first attempts, reflections and next prompts
+    (3, 16, 4, 3, 1, 3),  # every row a reflection
+    (3, 10, 6, 0, 0, 3),  # one task prompt, nothing else
+])
+def test_memory_model_view_tokens_match_the_planner(memory_model, sequences, tokens, action, reflections, nexts, own):
+    """Tokens per view forward as the memory model counts them = what SharedBaseLM.plan lays out, with prefix
+    sharing (one prefix tree) and without (left-padded rows)."""
+    mm = memory_model
+    wl = mm.Workload(sequences=sequences, tokens=tokens, action_tokens=action, reflection_rows=reflections,
+                     next_prompts=nexts, reflection_tokens=own)
+    got = mm.measure_view_tokens(wl)
+    assert got["packs"] == 1  # the formula's premise (the planner keeps one prefix tree at these sizes)
+    assert got["shared"] == mm.view_layout(wl).tokens
+    assert got["plain"] == mm.view_layout(replace(wl, prefix_sharing=False)).tokens
 
 
 # ----------------------------------------------------------------------------------------------------------------
