@@ -247,6 +247,13 @@ def test_attention_fallback_of_the_model_layer():
             resolve_attn_implementation("flash_attention_2", torch.device("cuda"), torch.bfloat16)
     with pytest.raises(ValueError, match="CUDA|flash-attn"):
         resolve_attn_implementation("flash_attention_2", torch.device("cpu"), torch.bfloat16)
+    # prefix sharing needs a custom mask: auto never picks flash-attention then, even where it is installed
+    from unittest import mock
+
+    with mock.patch("modules.shared_base.loading.flash_attn_available", return_value=True):
+        assert resolve_attn_implementation("auto", torch.device("cuda"), torch.bfloat16) == "flash_attention_2"
+        assert resolve_attn_implementation("auto", torch.device("cuda"), torch.bfloat16,
+                                           needs_custom_mask=True) == "sdpa"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ class BackboneConfig:
 
     Loading: ``source`` (smollm2 | hf | gguf | tiny), ``name_or_path``, ``gguf_file``, ``revision``,
     ``trust_remote_code``, ``dtype`` (auto = bf16 on CUDA, fp32 on CPU), ``attn_implementation``
-    (auto = flash_attention_2 when flash-attn is importable on CUDA, else sdpa), ``device``
+    (auto = sdpa, or flash_attention_2 when flash-attn is importable on CUDA and ``prefix_sharing`` is off), ``device``
     (auto = cuda if available), ``gguf_cache_dir`` (optional: keep a plain safetensors copy of a GGUF model so
     that later loads skip the slow GGUF parsing).
     Tokenisation: ``max_prompt_tokens`` (left-truncate longer prompts; None = no truncation),
@@ -123,11 +123,16 @@ def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def resolve_attn_implementation(attn: str, device: torch.device, dtype: torch.dtype) -> str:
-    """``auto`` -> ``flash_attention_2`` when flash-attn is importable and the model runs in 16-bit on CUDA,
-    else ``sdpa``. An explicit ``flash_attention_2`` that cannot work raises a ``ValueError`` saying why."""
+def resolve_attn_implementation(attn: str, device: torch.device, dtype: torch.dtype,
+                                needs_custom_mask: bool = False) -> str:
+    """``auto`` -> ``flash_attention_2`` when flash-attn is importable, the model runs in 16-bit on CUDA and no custom
+    attention mask is needed, else ``sdpa``. ``needs_custom_mask`` is ``prefix_sharing``: prefix trees need a
+    mask flash-attention cannot take, and sharing the prompt saves more than its faster kernel gains (7B, 8
+    sequences of a shared 512-token prompt: ~5.7k instead of ~17.9k tokens per view forward, docs/memory-model.md).
+    An explicit ``flash_attention_2`` that cannot work raises a ``ValueError`` saying why."""
     if attn == "auto":
-        if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and flash_attn_available():
+        if (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and flash_attn_available()
+                and not needs_custom_mask):
             return "flash_attention_2"
         return "sdpa"
     if attn == "flash_attention_2":
@@ -315,7 +320,7 @@ def load_backbone(cfg: BackboneConfig):
         raise ValueError(f"unknown source {cfg.source!r}; use one of {SOURCES}")
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    attn = resolve_attn_implementation(cfg.attn_implementation, device, dtype)
+    attn = resolve_attn_implementation(cfg.attn_implementation, device, dtype, needs_custom_mask=cfg.prefix_sharing)
     if cfg.source == "tiny":
         model, tokenizer = _load_tiny(cfg, device, dtype, attn)
     elif cfg.source == "hf":
