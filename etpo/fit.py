@@ -104,7 +104,13 @@ class RunArtifacts(Callback):
                                   is_global_zero=trainer.is_global_zero)
         self._write_summary(trainer, finished=True)
         if trainer.is_global_zero and self._stats(trainer) is not None:
-            print(self.summary_line(self.summary(trainer, finished=True)), flush=True)
+            from etpo.report import plot_run_curve
+
+            summary = self.summary(trainer, finished=True)
+            curve = plot_run_curve(summary, self.run_dir / "reward_curve.png")
+            print(self.summary_line(summary), flush=True)
+            if curve is not None:
+                print(f"etpo.fit: reward curve: {curve}", flush=True)
 
     def summary_line(self, summary: dict) -> str:
         """The one line a finished run prints: what ran, the best reward and where it was found, where to look."""

@@ -46,6 +46,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 __all__ = [
+    "plot_run_curve",
     "RunRecord", "Cell", "Table", "PAPER_TABLE2", "load_runs", "build_table", "table_markdown", "write_table_csv",
     "write_runs_csv", "plot_best_within", "plot_best_within_per_dataset", "plot_batch_rewards", "write_report",
     "main",
@@ -597,6 +598,39 @@ def plot_batch_rewards(
     return _save_panels(fig, axes, "environment steps", "average reward of the batch",
                         f"Average reward per rollout batch (-1 = not runnable); mean ± std over seeds (ddof={ddof})",
                         path)
+
+
+def plot_run_curve(summary: dict, path: str | Path) -> Optional[Path]:
+    """One run's learning curve (``reward_curve.png`` of every run directory): the average reward and the runnable
+    fraction of each rollout batch against environment steps, with the best reward found so far."""
+    rewards = list(summary.get("batch_avg_reward") or [])
+    if not rewards:
+        return None
+    runnable = list(summary.get("batch_runnable_fraction") or [])
+    steps = [int(x[0]) for x in summary.get("best_within") or []][: len(rewards)] or list(range(1, len(rewards) + 1))
+    best = [float(x[1]) if x[1] is not None and math.isfinite(float(x[1])) else float("nan")
+            for x in summary.get("best_within") or []][: len(rewards)]
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.0, 5.0), sharex=True)
+    top.plot(steps, rewards, marker="o", lw=1.5, label="average reward of the batch")
+    if best:
+        top.plot(steps, best, ls="--", lw=1.2, label="best reward so far")
+    top.set_ylabel("reward (-1 = not runnable)")
+    top.legend(fontsize=8)
+    top.grid(alpha=0.3)
+    if runnable:
+        bottom.plot(steps[: len(runnable)], runnable, marker="o", lw=1.5, color="tab:green")
+    bottom.set_ylim(-0.05, 1.05)
+    bottom.set_ylabel("runnable fraction")
+    bottom.set_xlabel("environment steps")
+    bottom.grid(alpha=0.3)
+    name = " ".join(str(summary.get(k)) for k in ("contender", "dataset") if summary.get(k))
+    fig.suptitle(f"{name}: one point per rollout batch", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------

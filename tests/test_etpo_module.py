@@ -298,6 +298,8 @@ def test_fit_cli_writes_a_complete_run_directory(tmp_path):
     assert summary["finished"] is True and summary["env_steps"] == 16 and summary["contender"] == "etpo"
     assert len(summary["batch_avg_reward"]) == 2 and len(summary["best_within"]) == 2
     assert (run / "best_code.py").is_file()
+    curve = run / "reward_curve.png"
+    assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"reward curve: {curve}" in proc.stdout
     credit = sorted((run / "credit").glob("step_*.html"))
     assert credit and "soft Q of taken token" in credit[0].read_text()
     assert len((run / "history.jsonl").read_text().splitlines()) == 2
