@@ -88,7 +88,7 @@ class BenchmarkConfig:
     timeout_s: Optional[float] = None
     fit_cmd: Optional[list[str]] = None
     preflight: str = "auto"
-    report: dict = field(default_factory=lambda: {"within": None, "ddof": 1, "paper": False})
+    report: dict = field(default_factory=lambda: {"within": None, "ddof": 1, "paper": False, "last_fraction": 0.25})
     base: Optional[str] = None       # the setting's config, first --config of every run
 
     @property
@@ -192,8 +192,12 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
     datasets = [str(d) for d in (raw.get("datasets") or [])]
     if not datasets:
         raise ValueError("the benchmark config names no datasets")
-    report = {"within": None, "ddof": 1, "paper": False}
+    report = {"within": None, "ddof": 1, "paper": False, "last_fraction": 0.25}
     report.update(raw.get("report") or {})
+    unknown = sorted(set(report) - {"within", "ddof", "paper", "last_fraction"})
+    if unknown:
+        raise ValueError(f"the benchmark config's report section has unknown keys {unknown}; "
+                         "use within, ddof, paper, last_fraction")
     cfg = BenchmarkConfig(
         contenders=contenders,
         datasets=datasets,
@@ -609,7 +613,8 @@ def write_benchmark_report(cfg: BenchmarkConfig, only: Optional[Sequence[str]] =
     contenders = [c.name for c in cfg.contenders if not only or c.name in only]
     written = write_report(cfg.runs_dir if cfg.runs_dir.exists() else cfg.out, cfg.out,
                            within=rep.get("within"), ddof=int(rep.get("ddof", 1)), contenders=contenders,
-                           datasets=cfg.datasets, paper=bool(rep.get("paper", False)))
+                           datasets=cfg.datasets, paper=bool(rep.get("paper", False)),
+                           last_fraction=float(rep.get("last_fraction", 0.25)))
     print(Path(written["table.md"]).read_text())
     print(f"report written to {cfg.out}/ ({', '.join(written)})", file=sys.stderr)
     return written

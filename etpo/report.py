@@ -139,8 +139,13 @@ class RunRecord:
 
     def batch_rewards(self) -> tuple[np.ndarray, np.ndarray]:
         """``(env_steps at the end of each batch, average reward of the batch)``."""
+        return self.batch_series("batch_avg_reward")
+
+    def batch_series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(env_steps at the end of each batch, the summary's per-batch series `key`)`` (``batch_avg_reward``,
+        ``batch_runnable_fraction``)."""
         rewards = np.asarray([_finite(r) if _finite(r) is not None else np.nan
-                              for r in (self.summary.get("batch_avg_reward") or [])], dtype=float)
+                              for r in (self.summary.get(key) or [])], dtype=float)
         steps = [int(s) for s, _ in (self.summary.get("best_within") or [])]
         if len(steps) != len(rewards):  # older / foreign summaries: spread the steps evenly
             total = max(self.env_steps, len(rewards))
@@ -530,6 +535,7 @@ def _save_panels(fig, axes, xlabel: str, ylabel: str, title: str, path) -> Path:
 def batch_reward_curves(
     runs: Sequence[RunRecord], ddof: int = 1, include_unfinished: bool = False,
     contenders: Optional[Sequence[str]] = None, datasets: Optional[Sequence[str]] = None,
+    key: str = "batch_avg_reward",
 ) -> dict[str, dict[str, dict]]:
     """Figure-4 data: ``{panel: {contender: {"x", "mean", "std"}}}`` with panels = datasets + ``average``.
 
@@ -546,7 +552,7 @@ def batch_reward_curves(
         if not by_ds:
             continue
         seeds = sorted({s for d in by_ds.values() for s in d})
-        length = max(len(r.batch_rewards()[1]) for d in by_ds.values() for r in d.values())
+        length = max(len(r.batch_series(key)[1]) for d in by_ds.values() for r in d.values())
         if length == 0:
             continue
         ds_names = [d for d in datasets if d in by_ds]
@@ -557,7 +563,7 @@ def batch_reward_curves(
                 r = by_ds[d].get(s)
                 if r is None:
                     continue
-                x, y = r.batch_rewards()
+                x, y = r.batch_series(key)
                 cube[i, j, : len(y)] = y
                 xs[i, j, : len(x)] = x
         with warnings.catch_warnings():
@@ -577,9 +583,11 @@ def batch_reward_curves(
 def plot_batch_rewards(
     runs: Sequence[RunRecord], path: str | Path, ddof: int = 1, include_unfinished: bool = False,
     contenders: Optional[Sequence[str]] = None, datasets: Optional[Sequence[str]] = None,
+    key: str = "batch_avg_reward",
 ) -> Optional[Path]:
-    """Figure 4: average reward per rollout batch during training, one panel per dataset plus the average."""
-    panels = batch_reward_curves(runs, ddof, include_unfinished, contenders, datasets)
+    """Figure 4: the average reward (or, with ``key="batch_runnable_fraction"``, the runnable fraction) of every
+    rollout batch during training, one panel per dataset plus the average; mean ± std over seeds as a band."""
+    panels = batch_reward_curves(runs, ddof, include_unfinished, contenders, datasets, key)
     if not panels["average"]:
         return None
     plt = _pyplot()
@@ -595,9 +603,80 @@ def plot_batch_rewards(
         ax.set_title("average over datasets" if name == "average" else name, fontsize=9)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    return _save_panels(fig, axes, "environment steps", "average reward of the batch",
-                        f"Average reward per rollout batch (-1 = not runnable); mean ± std over seeds (ddof={ddof})",
-                        path)
+    if key == "batch_runnable_fraction":
+        ylabel, title = "runnable fraction of the batch", "Runnable fraction per rollout batch"
+    else:
+        ylabel, title = "average reward of the batch", "Average reward per rollout batch (-1 = not runnable)"
+    return _save_panels(fig, axes, "environment steps", ylabel, f"{title}; mean ± std over seeds (ddof={ddof})", path)
+
+
+def plot_batch_runnable(runs: Sequence[RunRecord], path: str | Path, **kw) -> Optional[Path]:
+    """:func:`plot_batch_rewards` of the runnable fraction."""
+    return plot_batch_rewards(runs, path, key="batch_runnable_fraction", **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# learning: how the batches of the end of a run compare with its start
+# ----------------------------------------------------------------------------------------------------------------
+
+def _tail_mean(series: np.ndarray, fraction: float) -> Optional[float]:
+    series = series[~np.isnan(series)]
+    if series.size == 0:
+        return None
+    k = max(1, int(math.ceil(fraction * series.size)))
+    return float(np.mean(series[-k:]))
+
+
+LEARNING_COLUMNS = (
+    ("first batch: runnable", "first_runnable"),
+    ("last {f}: runnable", "last_runnable"),
+    ("last {f}: average reward", "last_reward"),
+    ("best reward", "best"),
+)
+
+
+def learning_table(runs: Sequence[RunRecord], last_fraction: float = 0.25, ddof: int = 1,
+                   contenders: Optional[Sequence[str]] = None, datasets: Optional[Sequence[str]] = None,
+                   include_unfinished: bool = False) -> dict[tuple[str, str, str], Cell]:
+    """Per (contender, dataset, column) the mean ± std over seeds of: the first batch's runnable fraction, the
+    runnable fraction and the average reward over the last ``last_fraction`` of the batches (at least one batch),
+    and the best reward of the run."""
+    if not 0.0 < last_fraction <= 1.0:
+        raise ValueError("last_fraction must be in (0, 1]")
+    used = _select(runs, None, include_unfinished)
+    values: dict[tuple[str, str, str], dict[int, float]] = {}
+    for r in used:
+        runnable = r.batch_series("batch_runnable_fraction")[1]
+        reward = r.batch_series("batch_avg_reward")[1]
+        got = {"first_runnable": float(runnable[0]) if runnable.size and not np.isnan(runnable[0]) else None,
+               "last_runnable": _tail_mean(runnable, last_fraction),
+               "last_reward": _tail_mean(reward, last_fraction), "best": r.best_reward}
+        for column, v in got.items():
+            if v is not None:
+                values.setdefault((r.contender, r.dataset, column), {})[r.seed] = v
+    return {key: _cell([by_seed[s] for s in sorted(by_seed)], sorted(by_seed), ddof)
+            for key, by_seed in values.items()}
+
+
+def learning_markdown(runs: Sequence[RunRecord], last_fraction: float = 0.25, ddof: int = 1, digits: int = 3,
+                      contenders: Optional[Sequence[str]] = None, datasets: Optional[Sequence[str]] = None,
+                      include_unfinished: bool = False) -> str:
+    """:func:`learning_table` as markdown: one row per (dataset, contender)."""
+    cells = learning_table(runs, last_fraction, ddof, contenders, datasets, include_unfinished)
+    used = _select(runs, None, include_unfinished)
+    contenders = _order((r.contender for r in used), contenders)
+    datasets = _order((r.dataset for r in used), datasets)
+    label = f"{last_fraction:.0%}" if last_fraction < 1 else "all"
+    header = ["dataset", "contender"] + [name.format(f=label) for name, _ in LEARNING_COLUMNS]
+    max_seeds = max((c.n for c in cells.values()), default=0)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for d in datasets:
+        for c in contenders:
+            row = [_fmt(cells.get((c, d, col)), digits, max_seeds) for _, col in LEARNING_COLUMNS]
+            if all(x == "—" for x in row):
+                continue
+            lines.append("| " + " | ".join([d, c] + row) + " |")
+    return "\n".join(lines) + f"\n\nmean ± std over seeds (ddof={ddof}); last {label} = the last {label} of a run's batches\n"
 
 
 def plot_run_curve(summary: dict, path: str | Path) -> Optional[Path]:
@@ -648,9 +727,11 @@ def write_report(
     paper: bool = False,
     digits: int = 4,
     runs: Optional[Sequence[RunRecord]] = None,
+    last_fraction: float = 0.25,
 ) -> dict[str, Path]:
-    """Write table.md, table.csv, runs.csv and the three PNGs into ``out``; returns ``{name: path}`` of what was
-    written (plots are skipped when no run counts)."""
+    """Write table.md, table.csv, runs.csv, learning.md (:func:`learning_markdown` over the last ``last_fraction``
+    of the batches) and the four PNGs into ``out``; returns ``{name: path}`` of what was written (plots are skipped
+    when no run counts)."""
     runs = list(runs) if runs is not None else load_runs(folder)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -663,11 +744,15 @@ def write_report(
     written["table.csv"] = out / "table.csv"
     write_runs_csv(runs, out / "runs.csv", within)
     written["runs.csv"] = out / "runs.csv"
+    (out / "learning.md").write_text(learning_markdown(runs, last_fraction, ddof, contenders=contenders,
+                                                       datasets=datasets, include_unfinished=include_unfinished))
+    written["learning.md"] = out / "learning.md"
     kw = dict(ddof=ddof, include_unfinished=include_unfinished, contenders=contenders)
     for name, fn, extra in (
         ("best_within.png", plot_best_within, {"within": within, "datasets": datasets}),
         ("best_within_per_dataset.png", plot_best_within_per_dataset, {"within": within, "datasets": datasets}),
         ("batch_reward.png", plot_batch_rewards, {"datasets": datasets}),
+        ("batch_runnable.png", plot_batch_runnable, {"datasets": datasets}),
     ):
         p = fn(runs, out / name, **kw, **extra)
         if p is not None:
@@ -688,11 +773,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--include_unfinished", action="store_true", help="also use runs that did not finish")
     parser.add_argument("--paper", action="store_true", help="append the paper's Table 2 columns")
     parser.add_argument("--digits", type=int, default=4)
+    parser.add_argument("--last_fraction", type=float, default=0.25,
+                        help="learning.md compares the first batch with the last fraction of a run's batches")
     args = parser.parse_args(argv)
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
     try:
         written = write_report(args.folder, args.out or args.folder, args.within, args.ddof, split(args.contenders),
-                               split(args.datasets), args.include_unfinished, args.paper, args.digits)
+                               split(args.datasets), args.include_unfinished, args.paper, args.digits,
+                               last_fraction=args.last_fraction)
     except FileNotFoundError as err:
         print(f"etpo.report: error: {err}", file=sys.stderr)
         return 2

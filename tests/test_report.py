@@ -30,10 +30,11 @@ def write_summary(root: Path, contender: str, dataset: str, seed: int, best: flo
     # best-within curve rising to `best`; batch rewards a known ramp
     curve = [[BATCH * (k + 1), round(best - 0.05 * (batches - 1 - k), 6)] for k in range(batches)]
     avg = [round(-1.0 + 0.3 * k + avg_offset, 6) for k in range(batches)]
+    runnable = [round(0.1 * k + 0.01 * seed + avg_offset, 6) for k in range(batches)]
     summary = {"contender": "ignored-by-layout", "model_class": "x.Y", "dataset": dataset, "seed": seed,
                "env_steps": BATCH * batches, "budget": BATCH * BATCHES, "best_reward": curve[-1][1],
                "best_code": "print(1)", "runnable_fraction": 0.5, "wall_time_s": 1.0, "finished": finished,
-               "best_within": curve, "batch_avg_reward": avg}
+               "best_within": curve, "batch_avg_reward": avg, "batch_runnable_fraction": runnable}
     (run_dir / "summary.json").write_text(json.dumps(summary))
     return run_dir
 
@@ -146,4 +147,31 @@ def test_cli(runs_root, tmp_path, capsys):
 
 def test_empty_folder(tmp_path):
     written = report.write_report(tmp_path, tmp_path / "out")
-    assert set(written) == {"table.md", "table.csv", "runs.csv"}
+    assert set(written) == {"table.md", "table.csv", "runs.csv", "learning.md"}  # no plot without runs
+
+
+def test_learning_table_matches_numpy(runs_root, tmp_path):
+    """First-batch runnable fraction, last-quarter runnable fraction and reward (at least one batch), best reward:
+    mean and sample std over seeds, against numpy on the fixture's known series."""
+    runs = report.load_runs(runs_root)
+    cells = report.learning_table(runs, last_fraction=0.25, ddof=1)
+    for c, contender in enumerate(CONTENDERS):
+        for d, dataset in enumerate(DATASETS):
+            seeds = [s for s in SEEDS if not (contender == "etpo" and dataset == "cmc" and s == 2)]
+            off = 0.1 * c
+            first = [0.01 * s + off for s in seeds]
+            last_run = [0.1 * (BATCHES - 1) + 0.01 * s + off for s in seeds]  # 25 % of 4 batches = the last one
+            last_rew = [-1.0 + 0.3 * (BATCHES - 1) + off for _ in seeds]
+            for column, want in (("first_runnable", first), ("last_runnable", last_run), ("last_reward", last_rew)):
+                cell = cells[(contender, dataset, column)]
+                assert cell.seeds == seeds
+                assert cell.mean == pytest.approx(np.mean(want), abs=1e-9)
+                assert cell.std == pytest.approx(np.std(want, ddof=1), abs=1e-9)
+    half = report.learning_table(runs, last_fraction=0.5)[("reflection", "pc1", "last_runnable")]
+    assert half.mean == pytest.approx(np.mean([np.mean([0.2 + 0.01 * s, 0.3 + 0.01 * s]) for s in SEEDS]))
+    md = report.learning_markdown(runs, 0.25)
+    assert "last 25%: runnable" in md and md.count("| breast_w |") == 2
+    written = report.write_report(runs_root, tmp_path / "out", runs=runs)
+    assert {"learning.md", "batch_runnable.png"} <= set(written)
+    with pytest.raises(ValueError, match="last_fraction"):
+        report.learning_table(runs, last_fraction=0.0)
