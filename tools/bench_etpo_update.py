@@ -18,7 +18,9 @@ alternately, ``--repeats`` times each (these machines are noisy; medians are rep
 
 Working memory is measured in fresh subprocesses, one per step kind (an allocator grown by one kind hides the
 other's peak): the peak resident set size during the first step (``VmHWM`` after resetting it through
-``/proc/self/clear_refs``) minus the resident size just before it.
+``/proc/self/clear_refs``) minus the resident size just before it; next to it the peak bytes of live tensors during
+a second step (a dispatch mode tracking every storage until it is freed) -- the difference is memory the allocator
+keeps resident after tensors are freed.
 
 Generation: ``SharedBaseLM.generate_from_ids`` (the prompt prefix all rows share prefilled once) against bare
 ``peft_model.generate`` on the same prompts with the same settings, and tokens per second.
@@ -59,6 +61,41 @@ def measure(step) -> tuple[float, float]:
     step()
     seconds = time.perf_counter() - t0
     return seconds, max(0, _rss_kb("VmHWM") - before) / 1024
+
+
+class LiveTensorPeak:
+    """Peak bytes of live CPU tensor storages while the block runs (a dispatch mode sees every op's outputs; a
+    storage counts until it is freed): what the tensors need, as opposed to what the allocator keeps resident."""
+
+    def __enter__(self):
+        from torch.multiprocessing.reductions import StorageWeakRef
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        tracker = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                        st = t.untyped_storage()
+                        key = st.data_ptr()
+                        if key and key not in tracker.live:
+                            tracker.live[key] = (StorageWeakRef(st), st.nbytes())
+                            tracker.current += st.nbytes()
+                for key in [k for k, (ref, _) in tracker.live.items() if ref.expired()]:
+                    tracker.current -= tracker.live.pop(key)[1]
+                tracker.peak = max(tracker.peak, tracker.current)
+                return out
+
+        self.live, self.current, self.peak = {}, 0, 0
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
 
 
 def _child(args: list[str], env: dict | None = None) -> str:
@@ -266,15 +303,19 @@ def run(args, module, batch) -> None:
     kinds = steps(module, batch)
     if args.memory_of:  # child process: one step of one kind, print its working memory
         print(f"MEMORY_MIB {measure(kinds[args.memory_of])[1]:.1f}")
+        with LiveTensorPeak() as live:  # a second step: the peak of its live tensors (what they need at most)
+            kinds[args.memory_of]()
+        print(f"LIVE_MIB {live.peak / 2**20:.1f}")
         return
     if args.time_only:
         kinds["etpo"]()
         print(f"SECONDS {statistics.median(measure(kinds['etpo'])[0] for _ in range(args.repeats)):.3f}")
         return
-    memory = {}
+    memory, live = {}, {}
     for kind in kinds:
         out = _child([*sys.argv[1:], f"--memory_of={kind}"])
         memory[kind] = float(next(ln.split()[1] for ln in out.splitlines() if ln.startswith("MEMORY_MIB")))
+        live[kind] = float(next(ln.split()[1] for ln in out.splitlines() if ln.startswith("LIVE_MIB")))
     for step in kinds.values():
         step()  # warm-up (allocator, optimizer state)
     runs = {k: [] for k in kinds}
@@ -292,9 +333,11 @@ def run(args, module, batch) -> None:
           f"{torch.get_num_threads()}, OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}, activation "
           f"checkpointing {'on' if not args.no_checkpointing else 'off'}")
     print(f"token positions per view forward: shared prefixes {plan.tokens_computed}, plain {plain.tokens_computed}")
-    print(f"{'step':<24}{'median s':>10}{'work MiB':>10}{'action tok/s':>14}")
+    print(f"{'step':<24}{'median s':>10}{'work MiB':>10}{'live MiB':>10}{'action tok/s':>14}")
     for k, label in (("etpo", "ETPO update"), ("previous", "previous ETPO update"), ("lora", "LoRA fine-tuning step")):
-        print(f"{label:<24}{med[k]:>10.2f}{memory[k]:>10.0f}{n_gen / med[k]:>14.1f}")
+        print(f"{label:<24}{med[k]:>10.2f}{memory[k]:>10.0f}{live[k]:>10.0f}{n_gen / med[k]:>14.1f}")
+    print("work MiB = peak resident size of a fresh process during its first step minus before it; live MiB = peak "
+          "bytes of live tensors during a step (the rest of the working memory is what glibc keeps of freed ones)")
     print(f"ETPO update vs previous: {med['previous'] / med['etpo']:.2f}x faster (goal >= 3x); working memory "
           f"{memory['etpo'] / max(memory['previous'], 1e-9):.2f}x")
     print(f"ETPO update vs LoRA step: {med['etpo'] / med['lora']:.2f}x time (goal <= 3.0x), "
