@@ -1,23 +1,29 @@
-"""Isolated, warm worker processes that run generated scikit-learn code.
+"""Process isolation for untrusted code: warm, sandboxed worker processes (task-agnostic).
 
-:class:`SandboxPool` keeps ``n_workers`` worker processes (:mod:`envs._sandbox_worker`) that have numpy and
-scikit-learn imported already; :meth:`SandboxPool.evaluate` sends one job (code + ``x_train``, ``y_train``,
-``x_val``) to a free worker, which runs it in a forked, resource-limited child and returns the
-``predict_proba(x_val)`` array. Validation *labels* are never sent: scoring happens in the caller's process.
-``evaluate`` is thread-safe (``TextVectorEnv`` threads call it concurrently) and blocks in ``select``, which
+:class:`SandboxPool` keeps ``n_workers`` worker processes (:mod:`envs._sandbox_worker`) that have a task's
+modules imported already; :meth:`SandboxPool.run` sends one job (code + named numeric input arrays) to a free
+worker, which runs it in a freshly forked, resource-limited child through the task's *runner* and returns one
+numeric array. What a task runs is described by a :class:`SandboxTask` (the data-science task and its model
+evaluation live in :mod:`envs.datascience.evaluation`); this module knows nothing about any task.
+``run`` is thread-safe (``TextVectorEnv`` threads call it concurrently) and blocks in ``select``, which
 releases the GIL.
 
-Isolation layers (``isolation="auto"`` picks the strongest available and warns once when it falls back):
+Isolation (``sandbox`` = ``"auto"`` | ``"isolated"`` | ``"rlimits"``; see :func:`resolve_isolation`):
 
-``"bwrap"`` (Linux with bubblewrap)
+``"isolated"`` (Linux with bubblewrap)
     Each worker runs under ``bwrap`` with its own PID, network (no interfaces but loopback: no route out),
-    IPC, UTS and cgroup namespaces, ``--die-with-parent`` and ``--new-session``, and a *minimal* read-only
-    view of the filesystem: ``/usr`` (+ the ``/bin``, ``/lib*`` links), the dynamic-loader cache, the Python
-    installation and the site-packages that hold numpy/scikit-learn, the worker script, fresh ``/dev`` and
-    ``/proc``, and a per-worker directory as ``/tmp`` in which every job gets a fresh directory (removed
-    afterwards); the root itself is remounted read-only, so ``/tmp`` is the only writable place. A plain
-    ``--ro-bind / /`` is deliberately *not* used: the dataset files (with every label) and the user's files
-    would be readable from generated code.
+    IPC, UTS and cgroup namespaces, ``--die-with-parent`` and ``--new-session``, and a *minimal*, read-only
+    view of the filesystem built from what the task's imports need (probed once, see :func:`task_files`):
+    ``/usr`` (+ the ``/bin``, ``/lib*`` links) without its Python package directories, the dynamic-loader
+    cache, the interpreter and its standard library (without ``site-packages``), and exactly the package
+    directories the task's modules import (e.g. ``numpy/`` and ``scipy/`` - not the rest of the
+    virtual environment), minus what the task hides (:attr:`SandboxTask.hide`: bundled datasets); the worker
+    script and the runner, fresh ``/dev`` and ``/proc`` (the trainer's processes are not in the namespace),
+    and a per-worker *scratch* directory, the only writable place, mounted at ``/tmp`` unless a path the
+    worker needs lies there (then at a free path such as ``/scratch``: it never shadows anything). Every job
+    gets a fresh directory in it (``HOME`` and ``TMPDIR``), and the whole scratch directory is emptied after
+    every job. Paths are resolved (symlinks, spaces, ``/tmp``), so the project, its virtual environment and the
+    interpreter may live anywhere.
 
     As root (the project machines run everything as root) bwrap runs in its privileged mode without a user
     namespace and the worker keeps only ``CAP_SETUID``, ``CAP_SETGID`` and ``CAP_KILL``; each job child then
@@ -28,28 +34,35 @@ Isolation layers (``isolation="auto"`` picks the strongest available and warns o
     caller's uid seen as 65534 (the seccomp filter forbids creating further namespaces).
 ``"rlimits"`` (fallback)
     A plain subprocess in its own session, with the same per-job limits, seccomp filter and, as root, all
-    capabilities dropped - but the code sees the real filesystem and network.
+    capabilities dropped - but the code sees the real filesystem (the data, with its labels) and network.
+
+``"auto"`` (default) is ``"isolated"`` when bubblewrap is installed - and an *error* with bwrap's own reason
+when it is installed but cannot start a sandbox here; ``"rlimits"`` only when bubblewrap is absent, announced
+once. The choice comes from the caller (a config's ``sandbox:``), else the ``ETPO_SANDBOX`` environment
+variable, else ``"auto"``; :func:`isolation_report` says what the pools of this process actually use.
 
 Per-job limits, applied in the job child (see :mod:`envs._sandbox_worker`): wall-clock ``timeout`` (the
 worker kills the child and, inside the PID namespace, every other process; the parent kills the whole worker
 process group if the worker itself does not answer within ``timeout + grace``), ``RLIMIT_AS`` (memory
-budget on top of the warm worker's address space), ``RLIMIT_CPU``, ``RLIMIT_FSIZE`` (also caps captured
-output), ``RLIMIT_NOFILE``, ``RLIMIT_NPROC`` (namespace modes), a seccomp filter that forbids creating
-processes (threads are fine), signalling other processes, ptrace and cross-process memory access, and a
-scrubbed environment (``PATH``, ``HOME=TMPDIR=<job dir>``, one BLAS/OpenMP thread, joblib without
-multiprocessing). Results come back as ``.npy`` bytes parsed with ``allow_pickle=False``; nothing from the
-sandbox is ever unpickled. An ordinary timeout only kills the job child (the warm worker survives); a worker
-that stops answering, dies or sends a malformed reply is killed and replaced.
+budget on top of the warm worker's address space), ``RLIMIT_CPU`` (all threads together), ``RLIMIT_FSIZE``
+(also caps captured output), ``RLIMIT_NOFILE``, ``RLIMIT_NPROC`` (namespace modes), a seccomp filter that
+forbids creating processes (threads are fine), signalling or re-limiting other processes, ptrace,
+cross-process memory access and IPC objects that would outlive the job, and a scrubbed environment
+(``PATH``, ``HOME=TMPDIR=<job dir>``, one BLAS/OpenMP thread, joblib without multiprocessing). Results come
+back as ``.npy`` bytes parsed with ``allow_pickle=False``; nothing from the sandbox is ever unpickled. An
+ordinary timeout only kills the job child (the warm worker survives); a worker that stops answering, dies or
+sends a malformed reply is killed and replaced.
 
 Known limits: the disk space a job can fill in its directory is bounded by ``RLIMIT_FSIZE`` per file and by
 the timeout, not in total (everything is deleted after the job); ``RLIMIT_AS`` counts virtual memory, not
 resident memory; in the rlimits fallback the code can read and write whatever the caller's user can, reach
-the network, and (same uid) read the caller's memory through ``/proc``.
+the network, and (same uid) read the caller's environment and memory through ``/proc``.
 """
 
 from __future__ import annotations
 
 import atexit
+import io
 import json
 import logging
 import os
@@ -64,7 +77,8 @@ import threading
 import time
 import warnings
 import weakref
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -72,40 +86,74 @@ import numpy as np
 from . import _sandbox_worker as _proto
 
 __all__ = [
+    "SANDBOX_MODES",
+    "SANDBOX_ENV_VAR",
+    "SandboxTask",
     "SandboxPool",
     "SandboxResult",
     "SandboxError",
-    "validate_proba",
+    "Isolation",
+    "resolve_isolation",
     "bwrap_available",
+    "task_files",
     "default_n_workers",
     "get_default_pool",
-    "shutdown_default_pool",
+    "close_all_pools",
+    "isolation_report",
 ]
 
 log = logging.getLogger(__name__)
 
-_WORKER_SCRIPT = os.path.abspath(_proto.__file__)
-_WORKER_IN_SANDBOX = "/opt/etpo_sandbox/worker.py"  # where the script is bound inside bubblewrap
+SANDBOX_MODES = ("auto", "isolated", "rlimits")
+SANDBOX_ENV_VAR = "ETPO_SANDBOX"
+_MODE_ALIASES = {"bwrap": "isolated", "bubblewrap": "isolated"}  # earlier spelling of "isolated"
+_WORKER_SCRIPT = os.path.realpath(_proto.__file__)
 _MB = 1 << 20
 
 
 class SandboxError(RuntimeError):
-    """The sandbox itself cannot work (worker does not start, bwrap requested but unusable, pool closed)."""
+    """The sandbox itself cannot work (bubblewrap unusable, worker does not start, pool closed)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# what a pool runs
+
+
+@dataclass(frozen=True)
+class SandboxTask:
+    """What the workers of a pool run.
+
+    Args:
+        name: a short name (log lines, default-pool key).
+        runner: path of a Python file that defines ``run(code, inputs, params) -> numpy.ndarray``; it is loaded
+            by path inside the sandbox and may import only the standard library and ``modules``.
+        preload: modules imported once per worker, before its first job (what makes the pool warm).
+        modules: further modules the code may import; with ``preload`` they decide which package directories
+            the isolated sandbox shows (every package their import loads, nothing else).
+        hide: called with the package directories shown in the sandbox; returns paths inside them to hide
+            (an empty directory or file is shown instead), e.g. datasets bundled with a package.
+    """
+
+    name: str
+    runner: str
+    preload: tuple[str, ...] = ()
+    modules: tuple[str, ...] = ()
+    hide: Callable[[Sequence[str]], Sequence[str]] | None = field(default=None, compare=False)
 
 
 @dataclass
 class SandboxResult:
-    """Outcome of one :meth:`SandboxPool.evaluate` call.
+    """Outcome of one :meth:`SandboxPool.run` call.
 
-    ``status`` is ``"ok"`` (``proba`` holds the validated ``predict_proba`` output), ``"error"`` (the code
-    raised, crashed, hit a limit, or returned unusable output; ``error`` says what) or ``"timeout"``.
-    ``stdout`` is the tail of the code's captured stdout+stderr; ``duration`` the child's run time and
-    ``wall_time`` the whole call as seen by the caller (both seconds). ``worker_replaced``: this call started
-    a new worker process in place of one that had died or been killed, or killed an unresponsive one.
+    ``status`` is ``"ok"`` (``output`` holds the returned array), ``"error"`` (the code raised, crashed, hit a
+    limit, or returned unusable output; ``error`` says what) or ``"timeout"``. ``stdout`` is the tail of the
+    code's captured stdout+stderr; ``duration`` the child's run time and ``wall_time`` the whole call as seen
+    by the caller (both seconds). ``worker_replaced``: this call started a new worker process in place of one
+    that had died or been killed, or killed an unresponsive one. ``isolation``: ``"isolated"`` or ``"rlimits"``.
     """
 
     status: str
-    proba: np.ndarray | None = None
+    output: np.ndarray | None = None
     error: str | None = None
     stdout: str = ""
     duration: float = 0.0
@@ -118,31 +166,8 @@ class SandboxResult:
         return self.status == "ok"
 
 
-def validate_proba(proba: np.ndarray, n_rows: int, n_classes: int, atol: float = 1e-3) -> str | None:
-    """Check a ``predict_proba`` output; return an error message, or None when it is usable.
-
-    Required: a 2-D array of shape ``(n_rows, n_classes)`` (no 1-D binary shortcut is accepted, so a model
-    that returns hard labels is caught), finite, within [0, 1], each row summing to 1 within ``atol``.
-    """
-    proba = np.asarray(proba)
-    if proba.ndim != 2 or proba.shape != (n_rows, n_classes):
-        return (
-            f"predict_proba must return an array of shape (n_samples, n_classes) = ({n_rows}, {n_classes}); "
-            f"got shape {proba.shape}"
-        )
-    if not np.all(np.isfinite(proba)):
-        return "predict_proba returned NaN or infinite values"
-    if proba.min() < -atol or proba.max() > 1 + atol:
-        return f"predict_proba returned values outside [0, 1] (min {proba.min():.4g}, max {proba.max():.4g})"
-    sums = proba.sum(axis=1)
-    if not np.allclose(sums, 1.0, atol=atol, rtol=0):
-        bad = int(np.argmax(np.abs(sums - 1.0)))
-        return f"predict_proba rows must sum to 1; row {bad} sums to {sums[bad]:.4g}"
-    return None
-
-
 def default_n_workers() -> int:
-    """Workers for the default pool: one per available CPU, between 2 and 8."""
+    """Workers for a default pool: one per available CPU, between 2 and 8."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -150,8 +175,199 @@ def default_n_workers() -> int:
     return max(2, min(8, cpus))
 
 
-_BWRAP_PROBE: dict[str, Any] = {}
-_BWRAP_LOCK = threading.Lock()
+# ---------------------------------------------------------------------------------------------------
+# which isolation
+
+
+@dataclass(frozen=True)
+class Isolation:
+    """The isolation a pool uses: ``mode`` (``"isolated"``/``"rlimits"``), what was ``requested``
+    (``"auto"``/``"isolated"``/``"rlimits"``), where that came from (``source``: ``"config"``,
+    ``"ETPO_SANDBOX"`` or ``"default"``) and a one-line ``detail``."""
+
+    mode: str
+    requested: str
+    source: str
+    detail: str
+
+    def describe(self) -> str:
+        return f"{self.mode} (requested {self.requested!r} by {self.source}): {self.detail}"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _normalize_mode(value: str, source: str) -> str:
+    mode = _MODE_ALIASES.get(str(value).strip().lower(), str(value).strip().lower())
+    if mode not in SANDBOX_MODES:
+        raise ValueError(f"sandbox mode {value!r} (from {source}) is not one of {', '.join(SANDBOX_MODES)}")
+    return mode
+
+
+_ISOLATED_DETAIL = ("bubblewrap: own PID/network/IPC namespaces, read-only minimal filesystem (no data directory, "
+                    "no bundled datasets), code runs as an unprivileged user")
+_RLIMITS_DETAIL = ("resource limits and a seccomp filter only: the code sees the real filesystem (including the "
+                   "data and its labels) and the network")
+
+
+def resolve_isolation(requested: str | None = None, *, source: str = "config") -> Isolation:
+    """Decide the isolation for a pool; raise :class:`SandboxError` when it cannot be had.
+
+    ``requested`` (a config value) wins; None means the ``ETPO_SANDBOX`` environment variable, else ``"auto"``.
+    ``"auto"`` is ``"isolated"`` when bubblewrap is installed (an error with the reason if it cannot start
+    here) and ``"rlimits"`` only when it is not installed, announced once per process.
+    """
+    if requested is None:
+        env = os.environ.get(SANDBOX_ENV_VAR, "").strip()
+        requested, source = (env, SANDBOX_ENV_VAR) if env else ("auto", "default")
+    mode = _normalize_mode(requested, source)
+    if mode == "rlimits":
+        return Isolation("rlimits", mode, source, _RLIMITS_DETAIL + " (requested)")
+    exe = shutil.which("bwrap")
+    if exe is None or not sys.platform.startswith("linux"):
+        missing = "bubblewrap (bwrap) is not installed" if sys.platform.startswith("linux") else "bubblewrap needs Linux"
+        if mode == "isolated":
+            raise SandboxError(f"sandbox 'isolated' requested (by {source}) but {missing}; "
+                               "install it (apt-get install bubblewrap)")
+        _announce_once(f"envs.sandbox: {missing}, so generated code runs with {_RLIMITS_DETAIL}. Install "
+                       f"bubblewrap (apt-get install bubblewrap) for isolation, or set {SANDBOX_ENV_VAR}=rlimits "
+                       "to choose this fallback explicitly.")
+        return Isolation("rlimits", mode, source, f"{missing}; {_RLIMITS_DETAIL}")
+    ok, reason = bwrap_available()
+    if not ok:
+        raise SandboxError(
+            f"bubblewrap is installed but cannot start a sandbox here ({reason}). Fix that (e.g. allow "
+            f"unprivileged user namespaces, or run as root), or choose the unisolated fallback explicitly with "
+            f"{SANDBOX_ENV_VAR}=rlimits (or sandbox: rlimits in the environment's config)")
+    return Isolation("isolated", mode, source, f"{_BWRAP_PROBE.get('version', 'bubblewrap')}: {_ISOLATED_DETAIL}")
+
+
+_ANNOUNCED: set[str] = set()
+
+
+def _announce_once(msg: str) -> None:
+    if msg not in _ANNOUNCED:
+        _ANNOUNCED.add(msg)
+        log.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+# ---------------------------------------------------------------------------------------------------
+# what the worker's interpreter needs to see
+
+
+@dataclass(frozen=True)
+class TaskFiles:
+    """Host paths (all resolved) a task's worker needs: see :func:`task_files`."""
+
+    executable: str
+    stdlib: str  # the standard library as the interpreter finds it (may differ from its resolved path)
+    roots: tuple[str, ...]  # package directories / single-file modules / vendored-library (*.libs) directories
+    sys_path: tuple[str, ...]  # the directories holding ``roots`` (the worker's sys.path after the stdlib)
+    libraries: tuple[str, ...]  # shared libraries mapped by the interpreter outside the roots (e.g. libpython)
+    failed: tuple[str, ...]  # modules whose import failed in the probe
+
+    @property
+    def pyvenv_cfg(self) -> str | None:
+        """A copied (not symlinked) venv interpreter reads ``pyvenv.cfg`` next to its ``bin`` directory."""
+        cfg = os.path.join(os.path.dirname(os.path.dirname(self.executable)), "pyvenv.cfg")
+        return cfg if os.path.isfile(cfg) else None
+
+
+_PROBE = r"""
+import importlib, importlib.util, json, os, sys
+cfg = json.loads(sys.argv[1])
+sys.path.extend(p for p in cfg["path"] if p not in sys.path)
+failed = []
+if cfg["runner"]:
+    spec = importlib.util.spec_from_file_location("_sandbox_runner", cfg["runner"])
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+for name in cfg["modules"]:
+    try:
+        importlib.import_module(name)
+    except Exception as exc:
+        failed.append(f"{name}: {exc}")
+files = set()
+for mod in list(sys.modules.values()):
+    f = getattr(mod, "__file__", None)
+    if f:
+        files.add(f)
+    for p in list(getattr(mod, "__path__", None) or []):
+        files.add(os.path.join(p, "__init__.py"))
+maps = set()
+with open("/proc/self/maps") as fh:
+    for line in fh:
+        parts = line.split(None, 5)
+        if len(parts) == 6 and parts[5].startswith("/"):
+            maps.add(parts[5].strip())
+print(json.dumps({"files": sorted(files), "maps": sorted(maps), "stdlib": os.path.dirname(os.__file__),
+                  "executable": sys.executable, "failed": failed, "path": sys.path}))
+"""
+
+_TASK_FILES: dict[tuple, TaskFiles] = {}
+_TASK_FILES_LOCK = threading.Lock()
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def task_files(modules: Sequence[str] = (), runner: str | None = None) -> TaskFiles:
+    """Probe (once per process) what the interpreter needs to import ``modules``: run it, import them, list files.
+
+    The probe is a subprocess of this process's interpreter (resolved through every symlink) started with
+    ``-I -S`` and this process's ``sys.path`` directories; every package directory a loaded module or mapped
+    shared library comes from becomes a root. This is what makes the sandbox independent of where the
+    project, its virtual environment and the interpreter live.
+    """
+    key = (tuple(modules), runner)
+    with _TASK_FILES_LOCK:
+        if key in _TASK_FILES:
+            return _TASK_FILES[key]
+        exe = os.path.realpath(sys.executable)
+        path = [os.path.realpath(p) for p in sys.path if p and os.path.isdir(p)]
+        cfg = json.dumps({"path": path, "modules": list(modules), "runner": runner})
+        try:
+            proc = subprocess.run([exe, "-I", "-S", "-c", _PROBE, cfg], capture_output=True, timeout=300,
+                                  cwd="/", env=_worker_env("/"))
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise SandboxError(f"could not run the interpreter {exe} to probe the sandbox's files: {exc}") from None
+        if proc.returncode != 0:
+            raise SandboxError(f"probing the sandbox's files failed: {proc.stderr.decode(errors='replace')[-2000:]}")
+        info = json.loads(proc.stdout)
+        stdlib_real = os.path.realpath(info["stdlib"])
+        entries = sorted({os.path.realpath(p) for p in info["path"] if p and os.path.isdir(p)}, key=len, reverse=True)
+        roots: set[str] = set()
+        used_entries: set[str] = set()
+        libraries: set[str] = set()
+        for kind, names in (("module", info["files"]), ("mapped", info["maps"])):
+            for name in names:
+                real = os.path.realpath(name)
+                if not os.path.exists(real):
+                    continue
+                entry = next((e for e in entries if _under(real, e)), None)
+                if entry is not None and not _under(entry, stdlib_real):
+                    rel = os.path.relpath(real, entry)
+                    if rel == ".":
+                        continue
+                    roots.add(os.path.join(entry, rel.split("/", 1)[0]))
+                    used_entries.add(entry)
+                elif not _under(real, stdlib_real) and kind == "mapped" and real != exe:
+                    libraries.add(real)
+        result = TaskFiles(
+            executable=exe,
+            stdlib=info["stdlib"],
+            roots=tuple(sorted(roots)),
+            sys_path=tuple(e for e in (os.path.realpath(p) for p in info["path"] if p) if e in used_entries),
+            libraries=tuple(sorted(libraries)),
+            failed=tuple(info["failed"]),
+        )
+        _TASK_FILES[key] = result
+        return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# the bubblewrap command line
 
 
 def _bwrap_base_args(privileged: bool) -> list[str]:
@@ -174,56 +390,61 @@ def _bwrap_base_args(privileged: bool) -> list[str]:
     return args
 
 
-def _python_paths() -> list[str]:
-    """Directories the worker's interpreter needs: the installation and the site-packages of its imports."""
-    import numpy
-    import scipy
-    import sklearn
-
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
-    exe = os.path.realpath(sys.executable)
-    paths.add(os.path.dirname(os.path.dirname(exe)))
-    for mod in (numpy, scipy, sklearn):
-        paths.add(os.path.dirname(os.path.dirname(os.path.abspath(mod.__file__))))
-    for name in ("joblib", "threadpoolctl"):
-        mod = sys.modules.get(name)
-        if mod is None:
-            try:
-                mod = __import__(name)
-            except ImportError:
-                continue
-        paths.add(os.path.dirname(os.path.abspath(mod.__file__)))
-    expanded = set()
-    for p in paths:
-        for q in (os.path.abspath(p), os.path.realpath(p)):
-            if os.path.isdir(q) and q != "/":
-                expanded.add(q.rstrip("/"))
-    # keep only outermost directories
-    out: list[str] = []
-    for p in sorted(expanded, key=len):
-        if not any(p == q or p.startswith(q + "/") for q in out):
-            out.append(p)
-    return out
+_SYSTEM_TREES = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+_SYSTEM_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime")
 
 
-def _filesystem_args(worker_dir: str) -> list[str]:
-    """bwrap arguments for the minimal read-only filesystem view (see module docstring)."""
+def _system_package_dirs(stdlib: str) -> list[str]:
+    """Python package directories that binding ``/usr`` and the standard library would show wholesale."""
+    import glob
+
+    found = []
+    for pattern in ("/usr/lib/python3*/*-packages", "/usr/local/lib/python3*/*-packages", "/usr/lib/python3/dist-packages",
+                    os.path.join(stdlib, "*-packages"), os.path.join(os.path.realpath(stdlib), "*-packages")):
+        found += [p for p in glob.glob(pattern) if os.path.isdir(p)]
+    return sorted(set(found))
+
+
+@dataclass
+class MountPlan:
+    """The filesystem of an isolated worker, as bubblewrap arguments (see :func:`mount_plan`)."""
+
+    args: list[str]
+    scratch: str  # where the scratch directory appears inside the sandbox
+    private: str  # where the worker script and the runner appear
+    visible: list[str]  # host paths shown read-only (besides the system trees)
+    hidden: list[str]  # paths covered by an empty directory or file
+
+
+def _free_path(candidates: Sequence[str], taken: Sequence[str]) -> str:
+    """The first candidate that neither contains nor lies inside any taken path."""
+    for c in candidates:
+        if not any(_under(t, c) or _under(c, t) for t in taken):
+            return c
+    n = 0
+    while True:
+        c = f"/.sandbox-{n}"
+        if not any(_under(t, c) or _under(c, t) for t in taken):
+            return c
+        n += 1
+
+
+def mount_plan(files: TaskFiles, scratch_host: str, empty_dir: str, runner: str | None,
+               hide: Sequence[str] = ()) -> MountPlan:
+    """bwrap arguments for the minimal read-only view described in the module docstring.
+
+    ``files``: what the interpreter needs (:func:`task_files`); ``scratch_host``: the worker's writable
+    directory; ``empty_dir``: an empty, read-only host directory shown in place of hidden directories;
+    ``runner``: the task's runner file; ``hide``: further paths (files or directories) to hide. Mounts are made
+    parents first; a hidden directory that holds something the worker needs becomes a read-only tmpfs with
+    just that inside.
+    """
     args: list[str] = []
-    covered: list[str] = []  # destinations that exist in the sandbox (bound trees)
-    for d in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
-        if os.path.islink(d):
-            args += ["--symlink", os.readlink(d), d]
-        elif os.path.isdir(d):
-            args += ["--ro-bind", d, d]
-            covered.append(d)
-    args += ["--perms", "0755", "--dir", "/etc"]
-    for f in ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime"):
-        if os.path.exists(f):
-            args += ["--ro-bind", f, f]
-    made: set[str] = {"/etc"}
+    mounts: list[tuple[str, str]] = [("/", "tmpfs")]  # (sandbox path, kind) made so far
+    remount_ro: list[str] = []
 
-    def under_covered(p: str) -> bool:
-        return any(p == c or p.startswith(c + "/") for c in covered)
+    def cover(p: str) -> tuple[str, str]:
+        return max((m for m in mounts if _under(p, m[0])), key=lambda m: len(m[0]))
 
     def make_parents(p: str) -> None:
         # bubblewrap creates missing parents with mode 0700, which the unprivileged code could not traverse
@@ -231,27 +452,95 @@ def _filesystem_args(worker_dir: str) -> list[str]:
         cur = ""
         for part in parts:
             cur += "/" + part
-            if cur in made or under_covered(cur):
-                continue
-            args.extend(["--perms", "0755", "--dir", cur])
-            made.add(cur)
+            where, kind = cover(cur)
+            if kind == "bind":
+                continue  # a host directory that is shown: the path exists as it is
+            if kind in ("tmpfs", "dir") and (cur, "dir") not in mounts and where != cur:
+                args.extend(["--perms", "0755", "--dir", cur])
+                mounts.append((cur, "dir"))
 
-    for p in _python_paths():
-        if under_covered(p):
-            continue
-        make_parents(p)
-        args += ["--ro-bind", p, p]
-        covered.append(p)
-    make_parents(_WORKER_IN_SANDBOX)
-    args += ["--ro-bind", _WORKER_SCRIPT, _WORKER_IN_SANDBOX]
-    args += ["--bind", worker_dir, "/tmp", "--dev", "/dev", "--proc", "/proc", "--chdir", "/tmp"]
-    # the root is bwrap's own tmpfs: make it read-only too, so only /tmp (the worker directory) is writable
-    args += ["--remount-ro", "/"]
-    return args
+    for d in _SYSTEM_TREES:
+        if os.path.islink(d):
+            args += ["--symlink", os.readlink(d), d]
+        elif os.path.isdir(d):
+            args += ["--ro-bind", d, d]
+            mounts.append((d, "bind"))
+    args += ["--perms", "0755", "--dir", "/etc"]
+    mounts.append(("/etc", "dir"))
+    for f in _SYSTEM_FILES:
+        if os.path.exists(f):
+            args += ["--ro-bind", f, f]
+
+    # (source, destination) pairs; a path reached through a symlink is shown at both its names
+    binds: dict[str, str] = {}
+
+    def want(path: str, dest: str | None = None) -> None:
+        real = os.path.realpath(path)
+        binds.setdefault(real, real)
+        if dest is not None and os.path.abspath(dest) != real:
+            binds.setdefault(os.path.abspath(dest), real)
+
+    want(files.executable)
+    want(files.stdlib, files.stdlib)
+    if files.pyvenv_cfg:
+        want(files.pyvenv_cfg)
+    for p in (*files.roots, *files.libraries):
+        want(p)
+    hidden = {os.path.realpath(h) for h in hide} | set(_system_package_dirs(files.stdlib))
+    hidden -= set(binds)
+    ops = [(dest, "bind") for dest in binds] + [(h, "hide") for h in hidden]
+    ops.sort(key=lambda op: (op[0].count("/"), op[0], op[1]))
+    shown: list[str] = []
+    hidden_done: list[str] = []
+    for path, kind in ops:
+        where, how = cover(path)
+        if kind == "bind":
+            if how == "bind" and where != path:
+                continue  # already shown through a parent directory
+            make_parents(path)
+            args += ["--ro-bind", binds[path], path]
+            mounts.append((path, "bind"))
+            shown.append(path)
+        else:
+            if how != "bind":
+                continue  # not visible anyway
+            if not os.path.lexists(path):
+                continue
+            if any(_under(dest, path) for dest in binds):
+                args += ["--perms", "0755", "--tmpfs", path]
+                mounts.append((path, "tmpfs"))
+                remount_ro.append(path)
+            elif os.path.isdir(path) and not os.path.islink(path):
+                args += ["--ro-bind", empty_dir, path]
+                mounts.append((path, "hidden"))
+            else:
+                args += ["--ro-bind", "/dev/null", path]
+                mounts.append((path, "hidden"))
+            hidden_done.append(path)
+
+    taken = list(binds) + list(hidden) + [m[0] for m in mounts if m[0] != "/"]
+    private = _free_path(["/opt/etpo-sandbox", "/.etpo-sandbox"], taken)
+    taken.append(private)
+    make_parents(private + "/worker.py")
+    args += ["--perms", "0755", "--dir", private]
+    args += ["--ro-bind", _WORKER_SCRIPT, private + "/worker.py"]
+    if runner is not None:
+        args += ["--ro-bind", os.path.realpath(runner), private + "/runner.py"]
+    scratch = _free_path(["/tmp", "/scratch", "/var/tmp"], taken)
+    make_parents(scratch)
+    args += ["--bind", scratch_host, scratch, "--dev", "/dev", "--proc", "/proc", "--chdir", scratch]
+    # every tmpfs read-only once populated (the root last): the scratch directory is the only writable place
+    for p in [*remount_ro, "/dev", "/"]:
+        args += ["--remount-ro", p]
+    return MountPlan(args=args, scratch=scratch, private=private, visible=shown, hidden=hidden_done)
+
+
+_BWRAP_PROBE: dict[str, Any] = {}
+_BWRAP_LOCK = threading.Lock()
 
 
 def bwrap_available() -> tuple[bool, str]:
-    """Whether bubblewrap can start a sandbox here (probed once per process); returns ``(ok, reason)``."""
+    """Whether bubblewrap can start an isolated interpreter here (probed once per process): ``(ok, reason)``."""
     with _BWRAP_LOCK:
         if "ok" in _BWRAP_PROBE:
             return _BWRAP_PROBE["ok"], _BWRAP_PROBE["reason"]
@@ -262,15 +551,24 @@ def bwrap_available() -> tuple[bool, str]:
             ok, reason = False, "bubblewrap needs Linux"
         else:
             probe_dir = tempfile.mkdtemp(prefix="etpo-bwrap-probe-")
+            empty = os.path.join(probe_dir, "empty")
+            scratch = os.path.join(probe_dir, "scratch")
+            os.mkdir(empty, 0o555)
+            os.mkdir(scratch, 0o755)
             try:
-                cmd = [exe, *_bwrap_base_args(os.geteuid() == 0), *_filesystem_args(probe_dir), "--", sys.executable, "-I", "-c", "pass"]
-                proc = subprocess.run(cmd, capture_output=True, timeout=60, env=_worker_env("/tmp"))
+                version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+                _BWRAP_PROBE["version"] = version or "bubblewrap"
+                files = task_files()
+                plan = mount_plan(files, scratch, empty, None)
+                cmd = [exe, *_bwrap_base_args(os.geteuid() == 0), *plan.args, "--", files.executable, "-I", "-S", "-c",
+                       "import os; os.listdir('/')"]
+                proc = subprocess.run(cmd, capture_output=True, timeout=60, env=_worker_env("/"))
                 ok = proc.returncode == 0
                 reason = "ok" if ok else f"bwrap failed: {proc.stderr.decode(errors='replace').strip()[:500]}"
-            except (OSError, subprocess.SubprocessError) as exc:
+            except (OSError, subprocess.SubprocessError, SandboxError) as exc:
                 ok, reason = False, f"bwrap failed: {exc}"
             finally:
-                shutil.rmtree(probe_dir, ignore_errors=True)
+                _rmtree_hard(probe_dir)
         _BWRAP_PROBE.update(ok=ok, reason=reason, exe=exe)
         return ok, reason
 
@@ -289,6 +587,9 @@ def _worker_env(home: str) -> dict[str, str]:
         # forbidden in the sandbox); LOKY_MAX_CPU_COUNT=1 turns n_jobs=-1 into one job.
         "JOBLIB_MULTIPROCESSING": "0",
         "LOKY_MAX_CPU_COUNT": "1",
+        # glibc reserves a 64 MB malloc arena per thread by default: address space that RLIMIT_AS counts, so a
+        # handful of threads would exhaust the memory budget without using any memory
+        "MALLOC_ARENA_MAX": "2",
     }
     for var in (
         "OMP_NUM_THREADS",
@@ -323,7 +624,7 @@ def _rmtree_hard(path: str) -> None:
         shutil.rmtree(path, onerror=onerror)
 
 
-_DIR_PREFIX = "etpo-sandbox-"
+DIR_PREFIX = "etpo-sandbox-"  # pool directories: <tempdir>/etpo-sandbox-<owner pid>-<random>
 _STALE_CHECKED = False
 
 
@@ -339,9 +640,9 @@ def _remove_stale_dirs() -> None:
     except OSError:
         return
     for name in names:
-        if not name.startswith(_DIR_PREFIX):
+        if not name.startswith(DIR_PREFIX):
             continue
-        pid = name[len(_DIR_PREFIX) :].split("-", 1)[0]
+        pid = name[len(DIR_PREFIX) :].split("-", 1)[0]
         if not pid.isdigit():
             continue
         try:
@@ -352,53 +653,69 @@ def _remove_stale_dirs() -> None:
             pass  # alive (owned by someone else): leave it
 
 
+# ---------------------------------------------------------------------------------------------------
+# the pool
+
+
 class _WorkerDied(Exception):
     pass
 
 
+@dataclass
+class _Launch:
+    """How a pool starts its workers (shared by its worker slots)."""
+
+    isolation: str
+    privileged: bool
+    files: TaskFiles
+    runner: str
+    preload: tuple[str, ...]
+    hide: tuple[str, ...]
+    empty_dir: str
+
+
 class _Worker:
-    """One worker process and its private directory (parent side)."""
+    """One worker process and its private scratch directory (parent side)."""
 
     # No reference to the pool itself: the pool's finalizer holds the workers, and must not keep it alive.
-    def __init__(self, base_dir: str, index: int, isolation: str, privileged: bool):
+    def __init__(self, base_dir: str, index: int, launch: _Launch):
         self.index = index
-        self.isolation = isolation
-        self.privileged = privileged
+        self.launch = launch
         self.dir = os.path.join(base_dir, f"w{index}")
         self.proc: subprocess.Popen | None = None
         self.ready: dict | None = None
         self.jobs = 0
         self.starts = 0  # processes started in this slot; > 0 before a start means a replacement
         self.stderr_path = os.path.join(base_dir, f"w{index}.stderr")
+        self.plan: MountPlan | None = None
+
+    @property
+    def isolation(self) -> str:
+        return self.launch.isolation
 
     # paths as the worker sees them
-    def _sandbox_path(self, host_path: str) -> str:
-        if self.isolation == "bwrap":
-            return "/tmp/" + os.path.relpath(host_path, self.dir)
+    def sandbox_path(self, host_path: str) -> str:
+        if self.isolation == "isolated":
+            return self.plan.scratch.rstrip("/") + "/" + os.path.relpath(host_path, self.dir)
         return host_path
+
+    def command(self) -> tuple[list[str], dict[str, str], str]:
+        launch = self.launch
+        config = {"mode": launch.isolation, "preload": list(launch.preload), "sys_path": list(launch.files.sys_path)}
+        if launch.isolation == "isolated":
+            self.plan = mount_plan(launch.files, self.dir, launch.empty_dir, launch.runner, launch.hide)
+            config["runner"] = self.plan.private + "/runner.py"
+            cmd = [_BWRAP_PROBE["exe"], *_bwrap_base_args(launch.privileged), *self.plan.args, "--",
+                   launch.files.executable, "-I", "-S", "-B", self.plan.private + "/worker.py", json.dumps(config)]
+            return cmd, _worker_env(self.plan.scratch), "/"
+        config["runner"] = os.path.realpath(launch.runner)
+        cmd = [launch.files.executable, "-I", "-S", "-B", _WORKER_SCRIPT, json.dumps(config)]
+        return cmd, _worker_env(self.dir), self.dir
 
     def start(self) -> None:
         os.makedirs(self.dir, exist_ok=True)
         os.chmod(self.dir, 0o755)
-        if self.isolation == "bwrap":
-            cmd = [
-                _BWRAP_PROBE["exe"],
-                *_bwrap_base_args(self.privileged),
-                *_filesystem_args(self.dir),
-                "--",
-                sys.executable,
-                "-I",
-                "-B",
-                _WORKER_IN_SANDBOX,
-                "--mode",
-                "bwrap",
-            ]
-            env = _worker_env("/tmp")
-            cwd = "/"
-        else:
-            cmd = [sys.executable, "-I", "-B", _WORKER_SCRIPT, "--mode", "rlimits"]
-            env = _worker_env(self.dir)
-            cwd = self.dir
+        cmd, env, cwd = self.command()
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
                 cmd,
@@ -418,16 +735,22 @@ class _Worker:
         return self.proc is not None and self.proc.poll() is None
 
     def _read_exact(self, n: int, deadline: float) -> bytes:
-        fd = self.proc.stdout.fileno()
+        proc = self.proc
+        if proc is None:
+            raise _WorkerDied("worker was stopped")
+        fd = proc.stdout.fileno()
         chunks, got = [], 0
         while got < n:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError
-            ready, _, _ = select.select([fd], [], [], remaining)
-            if not ready:
+            try:
+                ready, _, _ = select.select([fd], [], [], remaining)
+                chunk = os.read(fd, min(n - got, 1 << 20)) if ready else None
+            except (OSError, ValueError) as exc:  # the pipe was closed under us (pool closed)
+                raise _WorkerDied(f"worker pipe closed: {exc}") from None
+            if chunk is None:
                 raise TimeoutError
-            chunk = os.read(fd, min(n - got, 1 << 20))
             if not chunk:
                 raise _WorkerDied("worker closed its output")
             chunks.append(chunk)
@@ -451,7 +774,8 @@ class _Worker:
         except (TimeoutError, _WorkerDied, ValueError) as exc:
             err = self.stderr_tail()
             self.kill()
-            raise SandboxError(f"sandbox worker failed to start ({type(exc).__name__}: {exc}); stderr: {err}") from None
+            raise SandboxError(f"sandbox worker ({self.isolation}) failed to start ({type(exc).__name__}: {exc}); "
+                               f"stderr: {err or '(empty)'}") from None
         self.ready = msg
         if msg.get("import_failures"):
             log.warning("sandbox worker could not preload: %s", msg["import_failures"])
@@ -466,10 +790,12 @@ class _Worker:
             return ""
 
     def send(self, payload: bytes) -> None:
-        fd = self.proc.stdin.fileno()
+        proc = self.proc
+        if proc is None:
+            raise _WorkerDied("worker was stopped")
         try:
-            _proto.write_all(fd, _proto.FRAME.pack(len(payload)) + payload)
-        except (BrokenPipeError, OSError) as exc:
+            _proto.write_all(proc.stdin.fileno(), _proto.FRAME.pack(len(payload)) + payload)
+        except (BrokenPipeError, OSError, ValueError) as exc:
             raise _WorkerDied(f"cannot send job: {exc}") from None
 
     def kill(self) -> None:
@@ -500,11 +826,12 @@ class _Worker:
             try:
                 self.send(json.dumps({"op": "exit"}).encode())
                 self.proc.wait(timeout=2)
-            except (_WorkerDied, subprocess.TimeoutExpired, OSError):
+            except (_WorkerDied, subprocess.TimeoutExpired, OSError, AttributeError):
                 pass
         self.kill()
 
     def clear_dir(self) -> None:
+        """Empty the scratch directory: nothing a job wrote reaches the next one."""
         try:
             names = os.listdir(self.dir)
         except OSError:
@@ -514,18 +841,20 @@ class _Worker:
 
 
 class SandboxPool:
-    """A pool of warm, isolated worker processes that run generated ``build_model`` code.
+    """A pool of warm, isolated worker processes that run untrusted code through a :class:`SandboxTask`.
 
     Args:
+        task: what the workers run (runner file, modules to preload and to show).
         n_workers: worker processes (default :func:`default_n_workers`). Workers start lazily on first use
             (or all at once with ``prestart=True``) and are replaced after a timeout, crash or bad reply.
-        timeout: default wall-clock seconds per :meth:`evaluate` call.
+        timeout: default wall-clock seconds per :meth:`run` call.
         memory_limit_mb: default memory budget per call, on top of the warm worker's address space
             (``RLIMIT_AS``; virtual memory, so leave room for allocator slack).
-        cpu_time_limit: CPU seconds per call (default ``ceil(timeout) + 1``).
+        isolation: ``"auto"``, ``"isolated"``, ``"rlimits"`` or None (``ETPO_SANDBOX``, else ``"auto"``), see
+            :func:`resolve_isolation`; or an :class:`Isolation` already resolved.
+        cpu_time_limit: CPU seconds per call, all threads together (default ``ceil(timeout) + 1``).
         max_output_mb: cap on captured output and on any single file the code writes (``RLIMIT_FSIZE``).
-        isolation: ``"auto"`` (bubblewrap when it works, else ``"rlimits"`` with a warning), ``"bwrap"``
-            (raise :class:`SandboxError` if unusable) or ``"rlimits"``.
+        max_code_bytes: longest code accepted (longer is an ``"error"`` result without running anything).
         sandbox_uid, sandbox_gid: the unprivileged user the code runs as when the pool runs as root.
         max_processes: ``RLIMIT_NPROC`` in the namespace modes (counts threads too).
         startup_timeout: seconds to wait for a worker's imports.
@@ -534,13 +863,15 @@ class SandboxPool:
 
     def __init__(
         self,
+        task: SandboxTask,
         n_workers: int | None = None,
         timeout: float = 30.0,
         memory_limit_mb: int = 2048,
         *,
+        isolation: str | Isolation | None = None,
         cpu_time_limit: int | None = None,
         max_output_mb: int = 32,
-        isolation: str = "auto",
+        max_code_bytes: int = 1 << 20,
         sandbox_uid: int = 65534,
         sandbox_gid: int = 65534,
         max_processes: int = 256,
@@ -550,8 +881,7 @@ class SandboxPool:
         grace: float = 10.0,
         prestart: bool = False,
     ):
-        if isolation not in ("auto", "bwrap", "rlimits"):
-            raise ValueError(f"isolation must be 'auto', 'bwrap' or 'rlimits', got {isolation!r}")
+        self.task = task
         self.n_workers = int(n_workers) if n_workers is not None else default_n_workers()
         if self.n_workers < 1:
             raise ValueError("n_workers must be >= 1")
@@ -559,6 +889,7 @@ class SandboxPool:
         self.memory_limit_mb = int(memory_limit_mb)
         self.cpu_time_limit = cpu_time_limit
         self.max_output_mb = int(max_output_mb)
+        self.max_code_bytes = int(max_code_bytes)
         self.sandbox_uid, self.sandbox_gid = int(sandbox_uid), int(sandbox_gid)
         self.max_processes = int(max_processes)
         self.max_open_files = int(max_open_files)
@@ -566,23 +897,22 @@ class SandboxPool:
         self.startup_timeout = float(startup_timeout)
         self.grace = float(grace)
 
-        if isolation in ("auto", "bwrap"):
-            ok, reason = bwrap_available()
-            if not ok and isolation == "bwrap":
-                raise SandboxError(f"isolation='bwrap' requested but unusable: {reason}")
-            if not ok:
-                _warn_once(
-                    "envs.sandbox: bubblewrap is unavailable (" + reason + "); generated code runs with "
-                    "resource limits and a seccomp filter only - no filesystem, network or PID isolation. "
-                    "Install bubblewrap (apt-get install bubblewrap) for full isolation."
-                )
-            isolation = "bwrap" if ok else "rlimits"
-        self.isolation = isolation
+        self.isolation_info = isolation if isinstance(isolation, Isolation) else resolve_isolation(
+            isolation, source="argument" if isolation is not None else "config")
+        self.isolation = self.isolation_info.mode
+        files = task_files(tuple(dict.fromkeys((*task.preload, *task.modules))), task.runner)
+        if files.failed:
+            log.warning("sandbox task %s: modules that do not import here: %s", task.name, list(files.failed))
+        hide = tuple(task.hide(files.roots)) if task.hide is not None else ()
         self._privileged = os.geteuid() == 0
         _remove_stale_dirs()
-        self._base_dir = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")
+        self._base_dir = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-")
         os.chmod(self._base_dir, 0o755)
-        self._workers = [_Worker(self._base_dir, i, self.isolation, self._privileged) for i in range(self.n_workers)]
+        empty = os.path.join(self._base_dir, "empty")
+        os.mkdir(empty)
+        os.chmod(empty, 0o555)
+        self._launch = _Launch(self.isolation, self._privileged, files, task.runner, tuple(task.preload), hide, empty)
+        self._workers = [_Worker(self._base_dir, i, self._launch) for i in range(self.n_workers)]
         self._idle: queue.Queue[_Worker] = queue.Queue()
         for w in self._workers:
             self._idle.put(w)
@@ -592,6 +922,7 @@ class SandboxPool:
         self._job_counter = 0
         self.stats = {"jobs": 0, "replaced": 0}
         self._finalizer = weakref.finalize(self, SandboxPool._finalize, list(self._workers), self._base_dir, os.getpid())
+        _register(self)
         if prestart:
             for w in self._workers:
                 w.start()
@@ -609,7 +940,7 @@ class SandboxPool:
         _rmtree_hard(base_dir)
 
     def close(self) -> None:
-        """Stop every worker and remove the pool's temporary directory (idempotent)."""
+        """Stop every worker and remove the pool's temporary directory (idempotent, callable from any thread)."""
         with self._lock:
             if self._closed:
                 return
@@ -620,6 +951,27 @@ class SandboxPool:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def directory(self) -> str:
+        """The pool's temporary directory (workers' scratch directories and logs); removed by :meth:`close`."""
+        return self._base_dir
+
+    def check(self) -> dict:
+        """Start one worker (if none is running) and wait until it is ready; :class:`SandboxError` if it cannot.
+
+        Returns the worker's ``ready`` message (``pid_namespace``, ``uid``, ``import_failures``, ...).
+        """
+        if self._closed:
+            raise SandboxError("the sandbox pool is closed")
+        worker = self._idle.get()
+        try:
+            if not worker.alive():
+                worker.kill()
+                worker.start()
+            return dict(worker.wait_ready(self.startup_timeout))
+        finally:
+            self._idle.put(worker)
+
     def __enter__(self) -> "SandboxPool":
         return self
 
@@ -627,25 +979,26 @@ class SandboxPool:
         self.close()
 
     def __repr__(self) -> str:
-        return f"SandboxPool(n_workers={self.n_workers}, isolation={self.isolation!r}, closed={self._closed})"
+        return (f"{type(self).__name__}(task={self.task.name!r}, n_workers={self.n_workers}, "
+                f"isolation={self.isolation!r}, closed={self._closed})")
 
-    # ------------------------------------------------------------------ evaluation
-    def evaluate(
+    # ------------------------------------------------------------------ jobs
+    def run(
         self,
         code: str,
-        x_train: np.ndarray,
-        y_train: np.ndarray,
-        x_val: np.ndarray,
+        inputs: Mapping[str, np.ndarray],
         *,
-        n_classes: int | None = None,
+        params: Mapping[str, Any] | None = None,
         timeout: float | None = None,
         memory_limit_mb: int | None = None,
-        function: str = "build_model",
+        max_result_values: int = 1 << 20,
     ) -> SandboxResult:
-        """Run ``code`` in a worker: ``model = build_model(x_train, y_train)``; return ``model.predict_proba(x_val)``.
+        """Run ``code`` through the task's runner in a worker; return the array it produces.
 
-        With ``n_classes`` the output is checked by :func:`validate_proba` (status ``"error"`` if unusable).
-        Thread-safe; blocks until a worker is free. Never raises for anything the code does.
+        ``inputs``: numeric arrays by name (``.npy`` without pickle); ``params``: JSON-serialisable options for
+        the runner; ``max_result_values``: the largest result accepted. Thread-safe; blocks until a worker is
+        free. Never raises for anything the code does (only :class:`SandboxError` for a closed pool or a worker
+        that cannot start).
         """
         if self._closed:
             raise SandboxError("the sandbox pool is closed")
@@ -653,14 +1006,16 @@ class SandboxPool:
             raise SandboxError("this SandboxPool belongs to another process (used after fork); create a new pool")
         timeout = self.timeout if timeout is None else float(timeout)
         memory_mb = self.memory_limit_mb if memory_limit_mb is None else int(memory_limit_mb)
-        x_train, y_train, x_val = (np.ascontiguousarray(a) for a in (x_train, y_train, x_val))
-        for name, arr in (("x_train", x_train), ("y_train", y_train), ("x_val", x_val)):
+        arrays = {name: np.ascontiguousarray(a) for name, a in inputs.items()}
+        for name, arr in arrays.items():
             if arr.dtype.kind not in "biuf":  # .npy without pickle: numbers only
-                raise ValueError(f"{name} must be a numeric array, got dtype {arr.dtype}")
-        n_val = int(x_val.shape[0])
-        expected = n_val * (n_classes if n_classes else 64)
-        max_result = max(1 << 20, expected * 8 * 4)
+                raise ValueError(f"input {name!r} must be a numeric array, got dtype {arr.dtype}")
         t0 = time.monotonic()
+        if not isinstance(code, str) or len(code.encode("utf-8", errors="surrogatepass")) > self.max_code_bytes:
+            size = len(code) if isinstance(code, str) else type(code).__name__
+            return SandboxResult(status="error", error=f"the code is too long ({size} characters; the sandbox takes at "
+                                 f"most {self.max_code_bytes} bytes)", isolation=self.isolation)
+        max_result = max(1 << 20, int(max_result_values) * 8)
         worker = self._idle.get()
         replaced = False
         try:
@@ -680,36 +1035,39 @@ class SandboxPool:
             # Uncompressed .npz in the job directory: one write, read back from the page cache by the child
             # (which deletes it); the worker process itself never holds the data.
             input_path = os.path.join(job_dir, "input.npz")
-            np.savez(input_path, x_train=x_train, y_train=y_train, x_val=x_val)
+            np.savez(input_path, **arrays)
             os.chmod(input_path, 0o644)
-            privileged_bwrap = self.isolation == "bwrap" and self._privileged
-            if privileged_bwrap:
+            privileged_isolated = self.isolation == "isolated" and self._privileged
+            if privileged_isolated:
                 os.chown(job_dir, self.sandbox_uid, self.sandbox_gid)
             spec = {
-                "job_dir": worker._sandbox_path(job_dir),
+                "job_dir": worker.sandbox_path(job_dir),
                 "code": code,
-                "function": function,
+                "params": dict(params or {}),
                 "timeout": timeout,
                 "memory_bytes": memory_mb * _MB,
                 "cpu_seconds": int(self.cpu_time_limit or (int(np.ceil(timeout)) + 1)),
                 "fsize_bytes": self.max_output_mb * _MB,
                 "nofile": self.max_open_files,
-                "nproc": self.max_processes if self.isolation == "bwrap" else None,
+                "nproc": self.max_processes if self.isolation == "isolated" else None,
                 "max_result_bytes": max_result,
                 "output_tail_bytes": self.output_tail_bytes,
-                "uid": self.sandbox_uid if privileged_bwrap else None,
-                "gid": self.sandbox_gid if privileged_bwrap else None,
+                "uid": self.sandbox_uid if privileged_isolated else None,
+                "gid": self.sandbox_gid if privileged_isolated else None,
             }
+            payload = json.dumps(spec).encode()
             try:
                 try:
-                    worker.send(json.dumps(spec).encode())
+                    worker.send(payload)
                 except _WorkerDied:
+                    if self._closed:
+                        raise
                     # died before the job reached it (not the code's doing): one retry on a fresh worker
                     worker.kill()
                     worker.start()
                     replaced = True
                     worker.wait_ready(self.startup_timeout)
-                    worker.send(json.dumps(spec).encode())
+                    worker.send(payload)
                 raw = worker.read_frame(time.monotonic() + timeout + self.grace, max_result + (2 << 20))
                 header, body = self._parse_reply(raw)
             except TimeoutError:
@@ -719,11 +1077,11 @@ class SandboxPool:
             except _WorkerDied as exc:
                 worker.kill()
                 replaced = True
-                header = {
-                    "status": "error",
-                    "error": f"the sandbox worker died while running the code ({exc}); "
-                    "did the code kill its own process or exhaust a limit?",
-                }
+                if self._closed:
+                    header = {"status": "error", "error": "the sandbox pool was closed while the code ran"}
+                else:
+                    header = {"status": "error", "error": f"the sandbox worker died while running the code ({exc}); "
+                              "did the code kill its own process or exhaust a limit?"}
                 body = b""
             finally:
                 worker.clear_dir()
@@ -739,12 +1097,10 @@ class SandboxPool:
             isolation=self.isolation,
         )
         if result.status == "ok":
-            proba, err = self._load_proba(body)
-            if err is None and n_classes is not None:
-                err = validate_proba(proba, n_val, int(n_classes))
+            output, err = self._load_array(body)
             if err is not None:
-                result.status, result.error, proba = "error", err, None
-            result.proba = proba
+                result.status, result.error, output = "error", err, None
+            result.output = output
         elif result.status not in ("error", "timeout"):
             result.status, result.error = "error", f"unexpected sandbox status {result.status!r}"
         result.wall_time = time.monotonic() - t0
@@ -760,7 +1116,7 @@ class SandboxPool:
             header = json.loads(raw[_proto.HEADER.size : _proto.HEADER.size + hlen])
             if not isinstance(header, dict):
                 raise ValueError("header is not an object")
-        except (ValueError, TypeError, Exception) as exc:  # noqa: BLE001 - any malformed reply
+        except Exception as exc:  # noqa: BLE001 - any malformed reply
             raise _WorkerDied(f"malformed reply: {exc}") from None
         for key in ("error", "stdout"):
             if header.get(key) is not None and not isinstance(header[key], str):
@@ -768,59 +1124,90 @@ class SandboxPool:
         return header, raw[_proto.HEADER.size + hlen :]
 
     @staticmethod
-    def _load_proba(body: bytes) -> tuple[np.ndarray | None, str | None]:
-        import io
-
+    def _load_array(body: bytes) -> tuple[np.ndarray | None, str | None]:
         try:
             arr = np.load(io.BytesIO(body), allow_pickle=False)
         except Exception as exc:  # noqa: BLE001 - anything unparsable is the code's fault
-            return None, f"predict_proba output could not be read back: {exc}"
+            return None, f"the result could not be read back: {exc}"
         if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "biuf":
-            return None, "predict_proba output is not a numeric array"
+            return None, "the result is not a numeric array"
         return arr.astype(np.float64, copy=False), None
 
 
 # ---------------------------------------------------------------------------------------------------
-# module-level default pool
+# pools of this process: what they use, default pools, shutdown
 
-_WARNED: set[str] = set()
-
-
-def _warn_once(msg: str) -> None:
-    if msg not in _WARNED:
-        _WARNED.add(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+_LIVE: "weakref.WeakSet[SandboxPool]" = weakref.WeakSet()
+_USED: dict[tuple[str, str], Isolation] = {}  # (task, mode) -> the isolation of every pool created here
+_REGISTRY_LOCK = threading.RLock()  # re-entered: a pool created by get_default_pool registers itself
+_DEFAULT_POOLS: dict[tuple[str, str], SandboxPool] = {}
+_STOPPING = False
 
 
-_DEFAULT_POOL: SandboxPool | None = None
-_DEFAULT_LOCK = threading.Lock()
+def _register(pool: SandboxPool) -> None:
+    with _REGISTRY_LOCK:
+        _LIVE.add(pool)
+        _USED.setdefault((pool.task.name, pool.isolation), pool.isolation_info)
 
 
-def get_default_pool() -> SandboxPool:
-    """The process-wide pool shared by environments that are not given one (created lazily, closed at exit).
+def isolation_report() -> dict | None:
+    """What the sandbox pools created in this process use; None if none was created.
 
-    Size and isolation can be set before first use with ``ETPO_SANDBOX_WORKERS`` and ``ETPO_SANDBOX_ISOLATION``.
+    ``{"isolation": "isolated" | "rlimits" | "mixed", "pools": [{"task", "mode", "requested", "source",
+    "detail"}, ...]}`` - written to a run's log, ``summary.json`` and TensorBoard by :mod:`etpo.fit`.
     """
-    global _DEFAULT_POOL
-    with _DEFAULT_LOCK:
-        if _DEFAULT_POOL is not None and _DEFAULT_POOL._owner_pid != os.getpid():
-            _DEFAULT_POOL = None  # inherited through fork: the parent's workers are not ours to use or close
-        if _DEFAULT_POOL is None or _DEFAULT_POOL.closed:
+    with _REGISTRY_LOCK:
+        used = [{"task": task, **iso.as_dict()} for (task, _), iso in _USED.items()]
+    if not used:
+        return None
+    modes = {u["mode"] for u in used}
+    return {"isolation": modes.pop() if len(modes) == 1 else "mixed", "pools": used}
+
+
+def get_default_pool(task: SandboxTask, isolation: str | Isolation | None = None, factory: Callable[..., SandboxPool] | None = None,
+                     **kwargs: Any) -> SandboxPool:
+    """The process-wide pool for ``task`` and the isolation ``isolation`` resolves to (created lazily, closed at exit).
+
+    ``factory`` builds it (default :class:`SandboxPool`; a task's own pool class otherwise) with ``kwargs``; the
+    size can be set before first use with ``ETPO_SANDBOX_WORKERS``. Raises :class:`SandboxError` after
+    :func:`close_all_pools` (the process is shutting down) or when the isolation cannot be had.
+    """
+    iso = isolation if isinstance(isolation, Isolation) else resolve_isolation(isolation)
+    key = (task.name, iso.mode)
+    with _REGISTRY_LOCK:
+        if _STOPPING:
+            raise SandboxError("sandbox pools are shut down (the run is stopping)")
+        pool = _DEFAULT_POOLS.get(key)
+        if pool is not None and pool._owner_pid != os.getpid():
+            pool = None  # inherited through fork: the parent's workers are not ours to use or close
+        if pool is None or pool.closed:
             n = os.environ.get("ETPO_SANDBOX_WORKERS")
-            _DEFAULT_POOL = SandboxPool(
-                n_workers=int(n) if n else None,
-                isolation=os.environ.get("ETPO_SANDBOX_ISOLATION", "auto"),
-            )
-        return _DEFAULT_POOL
+            kwargs.setdefault("n_workers", int(n) if n else None)
+            if factory is None:
+                pool = SandboxPool(task, isolation=iso, **kwargs)
+            else:
+                pool = factory(isolation=iso, **kwargs)
+            _DEFAULT_POOLS[key] = pool
+        return pool
 
 
-def shutdown_default_pool() -> None:
-    """Close the default pool (registered with ``atexit``)."""
-    global _DEFAULT_POOL
-    with _DEFAULT_LOCK:
-        pool, _DEFAULT_POOL = _DEFAULT_POOL, None
-    if pool is not None and pool._owner_pid == os.getpid():
-        pool.close()
+def close_all_pools(*, final: bool = False) -> None:
+    """Close every pool of this process: workers killed, directories removed (idempotent).
+
+    In-flight :meth:`SandboxPool.run` calls return an ``"error"`` result promptly. With ``final=True`` no
+    default pool is created afterwards (used when a run is stopping and at exit).
+    """
+    global _STOPPING
+    with _REGISTRY_LOCK:
+        if final:
+            _STOPPING = True
+        pools = [p for p in list(_LIVE) if p._owner_pid == os.getpid()]
+        _DEFAULT_POOLS.clear()
+    for pool in pools:
+        try:
+            pool.close()
+        except Exception:  # noqa: BLE001 - best effort: the others must still close
+            log.exception("closing a sandbox pool failed")
 
 
-atexit.register(shutdown_default_pool)
+atexit.register(close_all_pools, final=True)
