@@ -11,7 +11,7 @@ Stopping: Ctrl-C or SIGTERM ends a run within seconds, also in the middle of a l
 runs (Lightning alone would only notice SIGTERM at the next batch boundary): the signal raises an interruption in
 the main thread, which Lightning's graceful-shutdown path handles; checkpoint writes are let finish; sandbox workers
 and their directories are removed; the run exits with 128 + the signal number and says how to resume. The isolation
-generated code runs under (:func:`envs.sandbox.isolation_report`) goes to the console, ``summary.json`` and
+generated code runs under (:func:`envs.isolation.isolation_report`) goes to the console, ``summary.json`` and
 TensorBoard. A config that does not parse stops with one line naming the file, line and column, or the unknown key
 and the closest valid one.
 """
@@ -50,8 +50,8 @@ def contender_name(module: Any) -> str:
 
 
 def sandbox_summary() -> dict:
-    """The isolation generated code runs under in this process (:func:`envs.sandbox.isolation_report`)."""
-    from envs.sandbox import isolation_report
+    """The isolation generated code runs under in this process (:func:`envs.isolation.isolation_report`)."""
+    from envs.isolation import isolation_report
 
     report = isolation_report()
     if report is None:
@@ -85,6 +85,7 @@ class _StopSignals:
     def __init__(self, grace_s: float = 10.0):
         self.grace_s = grace_s
         self.signum: int | None = None
+        self._stopped = threading.Event()
         self._depth = 0
         self._pending = False
         self._installed = False
@@ -93,6 +94,7 @@ class _StopSignals:
         if self._installed or threading.current_thread() is not threading.main_thread():
             return
         self.signum, self._depth, self._pending = None, 0, False
+        self._stopped = threading.Event()
         self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
         self._installed = True
 
@@ -116,12 +118,17 @@ class _StopSignals:
             return
         raise RunInterrupted(signum)
 
+    def stopped(self) -> None:
+        """The stop has been handled (everything saved, the user told): the watchdog stands down."""
+        self._stopped.set()
+
     def _watchdog(self) -> None:
-        time.sleep(self.grace_s)
+        if self._stopped.wait(self.grace_s):
+            return
         print(f"etpo.fit: the run did not stop within {self.grace_s:g} s of the signal; exiting now",
               file=sys.stderr, flush=True)
         with contextlib.suppress(Exception):
-            from envs.sandbox import close_all_pools
+            from envs.isolation import close_all_pools
 
             close_all_pools(final=True)
         os._exit(128 + int(self.signum or signal.SIGTERM))
@@ -147,7 +154,7 @@ class _StopCleanly(Callback):
     directory outlives the run and environment threads waiting on generated code return at once."""
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        from envs.sandbox import close_all_pools
+        from envs.isolation import close_all_pools
 
         close_all_pools(final=isinstance(exception, KeyboardInterrupt))
 
@@ -254,6 +261,10 @@ class RunArtifacts(Callback):
         self._write_summary(trainer, finished=False)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        with _STOP.deferred():
+            self._train_end(trainer, pl_module)
+
+    def _train_end(self, trainer, pl_module) -> None:
         if getattr(pl_module, "model", None) is not None:  # on every rank: gathering sharded adapters is collective
             save_adapters_sharded(pl_module.model, self.run_dir / "adapters", trainer.strategy.model,
                                   is_global_zero=trainer.is_global_zero)
@@ -328,7 +339,7 @@ def main(args: list[str] | None = None) -> ETPOCLI | None:
     from jsonargparse import ArgumentError
 
     from datamodules.rollout import RolloutDataModule
-    from envs.sandbox import SandboxError
+    from envs.isolation import SandboxError
     from etpo.malloc import maybe_release_freed_memory
     from modules.agent import AgentModule
 
@@ -361,6 +372,7 @@ def main(args: list[str] | None = None) -> ETPOCLI | None:
         if _STOP.signum is None:
             raise
         _report_stop(cli, argv, _STOP.signum)
+        _STOP.stopped()
         raise SystemExit(128 + _STOP.signum) from None
     finally:
         _STOP.uninstall()

@@ -15,7 +15,7 @@ from sklearn.preprocessing import StandardScaler
 from envs import TextVectorEnv
 from envs.datascience import DataScienceEnv, load_dataset
 from envs.datascience.env import make_splits, roc_auc, summarize_error
-from envs.datascience.evaluation import get_default_pool
+from envs.sandbox import get_default_pool
 
 LR_BODY = (
     "\n    from sklearn.linear_model import LogisticRegression\n"

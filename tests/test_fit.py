@@ -78,7 +78,6 @@ def _overlay(path: Path, text: str) -> Path:
 # ----------------------------------------------------------------------------- stopping
 
 
-@pytest.mark.skipif(not HAS_BWRAP, reason="bubblewrap is not installed (the run's sandbox would be the fallback)")
 @pytest.mark.parametrize("sig, phase", [(signal.SIGTERM, "update"), (signal.SIGINT, "rollout")])
 def test_a_stop_signal_ends_the_run_within_seconds(tmp_path, sig, phase):
     """SIGTERM in a long update, Ctrl-C while generated code runs: out within 10 s, resumable, nothing left."""
@@ -130,8 +129,9 @@ def test_a_stop_signal_ends_the_run_within_seconds(tmp_path, sig, phase):
     assert not [d for d in os.listdir(tempfile.gettempdir()) if d.startswith(f"etpo-sandbox-{proc.pid}-")]
     # the isolation generated code ran under is in the run log, summary.json and TensorBoard
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["sandbox"]["isolation"] == "isolated" and summary["finished"] is False
-    assert "sandbox: isolated" in err
+    expected = "isolated" if HAS_BWRAP else "rlimits"  # never silently the fallback where bubblewrap is installed
+    assert summary["sandbox"]["isolation"] == expected and summary["finished"] is False
+    assert f"sandbox: {expected}" in err
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run)).Reload()
@@ -183,6 +183,21 @@ def test_sigkill_mid_run_then_resume_gives_the_same_rewards(tmp_path):
         for name in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(a["optimizer_states"][0]["state"][k][name],
                                        b["optimizer_states"][0]["state"][k][name], rtol=0, atol=1e-6)
+
+
+def test_a_sandbox_that_cannot_start_stops_the_run_before_it_begins(tmp_path, capsys, monkeypatch):
+    """auto with bubblewrap installed but unusable is an error naming bubblewrap's reason, not a silent fallback."""
+    import envs.isolation as sandbox_mod
+
+    monkeypatch.delenv("ETPO_SANDBOX", raising=False)
+    monkeypatch.setattr(sandbox_mod.shutil, "which", lambda name: "/usr/bin/bwrap")
+    monkeypatch.setattr(sandbox_mod, "_BWRAP_PROBE", {"ok": False, "exe": "/usr/bin/bwrap",
+                                                      "reason": "bwrap failed: setting up uid map: Permission denied"})
+    line = _error_line(capsys, ["--config", TOY, "--run_dir", str(tmp_path / "r"),
+                                "--data.env.class_path=envs.datascience.DataScienceEnv",
+                                "--data.env.init_args.dataset=breast_cancer"])
+    assert "bubblewrap is installed but cannot start" in line and "uid map: Permission denied" in line
+    assert "ETPO_SANDBOX=rlimits" in line
 
 
 # ----------------------------------------------------------------------------- config errors

@@ -1,4 +1,4 @@
-"""The sandbox (envs.sandbox, with the data-science task of envs.datascience.evaluation): isolation, limits, hostile code.
+"""The sandbox (envs.isolation, with the data-science task of envs.datascience.evaluation): isolation, limits, hostile code.
 
 Every hostile snippet must come back as a failure (or the honest result) with a clear status while the test
 process stays healthy, the next job is unaffected and nothing outside the sandbox's temporary directory changes.
@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import envs.sandbox as sandbox_mod
-from envs import _sandbox_worker as worker_mod
+import envs.isolation as sandbox_mod
+from envs import _isolation_worker as worker_mod
 from envs.datascience.evaluation import MODEL_TASK, ModelSandbox, bundled_data_paths, get_default_pool, validate_proba
-from envs.sandbox import SandboxError, SandboxPool, SandboxTask, isolation_report, resolve_isolation
+from envs.isolation import SandboxError, SandboxPool, SandboxTask, isolation_report, resolve_isolation
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
@@ -120,7 +120,7 @@ def test_seccomp_program_shape():
 
 def test_generic_isolation_module_knows_nothing_of_scikit_learn():
     """envs/sandbox.py and the worker are task-agnostic: the scikit-learn evaluation lives in envs/datascience."""
-    for path in (REPO / "envs" / "sandbox.py", REPO / "envs" / "_sandbox_worker.py"):
+    for path in (REPO / "envs" / "isolation.py", REPO / "envs" / "_isolation_worker.py"):
         text = path.read_text()
         for word in ("sklearn", "predict_proba", "build_model", "x_train", "scikit"):
             assert word not in text, (path.name, word)
@@ -627,6 +627,27 @@ def test_trainer_environment_and_proc_are_out_of_reach(pool, monkeypatch):
 
 # --- state persisting from one job to the next in a warm worker
 
+
+def test_no_memory_is_shared_writable_with_the_warm_worker(pool):
+    """A job is a forked copy: no writable shared mapping through which it could reach the worker or a later job."""
+    code = H + "    print('SHARED', [l for l in open('/proc/self/maps') if l.split()[1][1:3] == 'w' and l.split()[1][3] == 's'])\n" + LR
+    res = run(pool, code)
+    assert res.status == "ok" and "SHARED []" in res.stdout, res.stdout
+
+
+def test_the_environment_takes_its_sandbox_from_config_or_environment(monkeypatch):
+    from envs.datascience import DataScienceEnv
+
+    monkeypatch.setenv("ETPO_SANDBOX", "rlimits")
+    env = DataScienceEnv("breast_cancer", n_splits=1)
+    assert env.isolation == "rlimits" and env.isolation_info.source == "ETPO_SANDBOX"
+    assert {"task": "build_model", **env.isolation_info.as_dict()} in isolation_report()["pools"]
+    if HAS_BWRAP:  # the config's choice wins over the environment variable
+        env = DataScienceEnv("breast_cancer", n_splits=1, sandbox="isolated")
+        assert env.isolation == "isolated" and env.isolation_info.source == "config"
+    with pytest.raises(ValueError, match="sideways"):
+        DataScienceEnv("breast_cancer", n_splits=1, sandbox="sideways")
+
 POLLUTE = H + """    import os, sys, threading, time, numpy as np, sklearn.metrics, sklearn.linear_model
     places = [os.getcwd(), os.environ['HOME'], os.environ['TMPDIR'], os.path.dirname(os.getcwd()), '/tmp', '/dev/shm',
               '/var/tmp', '/']
@@ -868,6 +889,19 @@ def _descendants(root: int) -> list[int]:
         out.append(pid)
         todo.extend(children.get(pid, []))
     return out
+
+
+def test_the_earlier_names_still_work():
+    """envs.sandbox keeps the pre-split API for existing code: SandboxPool(...).evaluate(...), get_default_pool()."""
+    import envs
+    from envs.sandbox import SandboxPool as Legacy
+    from envs.sandbox import get_default_pool as legacy_default
+    from envs.sandbox import validate_proba as legacy_validate
+
+    assert Legacy is ModelSandbox and envs.SandboxPool is ModelSandbox and legacy_validate is validate_proba
+    assert isinstance(legacy_default(), ModelSandbox)
+    with Legacy(n_workers=1, isolation="rlimits") as p:
+        assert run(p, GOOD, timeout=30).status == "ok"
 
 
 def test_model_task_is_what_the_env_uses():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from envs.sandbox import TaskFiles, _under, mount_plan
+from envs.isolation import TaskFiles, _under, mount_plan
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,6 +100,30 @@ def test_a_symlinked_standard_library_is_shown_under_both_names(tmp_path):
     assert ("--ro-bind", str(real), str(real)) in binds and ("--ro-bind", str(real), str(link)) in binds
 
 
+def test_packages_in_the_base_interpreters_site_packages_are_shown(tmp_path):
+    """A package found in <stdlib>/site-packages (a venv with --system-site-packages, a plain pyenv) is a root of its
+    own: the standard library is shown whole but its site-packages is hidden, so it must be shown explicitly."""
+    from envs.isolation import classify_probe
+
+    stdlib = tmp_path / "py" / "lib" / "python3.x"
+    (stdlib / "site-packages" / "basepkg").mkdir(parents=True)
+    (stdlib / "lib-dynload").mkdir()
+    for f in (stdlib / "os.py", stdlib / "lib-dynload" / "_x.so", stdlib / "site-packages" / "basepkg" / "__init__.py"):
+        f.write_text("")
+    info = {"stdlib": str(stdlib), "path": [str(stdlib), str(stdlib / "lib-dynload"), str(stdlib / "site-packages")],
+            "files": [str(stdlib / "os.py"), str(stdlib / "lib-dynload" / "_x.so"),
+                      str(stdlib / "site-packages" / "basepkg" / "__init__.py")], "maps": [], "failed": []}
+    files = classify_probe(info, sys.executable)
+    assert files.roots == (str(stdlib / "site-packages" / "basepkg"),)
+    assert files.sys_path == (str(stdlib / "site-packages"),)
+    scratch, empty = tmp_path / "s", tmp_path / "e"
+    scratch.mkdir(), empty.mkdir()
+    plan = mount_plan(files, str(scratch), str(empty), None)
+    binds, ops = _binds(plan.args)
+    assert str(stdlib / "site-packages") in ops["--tmpfs"]  # hidden, but holding what is needed
+    assert ("--ro-bind", str(stdlib / "site-packages" / "basepkg"), str(stdlib / "site-packages" / "basepkg")) in binds
+
+
 def _link_tree(src: Path, dst: Path) -> None:
     """Hard-link a package tree (a real copy where the filesystems differ)."""
     if src.is_file():
@@ -155,7 +179,7 @@ p.close()
 @pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed (`make test` installs it)")
 def test_isolated_sandbox_starts_from_a_venv_under_tmp_with_spaces_and_symlinks(tmp_path):
     from envs.datascience.evaluation import MODEL_TASK
-    from envs.sandbox import task_files
+    from envs.isolation import task_files
 
     real = tmp_path / "a dir with spaces" / "real checkout"
     real.mkdir(parents=True)

@@ -9,7 +9,7 @@ macro one-vs-one for more than two classes; ``-1`` for any failure.
 
 The code runs in a :class:`envs.datascience.evaluation.ModelSandbox` worker that receives ``x_train``,
 ``y_train`` and the validation *features* only; the AUC is computed here, in the caller's process, so validation
-labels never reach the sandbox, nor does any other copy of the data (``sandbox:`` below, :mod:`envs.sandbox`).
+labels never reach the sandbox, nor does any other copy of the data (``sandbox:`` below, :mod:`envs.isolation`).
 ``GridSearchCV`` is refused before anything runs (as in the reference implementation).
 
 Episode: after a failure the next observation is a reflection prompt with the previous code and the error
@@ -31,6 +31,7 @@ import numpy as np
 
 from ..base import EpisodeOverError, TextEnv
 from .datasets import TabularDataset, load_dataset
+from ..isolation import resolve_isolation
 from .evaluation import get_default_pool, make_splits, roc_auc
 from .extract import extract_function, find_banned
 from .prompts import clean_description, reflection_prompt, task_prompt
@@ -111,7 +112,7 @@ class DataScienceEnv(TextEnv):
             installed but cannot start), ``"isolated"`` (bubblewrap or an error) or ``"rlimits"`` (resource limits
             only: the code can read the data files); None = the ``ETPO_SANDBOX`` environment variable, else
             ``"auto"``. Resolved, and one worker started, when the environment is built, so that a sandbox
-            that cannot work stops the run before it begins (:class:`envs.sandbox.SandboxError`).
+            that cannot work stops the run before it begins (:class:`envs.isolation.SandboxError`).
         banned: names whose use is refused before running (reference implementation: ``GridSearchCV``).
         max_description_chars: cap on the dataset description in the prompt.
         max_error_chars, max_error_lines: cap on the error shown in the reflection prompt and in ``info``.
@@ -171,7 +172,12 @@ class DataScienceEnv(TextEnv):
             ds.name, clean_description(ds.description, max_description_chars), ds.feature_names, ds.target_name,
             ds.class_names, self._task.n_train, style=prompt_style, n_few_shot=n_few_shot, banned=self.banned,
         )
-        self._pool = pool if pool is not None else get_default_pool(sandbox)
+        if pool is None:
+            self.isolation_info = resolve_isolation(sandbox, source="config")
+            pool = get_default_pool(self.isolation_info)
+        else:
+            self.isolation_info = pool.isolation_info
+        self._pool = pool
         if not getattr(self._pool, "_checked", True):
             self._pool.check()  # a worker that cannot start is a set-up error: raise now, not on the first step
         self._steps = 0

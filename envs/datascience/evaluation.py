@@ -1,9 +1,9 @@
-"""Scoring generated ``build_model`` code: the data-science task on top of the generic sandbox (:mod:`envs.sandbox`).
+"""Scoring generated ``build_model`` code: the data-science task on top of the generic sandbox (:mod:`envs.isolation`).
 
 * :data:`MODEL_TASK` - what a sandbox worker runs for this task: the runner :mod:`envs.datascience._model_runner`
   (``build_model(x_train, y_train).predict_proba(x_val)``), numpy and scikit-learn preloaded, pandas importable,
   and every dataset bundled with those packages hidden (:func:`bundled_data_paths`).
-* :class:`ModelSandbox` - a :class:`envs.sandbox.SandboxPool` for that task; :meth:`ModelSandbox.evaluate` returns
+* :class:`ModelSandbox` - a :class:`envs.isolation.SandboxPool` for that task; :meth:`ModelSandbox.evaluate` returns
   the validated ``predict_proba`` array. Validation *labels* are never sent: scoring happens in the caller.
 * :func:`make_splits`, :func:`roc_auc`, :func:`validate_proba` - the reward of Eq. 10 and its checks.
 """
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..sandbox import Isolation, SandboxPool, SandboxResult, SandboxTask, resolve_isolation
-from ..sandbox import get_default_pool as _get_default_pool
+from ..isolation import Isolation, SandboxPool, SandboxResult, SandboxTask, resolve_isolation
+from ..isolation import get_default_pool as _get_default_pool
 
 __all__ = [
     "MODEL_TASK",
@@ -137,7 +137,7 @@ def validate_proba(proba: np.ndarray, n_rows: int, n_classes: int, atol: float =
 
 @dataclass
 class EvaluationResult(SandboxResult):
-    """A :class:`envs.sandbox.SandboxResult` whose ``output`` is the (validated) ``predict_proba`` array."""
+    """A :class:`envs.isolation.SandboxResult` whose ``output`` is the (validated) ``predict_proba`` array."""
 
     @property
     def proba(self) -> np.ndarray | None:
@@ -188,7 +188,7 @@ class ModelSandbox(SandboxPool):
 
 def get_default_pool(sandbox: str | Isolation | None = None) -> ModelSandbox:
     """The process-wide :class:`ModelSandbox` for the isolation ``sandbox`` resolves to (see
-    :func:`envs.sandbox.resolve_isolation`); created lazily, closed at exit."""
+    :func:`envs.isolation.resolve_isolation`); created lazily, closed at exit."""
     iso = sandbox if isinstance(sandbox, Isolation) else resolve_isolation(sandbox, source="config")
     return _get_default_pool(MODEL_TASK, iso, factory=ModelSandbox)
 

@@ -1,6 +1,6 @@
-"""Warm sandbox worker: the process that runs untrusted code for :mod:`envs.sandbox` (task-agnostic).
+"""Warm sandbox worker: the process that runs untrusted code for :mod:`envs.isolation` (task-agnostic).
 
-Started by :class:`envs.sandbox.SandboxPool` as ``python -I -S worker.py CONFIG_JSON`` (inside bubblewrap, or as
+Started by :class:`envs.isolation.SandboxPool` as ``python -I -S worker.py CONFIG_JSON`` (inside bubblewrap, or as
 a plain subprocess in the rlimits fallback). It imports only the standard library itself. ``CONFIG_JSON`` names
 the *runner*: a Python file (loaded by path, so the sandbox needs no package of ours) that defines
 ``run(code, inputs, params) -> numpy.ndarray``, the directories to put on ``sys.path`` and the modules to
