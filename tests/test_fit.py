@@ -187,11 +187,12 @@ def test_sigkill_mid_run_then_resume_gives_the_same_rewards(tmp_path):
 
 def test_a_sandbox_that_cannot_start_stops_the_run_before_it_begins(tmp_path, capsys, monkeypatch):
     """auto with bubblewrap installed but unusable is an error naming bubblewrap's reason, not a silent fallback."""
-    import envs.isolation as sandbox_mod
+    import envs.isolation.modes as modes_mod
+    import envs.isolation.view as view_mod
 
     monkeypatch.delenv("ETPO_SANDBOX", raising=False)
-    monkeypatch.setattr(sandbox_mod.shutil, "which", lambda name: "/usr/bin/bwrap")
-    monkeypatch.setattr(sandbox_mod, "_BWRAP_PROBE", {"ok": False, "exe": "/usr/bin/bwrap",
+    monkeypatch.setattr(modes_mod.shutil, "which", lambda name: "/usr/bin/bwrap")
+    monkeypatch.setattr(view_mod, "_BWRAP_PROBE", {"ok": False, "exe": "/usr/bin/bwrap",
                                                       "reason": "bwrap failed: setting up uid map: Permission denied"})
     line = _error_line(capsys, ["--config", TOY, "--run_dir", str(tmp_path / "r"),
                                 "--data.env.class_path=envs.datascience.DataScienceEnv",

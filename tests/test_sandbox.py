@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import envs.isolation as sandbox_mod
-from envs import _isolation_worker as worker_mod
+import envs.isolation.modes as modes_mod
+import envs.isolation.view as view_mod
+from envs.isolation import worker as worker_mod
 from envs.datascience.evaluation import MODEL_TASK, ModelSandbox, bundled_data_paths, get_default_pool, validate_proba
 from envs.isolation import SandboxError, SandboxPool, SandboxTask, isolation_report, resolve_isolation
 
@@ -120,7 +121,7 @@ def test_seccomp_program_shape():
 
 def test_generic_isolation_module_knows_nothing_of_scikit_learn():
     """envs/sandbox.py and the worker are task-agnostic: the scikit-learn evaluation lives in envs/datascience."""
-    for path in (REPO / "envs" / "isolation.py", REPO / "envs" / "_isolation_worker.py"):
+    for path in sorted((REPO / "envs" / "isolation").glob("*.py")):
         text = path.read_text()
         for word in ("sklearn", "predict_proba", "build_model", "x_train", "scikit"):
             assert word not in text, (path.name, word)
@@ -164,8 +165,8 @@ def test_isolated_mode_really_runs_where_bubblewrap_is_installed(monkeypatch):
 
 def test_auto_without_bubblewrap_falls_back_and_says_so_once(monkeypatch):
     monkeypatch.delenv("ETPO_SANDBOX", raising=False)
-    monkeypatch.setattr(sandbox_mod.shutil, "which", lambda name: None)
-    monkeypatch.setattr(sandbox_mod, "_ANNOUNCED", set())
+    monkeypatch.setattr(modes_mod.shutil, "which", lambda name: None)
+    monkeypatch.setattr(modes_mod, "_ANNOUNCED", set())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         first = resolve_isolation(None)
@@ -180,8 +181,8 @@ def test_auto_without_bubblewrap_falls_back_and_says_so_once(monkeypatch):
 
 def test_auto_with_a_broken_bubblewrap_is_an_error_with_the_reason(monkeypatch):
     monkeypatch.delenv("ETPO_SANDBOX", raising=False)
-    monkeypatch.setattr(sandbox_mod.shutil, "which", lambda name: "/usr/bin/bwrap")
-    monkeypatch.setattr(sandbox_mod, "_BWRAP_PROBE",
+    monkeypatch.setattr(modes_mod.shutil, "which", lambda name: "/usr/bin/bwrap")
+    monkeypatch.setattr(view_mod, "_BWRAP_PROBE",
                         {"ok": False, "reason": "bwrap failed: setting up uid map: Permission denied", "exe": "/x"})
     with pytest.raises(SandboxError) as info:
         resolve_isolation(None)

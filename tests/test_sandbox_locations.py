@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from envs.isolation import TaskFiles, _under, mount_plan
+from envs.isolation import TaskFiles, mount_plan
+from envs.isolation.view import _under
 
 REPO = Path(__file__).resolve().parents[1]
 

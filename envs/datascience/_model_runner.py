@@ -1,7 +1,7 @@
 """Runs inside the sandbox: ``model = build_model(x_train, y_train)``; returns ``model.predict_proba(x_val)``.
 
 This file is the *runner* of the data-science task (:data:`envs.datascience.evaluation.MODEL_TASK`). The sandbox
-worker (:mod:`envs._isolation_worker`) loads it by path inside bubblewrap, where no package of ours is importable:
+worker (:mod:`envs.isolation.worker`) loads it by path inside bubblewrap, where no package of ours is importable:
 it may import only the standard library and numpy. It runs in the forked, resource-limited, seccomp-filtered
 job child, one fresh child per job. Validation *labels* never reach it: the caller scores the returned
 probabilities.
