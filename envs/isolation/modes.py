@@ -49,7 +49,7 @@ def _normalize_mode(value: str, source: str) -> str:
     return mode
 
 
-_ISOLATED_DETAIL = ("bubblewrap: own PID/network/IPC namespaces, read-only minimal filesystem (no data directory, "
+_ISOLATED_DETAIL = ("own PID/network/IPC namespaces, read-only minimal filesystem (no data directory, "
                     "no bundled datasets), code runs as an unprivileged user")
 _RLIMITS_DETAIL = ("resource limits and a seccomp filter only: the code sees the real filesystem (including the "
                    "data and its labels) and the network")
