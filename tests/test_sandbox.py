@@ -235,6 +235,18 @@ def test_a_task_without_scikit_learn():
             np.testing.assert_array_equal(res.output, [-1.0, -1.0])  # not installed, as far as the code can see
 
 
+@needs_bwrap
+def test_a_sandbox_that_hides_what_its_task_imports_is_an_error_not_a_stream_of_minus_ones():
+    """If the isolated worker cannot import what imports outside (here: numpy's core hidden on purpose), starting it
+    fails loudly instead of every job failing quietly with reward -1."""
+    runner = REPO / "tests" / "_square_runner.py"
+    task = SandboxTask(name="numpy-hidden", runner=str(runner), preload=("numpy",),
+                       hide=lambda roots: [os.path.join(r, "_core") for r in roots if os.path.basename(r) == "numpy"])
+    with SandboxPool(task, n_workers=1, timeout=20, isolation="isolated") as p:
+        with pytest.raises(SandboxError, match="cannot import what imports outside the sandbox: numpy"):
+            p.check()
+
+
 def test_stdout_is_captured_and_capped(pool):
     code = H + "    print('hello from the sandbox')\n    import sys\n    print('x' * 20000, file=sys.stderr)\n" + LR
     res = run(pool, code)

@@ -217,9 +217,18 @@ class _Worker:
             self.kill()
             raise SandboxError(f"sandbox worker ({self.isolation}) failed to start ({type(exc).__name__}: {exc}); "
                                f"stderr: {err or '(empty)'}") from None
+        failures = list(msg.get("import_failures") or [])
+        outside = {f.split(":", 1)[0] for f in self.launch.files.failed}  # these fail without a sandbox too
+        inside_only = [f for f in failures if f.split(":", 1)[0] not in outside]
+        if inside_only:
+            # the worker started but cannot import what imports outside: the sandbox hides something it needs,
+            # and every job would fail - an error, not a run that silently scores -1
+            self.kill()
+            raise SandboxError(f"sandbox worker ({self.isolation}) cannot import what imports outside the sandbox: "
+                               f"{'; '.join(inside_only)[:1500]}")
+        if failures:
+            log.warning("sandbox worker could not preload: %s", failures)
         self.ready = msg
-        if msg.get("import_failures"):
-            log.warning("sandbox worker could not preload: %s", msg["import_failures"])
         return msg
 
     def stderr_tail(self, n: int = 2000) -> str:
