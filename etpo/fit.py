@@ -48,11 +48,15 @@ def contender_name(module: Any) -> str:
     return type(module).__name__.replace("Module", "").lower()
 
 
+_SANDBOX_SINCE = 0  # isolation_mark() when this run's configuration was instantiated
+
+
 def sandbox_summary() -> dict:
-    """The isolation generated code runs under in this process (:func:`envs.isolation.isolation_report`)."""
+    """The isolation this run's generated code runs under (:func:`envs.isolation.isolation_report`: the pools its
+    environments asked for, not ones other code in this process made before)."""
     from envs.isolation import isolation_report
 
-    report = isolation_report()
+    report = isolation_report(since=_SANDBOX_SINCE)
     if report is None:
         return {"isolation": "none", "detail": "the environment runs no generated code", "pools": []}
     return report
@@ -338,7 +342,7 @@ def main(args: list[str] | None = None) -> ETPOCLI | None:
     from jsonargparse import ArgumentError
 
     from datamodules.rollout import RolloutDataModule
-    from envs.isolation import SandboxError
+    from envs.isolation import SandboxError, isolation_mark
     from etpo.malloc import maybe_release_freed_memory
     from modules.agent import AgentModule
 
@@ -347,6 +351,8 @@ def main(args: list[str] | None = None) -> ETPOCLI | None:
     problem = _config_file_problem(_config_paths(argv))
     if problem is not None:
         _one_line_error(problem)
+    global _SANDBOX_SINCE
+    _SANDBOX_SINCE = isolation_mark()
     trainer_defaults = {"max_epochs": 1, "num_sanity_val_steps": 0, "limit_val_batches": 0, "log_every_n_steps": 1,
                         "enable_model_summary": False}
     try:

@@ -73,6 +73,7 @@ from .pool import (
     close_all_pools,
     default_n_workers,
     get_default_pool,
+    isolation_mark,
     isolation_report,
 )
 from .view import MountPlan, TaskFiles, bwrap_available, classify_probe, mount_plan, task_files
@@ -96,4 +97,5 @@ __all__ = [
     "get_default_pool",
     "close_all_pools",
     "isolation_report",
+    "isolation_mark",
 ]

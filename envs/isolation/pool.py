@@ -29,7 +29,7 @@ from .view import DIR_PREFIX, MountPlan, TaskFiles, _bwrap_base_args, _remove_st
 from .view import mount_plan, task_files
 
 __all__ = ["SandboxTask", "SandboxResult", "SandboxPool", "default_n_workers", "get_default_pool", "close_all_pools",
-           "isolation_report"]
+           "isolation_report", "isolation_mark"]
 
 log = logging.getLogger(__name__)
 _MB = 1 << 20
@@ -588,7 +588,9 @@ class SandboxPool:
 # pools of this process: what they use, default pools, shutdown
 
 _LIVE: "weakref.WeakSet[SandboxPool]" = weakref.WeakSet()
-_USED: dict[tuple[str, str], Isolation] = {}  # (task, mode) -> the isolation of every pool created here
+# (task, mode) -> (sequence number, isolation) of the latest pool created or requested here
+_USED: dict[tuple[str, str], tuple[int, Isolation]] = {}
+_SEQUENCE = [0]
 _REGISTRY_LOCK = threading.RLock()  # re-entered: a pool created by get_default_pool registers itself
 _DEFAULT_POOLS: dict[tuple[str, str], SandboxPool] = {}
 _STOPPING = False
@@ -597,17 +599,30 @@ _STOPPING = False
 def _register(pool: SandboxPool) -> None:
     with _REGISTRY_LOCK:
         _LIVE.add(pool)
-        _USED.setdefault((pool.task.name, pool.isolation), pool.isolation_info)
+        _note_use(pool.task.name, pool.isolation_info)
 
 
-def isolation_report() -> dict | None:
-    """What the sandbox pools created in this process use; None if none was created.
+def _note_use(task: str, iso: Isolation) -> None:
+    with _REGISTRY_LOCK:
+        _SEQUENCE[0] += 1
+        _USED[(task, iso.mode)] = (_SEQUENCE[0], iso)
+
+
+def isolation_mark() -> int:
+    """A point in this process's sandbox history: :func:`isolation_report` ``(since=mark)`` covers what came after."""
+    with _REGISTRY_LOCK:
+        return _SEQUENCE[0]
+
+
+def isolation_report(since: int = 0) -> dict | None:
+    """What the sandbox pools created (or requested) in this process since ``since`` (:func:`isolation_mark`) use;
+    None if there were none.
 
     ``{"isolation": "isolated" | "rlimits" | "mixed", "pools": [{"task", "mode", "requested", "source",
     "detail"}, ...]}`` - written to a run's log, ``summary.json`` and TensorBoard by :mod:`etpo.fit`.
     """
     with _REGISTRY_LOCK:
-        used = [{"task": task, **iso.as_dict()} for (task, _), iso in _USED.items()]
+        used = [{"task": task, **iso.as_dict()} for (task, _), (seq, iso) in _USED.items() if seq > since]
     if not used:
         return None
     modes = {u["mode"] for u in used}
@@ -638,7 +653,7 @@ def get_default_pool(task: SandboxTask, isolation: str | Isolation | None = None
             else:
                 pool = factory(isolation=iso, **kwargs)
             _DEFAULT_POOLS[key] = pool
-        _USED[(task.name, iso.mode)] = iso  # the latest request: what the report names as the source
+        _note_use(task.name, iso)  # the latest request: what the report names as the source
         return pool
 
 
