@@ -1,7 +1,9 @@
 """Text environments for ETPO (no torch import anywhere in this package).
 
 ``envs.base``: :class:`TextEnv`, :class:`TextVectorEnv`; ``envs.toy``: :class:`TargetCharsEnv`;
-``envs.sandbox``: :class:`SandboxPool`; ``envs.datascience``: :class:`DataScienceEnv` and the datasets.
+``envs.isolation``: generic process isolation for untrusted code (:class:`envs.isolation.SandboxPool`);
+``envs.datascience``: :class:`DataScienceEnv`, its datasets and the scoring of generated scikit-learn code in the
+sandbox (``envs.sandbox`` keeps the earlier names: ``SandboxPool`` = the model-scoring pool).
 The data-science names are imported lazily so that ``import envs`` stays light (no pandas/scikit-learn).
 """
 

@@ -111,6 +111,11 @@ class TextVectorEnv:
         for fut in futures:  # wait for every call before raising: no env is left half-stepped
             try:
                 results.append(fut.result())
+            except KeyboardInterrupt:
+                # Ctrl-C or a stopping run (raised here, in the waiting thread): do not wait for the others
+                for other in futures:
+                    other.cancel()
+                raise
             except BaseException as exc:  # noqa: BLE001 - re-raised below
                 results.append(None)
                 first_error = first_error or exc

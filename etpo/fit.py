@@ -6,24 +6,38 @@ Lightning Trainer. Every run gets one directory (``--run_dir``, default ``runs/<
 ``config.yaml``, TensorBoard events, ``checkpoints/`` (``last.ckpt`` and the best by best reward), the adapters in
 peft format, ``history.jsonl``, ``best_code.py`` and ``summary.json``. ``--ckpt_path last`` resumes a run in its
 directory with step counters, optimizer state, target weights, best-reward record and environment budget intact.
+
+Stopping: Ctrl-C or SIGTERM ends a run within seconds, also in the middle of a long update or while generated code
+runs (Lightning alone would only notice SIGTERM at the next batch boundary): the signal raises an interruption in
+the main thread, which Lightning's graceful-shutdown path handles; checkpoint writes are let finish; sandbox workers
+and their directories are removed; the run exits with 128 + the signal number and says how to resume. The isolation
+generated code runs under (:func:`envs.isolation.isolation_report`) goes to the console, ``summary.json`` and
+TensorBoard. A config that does not parse stops with one line naming the file, line and column, or the unknown key
+and the closest valid one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import json
 import math
 import os
+import re
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from modules.shared_base.fsdp import save_adapters_sharded
 from etpo.hardware import apply_hardware_fallback
 
-__all__ = ["ETPOCLI", "RunArtifacts", "main", "contender_name"]
+__all__ = ["ETPOCLI", "RunArtifacts", "RunInterrupted", "main", "contender_name", "sandbox_summary"]
 
 
 def contender_name(module: Any) -> str:
@@ -32,6 +46,128 @@ def contender_name(module: Any) -> str:
     if name:
         return str(name)
     return type(module).__name__.replace("Module", "").lower()
+
+
+_SANDBOX_SINCE = 0  # isolation_mark() when this run's configuration was instantiated
+
+
+def sandbox_summary() -> dict:
+    """The isolation this run's generated code runs under (:func:`envs.isolation.isolation_report`: the pools its
+    environments asked for, not ones other code in this process made before)."""
+    from envs.isolation import isolation_report
+
+    report = isolation_report(since=_SANDBOX_SINCE)
+    if report is None:
+        return {"isolation": "none", "detail": "the environment runs no generated code", "pools": []}
+    return report
+
+
+def _describe_sandbox(report: dict) -> str:
+    if not report["pools"]:
+        return f"sandbox: none ({report['detail']})"
+    return "sandbox: " + "; ".join(
+        f"{p['mode']} (requested {p['requested']!r} by {p['source']}): {p['detail']}" for p in report["pools"])
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Raised in the main thread by SIGTERM or SIGINT; a KeyboardInterrupt, so Lightning's graceful shutdown runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _StopSignals:
+    """Turns SIGTERM and SIGINT into :class:`RunInterrupted` at once (not at the next batch boundary).
+
+    Installed before ``trainer.fit``; Lightning then composes its own SIGTERM handler with this one. Inside
+    :meth:`deferred` (checkpoint and artifact writes) the interruption waits until the block ends, so a step that
+    has finished is saved whole. A watchdog ends the process if the shutdown itself hangs.
+    """
+
+    def __init__(self, grace_s: float = 10.0):
+        self.grace_s = grace_s
+        self.signum: int | None = None
+        self._stopped = threading.Event()
+        self._depth = 0
+        self._pending = False
+        self._installed = False
+
+    def install(self) -> None:
+        if self._installed or threading.current_thread() is not threading.main_thread():
+            return
+        self.signum, self._depth, self._pending = None, 0, False
+        self._stopped = threading.Event()
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self._installed = True
+
+    def uninstall(self) -> None:
+        """Give the process its previous handlers back (``main`` may run inside another program, e.g. pytest)."""
+        if not self._installed or threading.current_thread() is not threading.main_thread():
+            return
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._installed = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            return  # already stopping: a second Ctrl-C must not interrupt the shutdown
+        self.signum = signum
+        print(f"\netpo.fit: {signal.Signals(signum).name} received: stopping (the last finished step is kept)",
+              file=sys.stderr, flush=True)
+        threading.Thread(target=self._watchdog, name="etpo-stop-watchdog", daemon=True).start()
+        if self._depth:
+            self._pending = True
+            return
+        raise RunInterrupted(signum)
+
+    def stopped(self) -> None:
+        """The stop has been handled (everything saved, the user told): the watchdog stands down."""
+        self._stopped.set()
+
+    def _watchdog(self) -> None:
+        if self._stopped.wait(self.grace_s):
+            return
+        print(f"etpo.fit: the run did not stop within {self.grace_s:g} s of the signal; exiting now",
+              file=sys.stderr, flush=True)
+        with contextlib.suppress(Exception):
+            from envs.isolation import close_all_pools
+
+            close_all_pools(final=True)
+        os._exit(128 + int(self.signum or signal.SIGTERM))
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """Run the block to its end even if a stop signal arrives meanwhile; the interruption follows it."""
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if not self._depth and self._pending:
+                self._pending = False
+                raise RunInterrupted(self.signum)
+
+
+_STOP = _StopSignals()
+
+
+class _StopCleanly(Callback):
+    """On an interruption (or any failure) of ``fit``: close every sandbox pool, so that no worker process or
+    directory outlives the run and environment threads waiting on generated code return at once."""
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        from envs.isolation import close_all_pools
+
+        close_all_pools(final=isinstance(exception, KeyboardInterrupt))
+
+
+class _Checkpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint; a stop signal waits until this step's checkpoint is written."""
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        with _STOP.deferred():
+            super().on_train_batch_end(*args, **kwargs)
 
 
 class RunArtifacts(Callback):
@@ -70,6 +206,7 @@ class RunArtifacts(Callback):
             "best_within": [list(x) for x in stats.best_within],
             "batch_avg_reward": list(stats.batch_avg_reward),
             "batch_runnable_fraction": list(stats.batch_runnable),
+            "sandbox": sandbox_summary(),
         }
 
     def _write_summary(self, trainer: Trainer, finished: bool) -> None:
@@ -80,7 +217,35 @@ class RunArtifacts(Callback):
         tmp.write_text(json.dumps(self.summary(trainer, finished), indent=2))
         tmp.replace(self.run_dir / "summary.json")
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        self._trim_history()
+        report = sandbox_summary()
+        line = _describe_sandbox(report)
+        print(f"etpo.fit: {line}", file=sys.stderr, flush=True)
+        experiment = getattr(trainer.logger, "experiment", None)
+        if hasattr(experiment, "add_text"):
+            experiment.add_text("run/sandbox", line, trainer.global_step)
+
+    def _trim_history(self) -> None:
+        """After a crash between a batch's history line and its checkpoint, a resumed run redoes that batch: drop
+        the lines of batches the checkpoint does not contain."""
+        path = self.run_dir / "history.jsonl"
+        if not path.is_file():
+            return
+        lines = path.read_text().splitlines()
+        keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("batch", 0) <= self._batches_written]
+        if len(keep) != len(lines):
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            tmp.replace(path)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        with _STOP.deferred():
+            self._batch_end(trainer)
+
+    def _batch_end(self, trainer) -> None:
         stats = self._stats(trainer)
         if not trainer.is_global_zero or stats is None:
             return
@@ -99,6 +264,10 @@ class RunArtifacts(Callback):
         self._write_summary(trainer, finished=False)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        with _STOP.deferred():
+            self._train_end(trainer, pl_module)
+
+    def _train_end(self, trainer, pl_module) -> None:
         if getattr(pl_module, "model", None) is not None:  # on every rank: gathering sharded adapters is collective
             save_adapters_sharded(pl_module.model, self.run_dir / "adapters", trainer.strategy.model,
                                   is_global_zero=trainer.is_global_zero)
@@ -133,6 +302,8 @@ class ETPOCLI(LightningCLI):
     """LightningCLI with one run directory per run and the project's default logger and checkpoints."""
 
     def add_arguments_to_parser(self, parser) -> None:
+        global _PARSER
+        _PARSER = parser
         parser.add_argument("--run_dir", type=str | None, default=None,
                             help="directory of this run (default: runs/<config file names joined by +>)")
         parser.add_argument("--ckpt_path", type=str | None, default=None,
@@ -165,18 +336,19 @@ class ETPOCLI(LightningCLI):
                 (Path(run_dir) / stale).unlink(missing_ok=True)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+        from lightning.pytorch.callbacks import ProgressBar
 
         from etpo.console import RolloutProgressBar
         from etpo.credit import TokenCreditCallback
 
         run_dir = self.config["run_dir"]
         extra = [
-            ModelCheckpoint(dirpath=os.path.join(run_dir, "checkpoints"), monitor="charts/best_reward", mode="max",
+            _Checkpoint(dirpath=os.path.join(run_dir, "checkpoints"), monitor="charts/best_reward", mode="max",
                             save_top_k=1, save_last=True, filename="best-{step}", every_n_train_steps=1),
             RunArtifacts(run_dir),
             # which tokens the contender credits: HTML under <run_dir>/credit/, a summary in TensorBoard
             TokenCreditCallback(every_n_steps=10, max_examples=4),
+            _StopCleanly(),
         ]
         configured = self.config_init["trainer"].get("callbacks") or []
         configured = configured if isinstance(configured, list) else [configured]
@@ -185,7 +357,8 @@ class ETPOCLI(LightningCLI):
             extra.append(RolloutProgressBar())
         # Handed to the Trainer at construction (LightningCLI's persistent callbacks), not appended afterwards: with a
         # ModelCheckpoint and a progress bar of ours, Lightning adds neither of its defaults (no second checkpoint
-        # file, no litmodels tip).
+        # file, no litmodels tip). Lightning runs checkpoint callbacks last: a step's checkpoint then holds the
+        # RunArtifacts state after that step's history line, which is what resuming after a crash relies on.
         self.trainer_defaults = {**self.trainer_defaults, "callbacks": extra}
         return super().instantiate_trainer(**kwargs)
 
@@ -194,37 +367,241 @@ def main(args: list[str] | None = None) -> ETPOCLI | None:
     from jsonargparse import ArgumentError
 
     from datamodules.rollout import RolloutDataModule
+    from envs.isolation import SandboxError, isolation_mark
     from etpo.console import quiet_console
     from etpo.malloc import maybe_release_freed_memory
     from modules.agent import AgentModule
 
     maybe_release_freed_memory()  # opt-in (ETPO_RELEASE_FREED_MEMORY=1): smaller resident size, slower steps
     quiet_console()  # no Lightning tips, no warnings about our deliberate choices (etpo/console.py)
+    argv = list(sys.argv[1:] if args is None else args)
+    problem = _config_file_problem(_config_paths(argv))
+    if problem is not None:
+        _one_line_error(problem)
+    global _SANDBOX_SINCE
+    _SANDBOX_SINCE = isolation_mark()
     trainer_defaults = {"max_epochs": 1, "num_sanity_val_steps": 0, "limit_val_batches": 0, "log_every_n_steps": 1,
                         "enable_model_summary": False}
     try:
-        # run=False: parse and instantiate here (config errors surface now), then fit below.
+        # run=False: parse and instantiate here (config errors surface now), then fit below. allow_abbrev=False: a
+        # misspelt option (--data.num_env) is an error, not silently the option it abbreviates.
         cli = ETPOCLI(
             AgentModule, RolloutDataModule, subclass_mode_model=True, subclass_mode_data=False,
-            parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False, "default_env": False},
-            save_config_kwargs={"overwrite": True}, trainer_defaults=trainer_defaults, args=args,
+            parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False, "default_env": False,
+                           "allow_abbrev": False},
+            save_config_kwargs={"overwrite": True}, trainer_defaults=trainer_defaults, args=argv,
             auto_configure_optimizers=False, run=False,
         )
-    except (ArgumentError, ValueError, FileNotFoundError, KeyError, TypeError) as err:
-        _one_line_error(err)
+    except (ArgumentError, ValueError, FileNotFoundError, KeyError, TypeError, SandboxError) as err:
+        _one_line_error(_explain_config_error(err, argv))
+    _STOP.install()
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
     except FileNotFoundError as err:  # e.g. a model file or a resumed checkpoint that is not there
         _one_line_error(err)
+    except (SystemExit, KeyboardInterrupt):
+        # Lightning turns the interruption into a graceful shutdown and sys.exit(1)
+        if _STOP.signum is None:
+            raise
+        _report_stop(cli, argv, _STOP.signum)
+        _STOP.stopped()
+        raise SystemExit(128 + _STOP.signum) from None
+    finally:
+        _STOP.uninstall()
     return cli
 
 
-def _one_line_error(err: BaseException) -> None:
+def _report_stop(cli: ETPOCLI, argv: list[str], signum: int) -> None:
+    """Say what was kept and the exact command that resumes the run."""
+    import shlex
+
+    run_dir = str(cli.config["run_dir"])
+    last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    name = signal.Signals(signum).name
+    if not last.is_file():
+        print(f"etpo.fit: stopped by {name} before the first training step finished; there is nothing to resume "
+              "(start the run again)", file=sys.stderr, flush=True)
+        return
+    keep, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--ckpt_path", "--run_dir"):
+            skip = True
+            continue
+        if a.startswith(("--ckpt_path=", "--run_dir=")):
+            continue
+        keep.append(a)
+    command = " ".join(shlex.quote(a) for a in ["python", "-m", "etpo.fit", *keep, "--run_dir", run_dir,
+                                                "--ckpt_path", "last"])
+    print(f"etpo.fit: stopped by {name} after {cli.trainer.global_step} finished training steps; the last of them "
+          f"is saved in {last}. Resume with --ckpt_path last:\n  {command}", file=sys.stderr, flush=True)
+
+
+def _one_line_error(err: BaseException | str) -> None:
     """A bad config (unknown key, wrong type, unknown dataset, missing model file) stops with one clear line."""
     message = " ".join(str(err).split())
     print(f"etpo.fit: error: {message}", file=sys.stderr)
     raise SystemExit(2) from None
 
 
+# ---------------------------------------------------------------------------------------------------
+# config errors that say where
+
+
+def _config_paths(argv: list[str]) -> list[str]:
+    out = []
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            out.append(argv[i + 1])
+        elif a.startswith("--config="):
+            out.append(a.split("=", 1)[1])
+    return out
+
+
+def _yaml_strings(data: Any):
+    if isinstance(data, dict):
+        for v in data.values():
+            yield from _yaml_strings(v)
+    elif isinstance(data, list):
+        for v in data:
+            yield from _yaml_strings(v)
+    elif isinstance(data, str):
+        yield data
+
+
+def _config_file_problem(paths: list[str]) -> str | None:
+    """A YAML syntax error in a config file (or a config file it names) as "file, line L, column C: problem"."""
+    import yaml
+
+    todo, seen = list(paths), set()
+    while todo:
+        path = todo.pop(0)
+        if path in seen or not os.path.isfile(path):
+            continue
+        seen.add(path)
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            text = f"{path}, line {mark.line + 1}, column {mark.column + 1}: YAML syntax error: {exc.problem}"
+            if exc.context and exc.context_mark is not None:
+                text += (f" ({exc.context} that starts at line {exc.context_mark.line + 1}, "
+                         f"column {exc.context_mark.column + 1})")
+            return text
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            return f"{path}: not a readable YAML file: {exc}"
+        for value in _yaml_strings(data):
+            if value.endswith((".yaml", ".yml")):
+                todo += [value, os.path.join(os.path.dirname(path), value)]
+    return None
+
+
+_PARSER: Any = None  # the parser of the last ETPOCLI, kept to name the valid keys after a parse error
+
+
+def _parser_children(prefix: str) -> set[str]:
+    dests = [getattr(a, "dest", "") for a in getattr(_PARSER, "_actions", [])]
+    if not prefix:
+        return {d.split(".")[0] for d in dests if d and d != "help"}
+    return {d[len(prefix) + 1:].split(".")[0] for d in dests if d.startswith(prefix + ".")}
+
+
+def _class_keys(class_path: str) -> set[str]:
+    """The init arguments a config may give the class ``class_path`` (as jsonargparse resolves them)."""
+    import importlib
+
+    from jsonargparse import ArgumentParser
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_class_arguments(cls, "x", fail_untyped=False)
+    except Exception:  # noqa: BLE001 - only a suggestion is lost
+        return set()
+    return {a.dest[2:].split(".")[0] for a in parser._actions if getattr(a, "dest", "").startswith("x.")}
+
+
+def _unknown_key(message: str) -> tuple[str, str, set[str]] | None:
+    """(where, key, valid keys) from jsonargparse's message about an unaccepted option, if it is one."""
+    m = re.search(r"Group '([\w.]+)' does not accept option '([^']+)'", message)
+    if m:
+        return m.group(1), m.group(2), _parser_children(m.group(1))
+    m = re.search(r"unrecognized arguments: --([\w.]+)", message)
+    if m:
+        parent, _, key = m.group(1).rpartition(".")
+        return parent or "the top level", key, _parser_children(parent)
+    m = re.search(r"Option '([^']+)' is not accepted", message)
+    if m:
+        before, after = message[: m.start()], message[m.end():]
+        classes = re.findall(r"class_path[ =]'([\w.]+)'", before) or re.findall(r"class_path[ =]'([\w.]+)'", after)
+        keys = re.findall(r'Parser key "([^"]+)"', before)
+        if classes:
+            where = f"{' > '.join(keys) or 'the config'} ({classes[-1]})"
+            return where, m.group(1), _class_keys(classes[-1])
+        return "the top level", m.group(1), _parser_children("")
+    return None
+
+
+def _key_location(key: str, paths: list[str]) -> str | None:
+    """"file, line N" of the last config file that sets ``key`` (a mapping key anywhere in it)."""
+    import yaml
+
+    found = None
+    for path in paths:
+        try:
+            root = yaml.compose(Path(path).read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        todo = [root]
+        while todo:
+            node = todo.pop()
+            if isinstance(node, yaml.MappingNode):
+                for k, v in node.value:
+                    if isinstance(k, yaml.ScalarNode) and k.value == key:
+                        found = f"{path}, line {k.start_mark.line + 1}"
+                    todo.append(v)
+            elif isinstance(node, yaml.SequenceNode):
+                todo.extend(node.value)
+    return found
+
+
+def _explain_config_error(err: BaseException, argv: list[str]) -> str:
+    message = " ".join(str(err).split())
+    unknown = _unknown_key(message)
+    if unknown is None:
+        return message
+    where, key, valid = unknown
+    location = _key_location(key, _config_paths(argv))
+    if location is None and any(a.lstrip("-").split("=")[0].endswith(key) for a in argv if a.startswith("--")):
+        location = "command line"
+    text = f"unknown key '{key}' in {where}" + (f" [{location}]" if location else "")
+    close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.5)
+    if close:
+        text += f"; did you mean '{close[0]}'?"
+    elif valid:
+        text += f"; valid keys: {', '.join(sorted(valid))}"
+    return text
+
+
+def _exit_after_stop(code: int) -> None:
+    """After a stop signal everything is saved and every worker is gone: run the exit handlers, flush, and end the
+    process without the interpreter's module-by-module teardown (seconds with torch loaded, on a busy machine)."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as exc:
+        if _STOP.signum is not None and isinstance(exc.code, int):
+            _exit_after_stop(exc.code)
+        raise

@@ -7,7 +7,7 @@ it is absent). The three ways:
 * ``in-process``: ``exec`` in this interpreter - the unsafe baseline (the reference implementation's way);
 * ``cold subprocess``: a fresh ``python`` that imports numpy and scikit-learn, reads the arrays from a file,
   runs the code and writes the probabilities back - what a naive isolated design pays per call;
-* ``sandbox (warm)``: :meth:`envs.sandbox.SandboxPool.evaluate` on pre-started workers.
+* ``sandbox (warm)``: :meth:`envs.datascience.evaluation.ModelSandbox.evaluate` on pre-started workers.
 
 Prints a table of medians and the ratios. Goal: the warm sandbox at least 5x faster per call than the cold
 subprocess. Usage: ``python tools/bench_sandbox.py [--reps 7] [--dataset breast_w] [--data-dir DIR]``.
@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from envs.datascience import DatasetNotFoundError, load_dataset, make_splits  # noqa: E402
-from envs.sandbox import SandboxPool  # noqa: E402
+from envs.datascience.evaluation import ModelSandbox  # noqa: E402
 
 CODE = """
 import numpy as np
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--dataset", default="breast_w")
     ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--isolation", default="auto", choices=["auto", "bwrap", "rlimits"])
+    ap.add_argument("--isolation", default="auto", choices=["auto", "isolated", "rlimits"])
     args = ap.parse_args(argv)
 
     for var in THREAD_VARS:  # same single-threaded BLAS everywhere, like the sandbox
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-cold-") as tmp:
         results["cold python subprocess"], cold = timed(lambda: cold_subprocess(xt, yt, xv, Path(tmp)), args.reps)
 
-    with SandboxPool(n_workers=1, timeout=60, isolation=args.isolation, prestart=True) as pool:
+    with ModelSandbox(n_workers=1, timeout=60, isolation=args.isolation, prestart=True) as pool:
         t0 = time.perf_counter()
         first = pool.evaluate(CODE, xt, yt, xv, n_classes=ds.n_classes)
         startup = time.perf_counter() - t0

@@ -8,7 +8,8 @@ from .datasets import (
     dataset_names,
     load_dataset,
 )
-from .env import DataScienceEnv, make_splits, roc_auc
+from .env import DataScienceEnv
+from .evaluation import ModelSandbox, make_splits, roc_auc, validate_proba
 from .extract import Extraction, extract_function, find_banned
 
 __all__ = [
@@ -19,6 +20,8 @@ __all__ = [
     "dataset_names",
     "BENCHMARK_DATASETS",
     "OFFLINE_DATASETS",
+    "ModelSandbox",
+    "validate_proba",
     "make_splits",
     "roc_auc",
     "Extraction",

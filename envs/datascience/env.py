@@ -1,4 +1,4 @@
-"""The data-science environment of ETPO (paper Section 5.1, Eq. 10; docs/etpo-method.md section 7).
+"""The data-science environment of ETPO (paper Section 5.1, Eq. 10; docs/method.md, section 13).
 
 State: a Python stub prompt (:mod:`envs.datascience.prompts`). Action: generated text, turned into a
 ``build_model`` function by :func:`envs.datascience.extract.extract_function`. Reward (Eq. 10): the mean ROC AUC
@@ -7,9 +7,10 @@ of the returned model's ``predict_proba`` over ``n_splits`` random 50/50 train/v
 ``s = split_seed .. split_seed + n_splits - 1``; the reference implementation uses 5 splits, seeds 0..4),
 macro one-vs-one for more than two classes; ``-1`` for any failure.
 
-The code runs in a :class:`envs.sandbox.SandboxPool` worker that receives ``x_train``, ``y_train`` and the
-validation *features* only; the AUC is computed here, in the caller's process, so validation labels never
-reach the sandbox. ``GridSearchCV`` is refused before anything runs (as in the reference implementation).
+The code runs in a :class:`envs.datascience.evaluation.ModelSandbox` worker that receives ``x_train``,
+``y_train`` and the validation *features* only; the AUC is computed here, in the caller's process, so validation
+labels never reach the sandbox, nor does any other copy of the data (``sandbox:`` below, :mod:`envs.isolation`).
+``GridSearchCV`` is refused before anything runs (as in the reference implementation).
 
 Episode: after a failure the next observation is a reflection prompt with the previous code and the error
 (``reflection=True``), else the task prompt again; the episode terminates when the code runs and is truncated
@@ -30,6 +31,8 @@ import numpy as np
 
 from ..base import EpisodeOverError, TextEnv
 from .datasets import TabularDataset, load_dataset
+from ..isolation import resolve_isolation
+from .evaluation import get_default_pool, make_splits, roc_auc
 from .extract import extract_function, find_banned
 from .prompts import clean_description, reflection_prompt, task_prompt
 
@@ -37,46 +40,6 @@ __all__ = ["DataScienceEnv", "make_splits", "roc_auc", "summarize_error", "FAILU
 
 FAILURE_REWARD = -1.0
 STATUSES = ("ok", "error", "timeout", "refused", "invalid-output")
-
-
-def make_splits(y: np.ndarray, n_splits: int = 5, split_seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``n_splits`` random 50/50 (train, validation) index splits with seeds ``split_seed + i``.
-
-    Stratified by class when every class has at least two rows (then every class is on both sides);
-    otherwise plain random.
-    """
-    from sklearn.model_selection import train_test_split
-
-    y = np.asarray(y)
-    idx = np.arange(len(y))
-    stratify = y if np.bincount(y).min(initial=len(y)) >= 2 and len(np.unique(y)) > 1 else None
-    out = []
-    for seed in range(split_seed, split_seed + n_splits):
-        tr, va = train_test_split(idx, test_size=0.5, random_state=seed, stratify=stratify)
-        out.append((tr, va))
-    return out
-
-
-def roc_auc(y_true: np.ndarray, proba: np.ndarray, n_classes: int) -> float:
-    """ROC AUC of Eq. 10: binary on ``proba[:, 1]``; macro one-vs-one for more than two classes.
-
-    ``proba`` is clipped to [0, 1] and renormalised (it has passed :func:`envs.sandbox.validate_proba`, which
-    allows 1e-3 slack that scikit-learn's multi-class check would not). Classes absent from ``y_true`` (only
-    possible for classes with a single row) are left out of the one-vs-one average.
-    """
-    from sklearn.metrics import roc_auc_score
-
-    proba = np.clip(np.asarray(proba, dtype=np.float64), 0.0, 1.0)
-    if n_classes == 2:
-        return float(roc_auc_score(y_true, proba[:, 1]))
-    present = np.unique(y_true)
-    if len(present) < n_classes:
-        proba = proba[:, present]
-    sums = proba.sum(axis=1, keepdims=True)
-    proba = np.divide(proba, sums, out=np.full_like(proba, 1.0 / proba.shape[1]), where=sums > 0)
-    if len(present) == 2:
-        return float(roc_auc_score(y_true == present[1], proba[:, 1]))
-    return float(roc_auc_score(y_true, proba, multi_class="ovo", average="macro", labels=present))
 
 
 def summarize_error(text: str, max_lines: int = 8, max_chars: int = 800) -> str:
@@ -144,7 +107,12 @@ class DataScienceEnv(TextEnv):
         max_rows, subsample, subsample_seed, data_dir, download: dataset loading (see ``load_dataset``).
         prompt_style: ``"paper"`` (bare stub) or ``"few_shot"`` (``n_few_shot`` worked examples first).
         reflection: after a failure, show the previous code and error (False: show the task prompt again).
-        pool: a :class:`envs.sandbox.SandboxPool`; None uses the shared default pool (created on first step).
+        pool: a :class:`envs.datascience.evaluation.ModelSandbox`; None uses the process-wide pool for ``sandbox``.
+        sandbox: isolation of the generated code: ``"auto"`` (bubblewrap when installed; an error when it is
+            installed but cannot start), ``"isolated"`` (bubblewrap or an error) or ``"rlimits"`` (resource limits
+            only: the code can read the data files); None = the ``ETPO_SANDBOX`` environment variable, else
+            ``"auto"``. Resolved, and one worker started, when the environment is built, so that a sandbox
+            that cannot work stops the run before it begins (:class:`envs.isolation.SandboxError`).
         banned: names whose use is refused before running (reference implementation: ``GridSearchCV``).
         max_description_chars: cap on the dataset description in the prompt.
         max_error_chars, max_error_lines: cap on the error shown in the reflection prompt and in ``info``.
@@ -174,6 +142,7 @@ class DataScienceEnv(TextEnv):
         max_description_chars: int = 1200,
         max_error_chars: int = 800,
         max_error_lines: int = 8,
+        sandbox: str | None = None,
     ):
         if max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {max_steps}")
@@ -203,7 +172,14 @@ class DataScienceEnv(TextEnv):
             ds.name, clean_description(ds.description, max_description_chars), ds.feature_names, ds.target_name,
             ds.class_names, self._task.n_train, style=prompt_style, n_few_shot=n_few_shot, banned=self.banned,
         )
+        if pool is None:
+            self.isolation_info = resolve_isolation(sandbox, source="config")
+            pool = get_default_pool(self.isolation_info)
+        else:
+            self.isolation_info = pool.isolation_info
         self._pool = pool
+        if not getattr(self._pool, "_checked", True):
+            self._pool.check()  # a worker that cannot start is a set-up error: raise now, not on the first step
         self._steps = 0
         self._done = True
 
@@ -219,11 +195,12 @@ class DataScienceEnv(TextEnv):
 
     @property
     def pool(self):
-        if self._pool is None:
-            from ..sandbox import get_default_pool
-
-            self._pool = get_default_pool()
         return self._pool
+
+    @property
+    def isolation(self) -> str:
+        """The isolation generated code runs under: ``"isolated"`` or ``"rlimits"``."""
+        return self._pool.isolation
 
     # ------------------------------------------------------------------ gym API
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[str, dict]:

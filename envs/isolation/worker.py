@@ -1,25 +1,27 @@
-"""Warm sandbox worker: the process that runs generated code for :mod:`envs.sandbox`.
+"""Warm sandbox worker: the process that runs untrusted code for :mod:`envs.isolation` (task-agnostic).
 
-Started by :class:`envs.sandbox.SandboxPool` as ``python -I -B _sandbox_worker.py --mode MODE`` (inside
-bubblewrap, or as a plain subprocess in the rlimits fallback). It imports only the standard library,
-numpy and scikit-learn, so that it can run from a minimal read-only view of the filesystem.
+Started by :class:`envs.isolation.SandboxPool` as ``python -I -S worker.py CONFIG_JSON`` (inside bubblewrap, or as
+a plain subprocess in the rlimits fallback). It imports only the standard library itself. ``CONFIG_JSON`` names
+the *runner*: a Python file (loaded by path, so the sandbox needs no package of ours) that defines
+``run(code, inputs, params) -> numpy.ndarray``, the directories to put on ``sys.path`` and the modules to
+import before the first job (e.g. numpy and the model libraries of the data-science task, see
+:mod:`envs.datascience.evaluation`).
 
-Lifecycle: import numpy/scikit-learn once (this is what makes the pool *warm*), report ``ready``, then
-serve jobs one at a time. For every job the worker forks a child that
+Lifecycle: import the preload modules once (this is what makes the pool *warm*), report ``ready``, then serve
+jobs one at a time. For every job the worker forks a *fresh* child, so nothing a job changes in the
+interpreter (patched modules, environment variables, threads, open files) reaches the next one. The child
 
 1. starts a new session (its own process group), closes every inherited descriptor except its result pipe,
 2. drops privileges (``setuid`` to the sandbox user when the pool runs as root; otherwise, as root in the
    fallback, it drops every capability),
 3. moves into the fresh job directory (``HOME`` and ``TMPDIR`` point there; stdout/stderr go to a file there),
-4. applies resource limits: ``RLIMIT_AS`` (current address space + the job's memory budget),
-   ``RLIMIT_CPU``, ``RLIMIT_FSIZE`` (caps captured output and files), ``RLIMIT_NOFILE``, ``RLIMIT_CORE`` = 0
-   and, in the namespace modes, ``RLIMIT_NPROC``,
-5. loads ``x_train``, ``y_train`` and ``x_val`` (never validation labels: the parent keeps them) from
-   ``input.npz`` and deletes the file,
-6. installs a seccomp filter (see :func:`seccomp_program`): no new processes (threads are allowed), no
-   signals to other processes, no ptrace / process_vm_* / pidfd / namespace / io_uring / bpf calls,
-7. executes the code, calls ``build_model(x_train, y_train)`` and ``predict_proba(x_val)``, and writes a
-   result frame (JSON header + ``.npy`` bytes, no pickle) to its pipe.
+4. loads the job's input arrays from ``input.npz`` (``allow_pickle=False``) and deletes the file,
+5. applies resource limits: ``RLIMIT_AS`` (current address space + the job's memory budget), ``RLIMIT_CPU``
+   (CPU seconds summed over all threads: oversubscribing threads only reach it sooner), ``RLIMIT_FSIZE``
+   (caps captured output and files), ``RLIMIT_NOFILE``, ``RLIMIT_CORE`` = 0 and, in the namespace modes,
+   ``RLIMIT_NPROC``,
+6. installs a seccomp filter (see :func:`seccomp_program`),
+7. calls the runner's ``run`` and writes a result frame (JSON header + ``.npy`` bytes, no pickle) to its pipe.
 
 The worker enforces the job's wall-clock timeout, kills the child's process group and - inside a PID
 namespace, where the worker is PID 2 - every other process of the namespace (``kill(-1, SIGKILL)``), so that
@@ -29,7 +31,7 @@ Protocol over the inherited pipes (stdin: jobs from the parent, stdout: replies)
 ``8-byte big-endian length + payload``:
 
 * worker -> parent, once: JSON ``{"op": "ready", ...}``
-* parent -> worker: JSON job spec (see :func:`run_job`)
+* parent -> worker: JSON job spec (see :meth:`Worker.run_job`)
 * worker -> parent: ``4-byte big-endian header length + JSON header + .npy bytes (may be empty)``
 """
 
@@ -38,9 +40,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import gc
+import importlib
+import importlib.util
 import io
 import json
-import linecache
 import os
 import resource
 import select
@@ -52,8 +55,7 @@ import traceback
 
 FRAME = struct.Struct(">Q")
 HEADER = struct.Struct(">I")
-MAX_JOB_BYTES = 64 << 20  # a job spec carries code only (arrays go through input.npz)
-GENERATED = "<generated>"
+MAX_JOB_BYTES = 64 << 20  # a job spec carries code and small parameters only (arrays go through input.npz)
 _THIS_FILE = os.path.abspath(__file__)
 
 # ---------------------------------------------------------------------------------------------------
@@ -123,9 +125,15 @@ _ARCHES = {
         "clone3": 435,
         "kill": [62, 129],  # kill, rt_sigqueueinfo: first argument is the target pid
         "tgkill": [234, 297],  # tgkill, rt_tgsigqueueinfo: first argument is the target tgid
+        # prlimit64, sched_setaffinity, sched_setscheduler, sched_setparam, sched_setattr: first argument is a
+        # pid; allowed for the calling process only (0 or its pid)
+        "self_pid_arg0": [302, 203, 144, 142, 314],
         # tkill, ptrace, process_vm_readv/writev, unshare, setns, bpf, perf_event_open, userfaultfd,
-        # keyctl, add_key, request_key, io_uring_setup/enter/register, pidfd_open/send_signal/getfd
-        "deny": [200, 101, 310, 311, 272, 308, 321, 298, 323, 250, 248, 249, 425, 426, 427, 434, 424, 438],
+        # keyctl, add_key, request_key, io_uring_setup/enter/register, pidfd_open/send_signal/getfd,
+        # SysV IPC and POSIX message queues (shmget, semget, msgget, mq_open: objects that would outlive the job
+        # in the worker's IPC namespace), setpriority, ioprio_set (could slow the warm worker for later jobs)
+        "deny": [200, 101, 310, 311, 272, 308, 321, 298, 323, 250, 248, 249, 425, 426, 427, 434, 424, 438,
+                 29, 64, 68, 240, 141, 251],
     },
     "aarch64": {
         "audit": 0xC00000B7,  # AUDIT_ARCH_AARCH64
@@ -135,7 +143,9 @@ _ARCHES = {
         "clone3": 435,
         "kill": [129, 138],
         "tgkill": [131, 240],
-        "deny": [130, 117, 270, 271, 97, 268, 280, 241, 282, 219, 217, 218, 425, 426, 427, 434, 424, 438],
+        "self_pid_arg0": [261, 122, 119, 118, 274],
+        "deny": [130, 117, 270, 271, 97, 268, 280, 241, 282, 219, 217, 218, 425, 426, 427, 434, 424, 438,
+                 194, 190, 186, 180, 140, 30],
     },
 }
 
@@ -146,8 +156,10 @@ def seccomp_program(arch: str, self_pid: int) -> list[tuple[int, int, int, int]]
     Policy: process creation is refused with EPERM (``fork``/``vfork``, ``clone`` without ``CLONE_THREAD``;
     ``clone3`` gets ENOSYS so glibc falls back to ``clone`` for threads); signals may only target the
     child itself (``kill(self)``, ``kill(0)``/``kill(-self)`` = its own process group, ``tgkill(self, ..)``);
-    ptrace, cross-process memory access, pidfds, namespaces, io_uring, bpf, perf and keyrings are refused;
-    any other ABI (i386 ``int 0x80``, x32) is refused outright. Everything else is allowed.
+    resource limits, CPU affinity and scheduling may only be changed for the child itself; ptrace,
+    cross-process memory access, pidfds, namespaces, io_uring, bpf, perf, keyrings, SysV IPC, POSIX message
+    queues, ``setpriority`` and ``ioprio_set`` are refused; any other ABI (i386 ``int 0x80``, x32) is refused
+    outright. Everything else is allowed.
     Offsets in ``struct seccomp_data``: ``nr`` 0, ``arch`` 4, low word of ``args[0]`` 16 (little endian).
     """
     spec = _ARCHES[arch]
@@ -169,6 +181,8 @@ def seccomp_program(arch: str, self_pid: int) -> list[tuple[int, int, int, int]]
         jeq(nr, "kill")
     for nr in spec["tgkill"]:
         jeq(nr, "tgkill")
+    for nr in spec["self_pid_arg0"]:
+        jeq(nr, "self")
     prog.append((_BPF_RET_K, 0, 0, _RET_ALLOW))
     labels = {}
     labels["clone"] = len(prog)
@@ -181,6 +195,10 @@ def seccomp_program(arch: str, self_pid: int) -> list[tuple[int, int, int, int]]
     jeq((-self_pid) & 0xFFFFFFFF, "allow", "eperm")
     labels["tgkill"] = len(prog)
     prog.append((_BPF_LD_W_ABS, 0, 0, 16))
+    jeq(self_pid, "allow", "eperm")
+    labels["self"] = len(prog)
+    prog.append((_BPF_LD_W_ABS, 0, 0, 16))
+    jeq(0, "allow")
     jeq(self_pid, "allow", "eperm")
     labels["allow"] = len(prog)
     prog.append((_BPF_RET_K, 0, 0, _RET_ALLOW))
@@ -279,22 +297,25 @@ def _vm_size_bytes() -> int:
     return 0
 
 
+_HIDDEN_FRAMES = {_THIS_FILE}  # + the runner's file (set in main): frames the code's author did not write
+
+
 def _format_exception(exc: BaseException) -> str:
-    """Traceback without the worker's own frames (they only confuse the model that reads it)."""
+    """Traceback without the worker's and the runner's own frames (they only confuse whoever reads it)."""
     tb = exc.__traceback__
-    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) == _THIS_FILE:
+    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) in _HIDDEN_FRAMES:
         tb = tb.tb_next
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
-def _child_main(job: dict, result_fd: int) -> None:
+def _child_main(job: dict, result_fd: int, runner) -> None:
     """Body of the forked job child; never returns (``os._exit``)."""
     try:
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # die with the worker (matters outside a PID namespace)
         os.setsid()
         if result_fd != 3:
             os.dup2(result_fd, 3)
-        os.closerange(4, 1 << 16)  # the parent pipes and anything numpy opened: out of reach
+        os.closerange(4, 1 << 16)  # the parent pipes and anything a library opened: out of reach
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
         os.close(devnull)
@@ -316,7 +337,7 @@ def _child_main(job: dict, result_fd: int) -> None:
         import numpy as np
 
         with np.load("input.npz", allow_pickle=False) as arrays:
-            x_train, y_train, x_val = arrays["x_train"], arrays["y_train"], arrays["x_val"]
+            inputs = {name: arrays[name] for name in arrays.files}
         os.unlink("input.npz")
 
         vm = _vm_size_bytes()
@@ -343,26 +364,13 @@ def _child_main(job: dict, result_fd: int) -> None:
     header: dict
     body = b""
     try:
-        code = job["code"]
-        linecache.cache[GENERATED] = (len(code), None, code.splitlines(True), GENERATED)
-        namespace = {"__name__": "__generated__", "__builtins__": __builtins__, "np": np}
-        exec(compile(code, GENERATED, "exec"), namespace)
-        build_model = namespace.get(job.get("function", "build_model"))
-        if not callable(build_model):
-            raise NameError("the code does not define a function build_model(x_train, y_train)")
-        model = build_model(x_train, y_train)
-        if model is None:
-            raise TypeError("build_model returned None; it must return a fitted model with predict_proba")
-        predict_proba = getattr(model, "predict_proba", None)
-        if not callable(predict_proba):
-            raise TypeError(f"build_model returned a {type(model).__name__} object without a predict_proba method")
-        proba = np.asarray(predict_proba(x_val))
-        if proba.dtype.kind not in "biuf":
-            raise TypeError(f"predict_proba returned an array of dtype {proba.dtype}, not numbers")
-        if proba.size * 8 > int(job["max_result_bytes"]):
-            raise ValueError(f"predict_proba returned {proba.size} values; far more than expected")
+        output = np.asarray(runner.run(job["code"], inputs, job.get("params") or {}))
+        if output.dtype.kind not in "biuf":
+            raise TypeError(f"the result is an array of dtype {output.dtype}, not numbers")
+        if output.size * 8 > int(job["max_result_bytes"]):
+            raise ValueError(f"the result has {output.size} values; far more than expected")
         buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(proba, dtype=np.float64), allow_pickle=False)
+        np.save(buf, np.ascontiguousarray(output, dtype=np.float64), allow_pickle=False)
         header, body = {"status": "ok", "error": None}, buf.getvalue()
     except SystemExit as exc:
         header = {"status": "error", "error": f"SystemExit: the code called sys.exit({exc.code!r})"}
@@ -372,7 +380,7 @@ def _child_main(job: dict, result_fd: int) -> None:
             "error": f"MemoryError: the code exceeded the sandbox memory limit of "
             f"{int(job['memory_bytes']) >> 20} MB {exc}".rstrip(),
         }
-    except BaseException as exc:  # noqa: BLE001 - every failure of generated code is a result
+    except BaseException as exc:  # noqa: BLE001 - every failure of the code is a result
         try:
             text = _format_exception(exc)
         except BaseException:  # noqa: BLE001 - e.g. MemoryError while formatting
@@ -400,7 +408,7 @@ def _describe_exit(status: int, job: dict) -> tuple[str, str]:
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         if sig == signal.SIGXCPU:
-            return "timeout", f"CPU time limit of {job['cpu_seconds']} s exceeded"
+            return "timeout", f"CPU time limit of {job['cpu_seconds']} s exceeded (all threads together)"
         if sig == signal.SIGXFSZ:
             return "error", f"file size limit of {int(job['fsize_bytes']) >> 20} MB exceeded (too much output?)"
         try:
@@ -416,6 +424,7 @@ def _describe_exit(status: int, job: dict) -> tuple[str, str]:
 
 
 def _read_tail(path: str, n: int) -> str:
+    """The last ``n`` bytes of the job's output, NUL bytes and invalid UTF-8 replaced."""
     try:
         with open(path, "rb") as fh:
             fh.seek(0, os.SEEK_END)
@@ -424,15 +433,16 @@ def _read_tail(path: str, n: int) -> str:
             data = fh.read(n)
     except OSError:
         return ""
-    text = data.decode("utf-8", errors="replace")
+    text = data.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
     return ("[...]\n" + text) if size > n else text
 
 
 class Worker:
-    def __init__(self, mode: str):
+    def __init__(self, mode: str, runner):
         self.mode = mode
+        self.runner = runner
         # Only inside bubblewrap's PID namespace (worker = PID 2 under bwrap's init) may we kill(-1).
-        self.in_pid_namespace = mode == "bwrap" and os.getpid() == 2 and os.getppid() == 1
+        self.in_pid_namespace = mode == "isolated" and os.getpid() == 2 and os.getppid() == 1
 
     def _cleanup(self, pid: int) -> None:
         """Kill whatever the job left behind and reap it."""
@@ -457,13 +467,18 @@ class Worker:
                 time.sleep(0.005)
 
     def run_job(self, job: dict) -> bytes:
-        """Run one job in a forked child; return the reply (header + .npy bytes)."""
+        """Run one job in a freshly forked child; return the reply (header + .npy bytes).
+
+        Job spec: ``job_dir`` (as the worker sees it), ``code``, ``params`` (passed to the runner), ``timeout``
+        (wall-clock s), ``memory_bytes``, ``cpu_seconds``, ``fsize_bytes``, ``nofile``, ``nproc`` (or None),
+        ``max_result_bytes``, ``output_tail_bytes``, ``uid``/``gid`` (or None: keep the worker's).
+        """
         r, w = os.pipe()
         t0 = time.monotonic()
         pid = os.fork()
         if pid == 0:  # child
             os.close(r)
-            _child_main(job, w)
+            _child_main(job, w, self.runner)
             os._exit(72)  # not reached
         os.close(w)
         timeout = float(job["timeout"])
@@ -549,33 +564,18 @@ class Worker:
         return pack_result(result, body)
 
 
-PRELOAD = (
-    "numpy",
-    "scipy",
-    "sklearn",
-    "sklearn.base",
-    "sklearn.linear_model",
-    "sklearn.ensemble",
-    "sklearn.preprocessing",
-    "sklearn.pipeline",
-    "sklearn.svm",
-    "sklearn.neighbors",
-    "sklearn.tree",
-    "sklearn.model_selection",
-    "sklearn.naive_bayes",
-    "sklearn.impute",
-    "sklearn.compose",
-    "sklearn.metrics",
-    "sklearn.decomposition",
-    "sklearn.feature_selection",
-    "sklearn.discriminant_analysis",
-    "sklearn.calibration",
-    "sklearn.neural_network",
-)
+def _load_runner(path: str):
+    spec = importlib.util.spec_from_file_location("_sandbox_runner", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "run", None)):
+        raise TypeError(f"the sandbox runner {path} defines no run(code, inputs, params)")
+    return module
 
 
 def main(argv: list[str]) -> int:
-    mode = argv[argv.index("--mode") + 1] if "--mode" in argv else "rlimits"
+    config = json.loads(argv[0])
+    mode = config["mode"]
     # Keep private copies of the parent pipes and point 0/1 at /dev/null, so a stray print from a library
     # can never corrupt the protocol.
     ctrl_in, reply_out = os.dup(0), os.dup(1)
@@ -585,17 +585,20 @@ def main(argv: list[str]) -> int:
     os.close(devnull)
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     _prctl(_PR_SET_DUMPABLE, 0)  # same-uid processes cannot ptrace or read our memory
+    for entry in config.get("sys_path", []):
+        if entry not in sys.path:
+            sys.path.append(entry)
+    runner = _load_runner(config["runner"])
+    _HIDDEN_FRAMES.add(os.path.abspath(config["runner"]))
     failed = []
-    import importlib
-
-    for name in PRELOAD:
+    for name in config.get("preload", []):
         try:
             importlib.import_module(name)
         except Exception as exc:  # noqa: BLE001 - a missing optional module must not kill the worker
             failed.append(f"{name}: {exc}")
     gc.collect()
     gc.freeze()  # fewer copy-on-write page faults in every forked child
-    worker = Worker(mode)
+    worker = Worker(mode, runner)
     ready = {
         "op": "ready",
         "pid": os.getpid(),
