@@ -1,11 +1,12 @@
 """Text-environment contract and a thread-parallel vector wrapper.
 
-Implements the ``envs`` contract of ``docs/architecture.md``:
+Implements the ``envs`` contract of ``docs/architecture.md`` (a walk-through: ``docs/extending.md``):
 
 * :class:`TextEnv` follows the Gymnasium API (``reset(*, seed, options) -> (obs, info)``,
   ``step(action) -> (obs, reward, terminated, truncated, info)``, ``close()``), with strings as
   observations and actions. ``terminated`` means the task is over; ``truncated`` means the step limit
-  was hit (the trainer bootstraps through truncation). Every ``info`` carries ``"status"`` (str) and
+  was hit. Both end the episode: the trainer bootstraps through neither (the paper's episode ends,
+  ``RolloutBatch.dones``), but it keeps them apart. Every ``info`` carries ``"status"`` (str) and
   ``"steps"`` (int, steps taken in the current episode).
 * :class:`TextVectorEnv` steps N such environments in parallel threads and does **not** auto-reset: the
   rollout code resets finished environments itself because it needs the final observation of a step.
