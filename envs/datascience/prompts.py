@@ -26,8 +26,12 @@ from __future__ import annotations
 
 import re
 import textwrap
+from dataclasses import dataclass
 
-__all__ = ["task_prompt", "reflection_prompt", "stub", "FEW_SHOT_EXAMPLES", "clean_description"]
+__all__ = [
+    "task_prompt", "reflection_prompt", "stub", "clean_description", "WorkedExample", "FEW_SHOT_SETS", "FEW_SHOT_EXAMPLES",
+    "PROMPT_STYLES",
+]
 
 _FUNCTION_DOC = '''    """Import the modules you need, then build and return a fitted scikit-learn classifier.
 
@@ -82,57 +86,103 @@ def stub(n_train: int, n_features: int, n_classes: int, banned=("GridSearchCV",)
     return "def build_model(x_train: np.ndarray, y_train: np.ndarray):\n" + doc
 
 
-# Worked examples for the few-shot style, on invented datasets that are not in the benchmark. Short on
-# purpose: small models copy them nearly verbatim, so they must be correct, general and quick to fit.
-FEW_SHOT_EXAMPLES: dict[str, dict] = {
-    "penguins": dict(
-        description="Body measurements of penguins from three islands. Predict the species.",
-        features=["bill_length_mm", "bill_depth_mm", "flipper_length_mm", "body_mass_g"],
-        target="species",
-        classes=["Adelie", "Chinstrap", "Gentoo"],
-        n_train=166,
-        body="""\
-    from sklearn.linear_model import LogisticRegression
-    model = LogisticRegression(max_iter=1000)
-    model.fit(x_train, y_train)
-    return model""",
-    ),
-    "bank_marketing": dict(
-        description="Clients contacted by a bank's phone campaign. Predict whether the client subscribes to a term deposit.",
-        features=["age", "job", "marital", "education", "balance", "housing", "loan", "duration", "campaign", "previous"],
-        target="subscribed",
-        classes=["no", "yes"],
-        n_train=1000,
-        body="""\
-    from sklearn.ensemble import RandomForestClassifier
-    model = RandomForestClassifier(n_estimators=100)
-    model.fit(x_train, y_train)
-    return model""",
-    ),
-    "steel_plates": dict(
-        description="Geometry and luminosity measurements of steel plates. Predict the type of surface fault.",
-        features=["x_min", "x_max", "y_min", "y_max", "pixels_area", "perimeter", "luminosity", "thickness"],
-        target="fault",
-        classes=["bumps", "dirtiness", "k_scratch", "other", "pastry", "stains", "z_scratch"],
-        n_train=970,
-        body="""\
-    from sklearn.ensemble import HistGradientBoostingClassifier
+# Worked examples of the few-shot styles, on invented datasets that are not in the benchmark. Short on purpose:
+# small models copy them nearly verbatim, so they must be correct, general and quick to fit.
+@dataclass(frozen=True)
+class WorkedExample:
+    """One complete solved stub of a few-shot prompt: an invented dataset and a ``build_model`` body."""
 
-    model = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.1, random_state=0)
-    model.fit(x_train, y_train)
-    return model""",
+    name: str
+    description: str
+    features: tuple[str, ...]
+    target: str
+    classes: tuple[str, ...]
+    n_train: int
+    body: str
+
+
+_PENGUINS = dict(
+    name="penguins", description="Body measurements of penguins from three islands. Predict the species.",
+    features=("bill_length_mm", "bill_depth_mm", "flipper_length_mm", "body_mass_g"), target="species",
+    classes=("Adelie", "Chinstrap", "Gentoo"), n_train=166,
+)
+_BANK = dict(
+    name="bank_marketing",
+    description="Clients contacted by a bank's phone campaign. Predict whether the client subscribes to a term deposit.",
+    features=("age", "job", "marital", "education", "balance", "housing", "loan", "duration", "campaign", "previous"),
+    target="subscribed", classes=("no", "yes"), n_train=1000,
+)
+_STEEL = dict(
+    name="steel_plates",
+    description="Geometry and luminosity measurements of steel plates. Predict the type of surface fault.",
+    features=("x_min", "x_max", "y_min", "y_max", "pixels_area", "perimeter", "luminosity", "thickness"),
+    target="fault", classes=("bumps", "dirtiness", "k_scratch", "other", "pastry", "stains", "z_scratch"), n_train=970,
+)
+
+
+def _body(*lines: str) -> str:
+    return "\n".join("    " + line if line else "" for line in lines)
+
+
+#: the few-shot examples of each style, in prompt order (the first ``n_few_shot`` not named like the task are used)
+FEW_SHOT_SETS: dict[str, tuple[WorkedExample, ...]] = {
+    # the style measured in docs/results/cpu (kept byte-identical for comparability)
+    "few_shot_v1": (
+        WorkedExample(**_PENGUINS, body=_body(
+            "from sklearn.linear_model import LogisticRegression", "model = LogisticRegression(max_iter=1000)",
+            "model.fit(x_train, y_train)", "return model")),
+        WorkedExample(**_BANK, body=_body(
+            "from sklearn.ensemble import RandomForestClassifier", "model = RandomForestClassifier(n_estimators=100)",
+            "model.fit(x_train, y_train)", "return model")),
+        WorkedExample(**_STEEL, body=_body(
+            "from sklearn.ensemble import HistGradientBoostingClassifier", "",
+            "model = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.1, random_state=0)",
+            "model.fit(x_train, y_train)", "return model")),
+    ),
+    # variant: the fitted estimator is called ``clf`` (``model = `` invites ``build_model(...)``), no hyperparameters
+    "few_shot_clf": (
+        WorkedExample(**_PENGUINS, body=_body(
+            "from sklearn.linear_model import LogisticRegression", "clf = LogisticRegression()",
+            "clf.fit(x_train, y_train)", "return clf")),
+        WorkedExample(**_BANK, body=_body(
+            "from sklearn.ensemble import RandomForestClassifier", "clf = RandomForestClassifier()",
+            "clf.fit(x_train, y_train)", "return clf")),
+    ),
+    # variant: as few_shot_clf, both examples from sklearn.ensemble
+    "few_shot_ens": (
+        WorkedExample(**_PENGUINS, body=_body(
+            "from sklearn.ensemble import ExtraTreesClassifier", "clf = ExtraTreesClassifier()",
+            "clf.fit(x_train, y_train)", "return clf")),
+        WorkedExample(**_BANK, body=_body(
+            "from sklearn.ensemble import RandomForestClassifier", "clf = RandomForestClassifier()",
+            "clf.fit(x_train, y_train)", "return clf")),
+    ),
+    # variant: one-line fit-and-return
+    "few_shot_ret": (
+        WorkedExample(**_PENGUINS, body=_body(
+            "from sklearn.linear_model import LogisticRegression",
+            "return LogisticRegression().fit(x_train, y_train)")),
+        WorkedExample(**_BANK, body=_body(
+            "from sklearn.ensemble import RandomForestClassifier",
+            "return RandomForestClassifier().fit(x_train, y_train)")),
     ),
 }
+FEW_SHOT_SETS["few_shot"] = FEW_SHOT_SETS["few_shot_v1"]
+
+#: every accepted ``prompt_style``
+PROMPT_STYLES: tuple[str, ...] = ("paper",) + tuple(FEW_SHOT_SETS)
+
+#: the examples of the default few-shot style, by name (what earlier versions exported)
+FEW_SHOT_EXAMPLES: dict[str, WorkedExample] = {ex.name: ex for ex in FEW_SHOT_SETS["few_shot"]}
 
 
-def _few_shot_prefix(dataset_name: str, n_examples: int, banned) -> str:
-    chosen = [k for k in FEW_SHOT_EXAMPLES if k != dataset_name][:n_examples]
+def _few_shot_prefix(style: str, dataset_name: str, n_examples: int, banned) -> str:
+    chosen = [ex for ex in FEW_SHOT_SETS[style] if ex.name != dataset_name][:n_examples]
     blocks = []
-    for key in chosen:
-        ex = FEW_SHOT_EXAMPLES[key]
-        header = _module_doc(key, ex["description"], ex["features"], ex["target"], ex["classes"], compact=True)
+    for ex in chosen:
+        header = _module_doc(ex.name, ex.description, ex.features, ex.target, ex.classes, compact=True)
         blocks.append(
-            header + "\n\n" + stub(ex["n_train"], len(ex["features"]), len(ex["classes"]), banned) + "\n" + ex["body"] + "\n"
+            header + "\n\n" + stub(ex.n_train, len(ex.features), len(ex.classes), banned) + "\n" + ex.body + "\n"
         )
     return "\n\n".join(blocks) + ("\n\n" if blocks else "")
 
@@ -150,13 +200,14 @@ def task_prompt(
     banned=("GridSearchCV",),
 ) -> str:
     """The initial observation of an episode (see the module docstring)."""
-    if style not in ("paper", "few_shot"):
-        raise ValueError(f"prompt_style must be 'paper' or 'few_shot', got {style!r}")
-    body = _module_doc(name, description, feature_names, target, class_names, compact=style == "few_shot") + "\n\n" + stub(
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"prompt_style must be one of {', '.join(PROMPT_STYLES)}; got {style!r}")
+    few_shot = style != "paper"
+    body = _module_doc(name, description, feature_names, target, class_names, compact=few_shot) + "\n\n" + stub(
         n_train, len(feature_names), len(class_names), banned
     )
-    if style == "few_shot":
-        return _few_shot_prefix(name, n_few_shot, banned) + body
+    if few_shot:
+        return _few_shot_prefix(style, name, n_few_shot, banned) + body
     return body
 
 
