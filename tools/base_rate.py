@@ -208,7 +208,7 @@ def summarize(records: Sequence[dict], attempt: int = 1, top_messages: int = 8) 
         "wilson95": [low, high],
         "statuses": dict(collections.Counter(r["status"] for r in rows).most_common()),
         "kinds": dict(collections.Counter(r["kind"] for r in rows).most_common()),
-        "top_errors": messages.most_common(top_messages),
+        "top_errors": [[message, count] for message, count in messages.most_common(top_messages)],
         "reward_hist": dict(zip(labels, counts)),
         "auc_mean": float(aucs.mean()) if len(aucs) else None,
         "auc_max": float(aucs.max()) if len(aucs) else None,
