@@ -125,6 +125,23 @@ def test_counts_are_the_environment_results_with_a_scripted_policy(pool):
     assert "3/7" in text and "error: TypeError" in text
 
 
+def test_replay_steps_the_same_first_attempts_again(pool):
+    from datamodules.rollout import GenerationConfig
+
+    first = base_rate.measure(ScriptedPolicy([WRONG_ARGUMENT, RUNS], second=NOT_CODE), lambda: make_env(pool, max_steps=2),
+                              GenerationConfig(), n=4, batch_size=4, second_attempt=True)
+    assert [r["status"] for r in first if r["attempt"] == 2] == ["invalid-output"] * 2
+    never = ScriptedPolicy(["unused"], second=RUNS)  # must only be asked for second attempts
+    again = base_rate.measure(never, lambda: make_env(pool, max_steps=2), GenerationConfig(), n=10, batch_size=4,
+                              second_attempt=True, replay=first)
+    strip = lambda rows: [{k: r[k] for k in ("sample", "status", "reward", "text")} for r in rows if r["attempt"] == 1]  # noqa: E731
+    assert strip(again) == strip(first) and len(strip(again)) == 4
+    assert [r["status"] for r in again if r["attempt"] == 2] == ["ok", "ok"] and never.calls == 0
+    with pytest.raises(ValueError, match="another task prompt"):
+        base_rate.measure(never, lambda: DataScienceEnv("wine", prompt_style="few_shot", n_splits=1, pool=pool),
+                          GenerationConfig(), n=4, replay=first)
+
+
 def test_main_with_the_tiny_model_is_seeded_and_matches_the_env(tmp_path, pool):
     from modules.shared_base import BackboneConfig
 

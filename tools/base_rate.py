@@ -11,7 +11,10 @@ with them, so the code is extracted, refused or run in the env's sandbox exactly
 It prints the runnable rate (status ``ok``) with a 95 % Wilson score interval, the reward distribution, and a
 histogram of failure kinds (the env's status plus the exception type; the most common first error lines
 below), and writes every sample (prompt length, text, extracted code, status, error, reward) to a JSONL file.
-``--summary-jsonl`` appends the summary as one JSON line (docs/results/base_rate.jsonl holds the cited ones).
+``--summary-jsonl`` appends the summary as one JSON line (docs/results/base_rate.jsonl holds the cited ones), with
+the git commit and the task prompt's token count and hash. ``--replay FILE`` steps the first attempts of an earlier
+run again instead of sampling new ones (same task prompt, checked): with ``--second-attempt`` it compares
+reflection prompts on the same failures.
 
 Reproducible: batch ``b`` samples after ``torch.manual_seed(seed * 100003 + b)`` (second attempts continue that
 stream), so a measurement is a function of its options (and of torch's CPU kernels).
@@ -111,22 +114,35 @@ def measure(
     second_attempt: bool = False,
     on_record: Callable[[dict], None] | None = None,
     progress: Callable[[str], None] | None = None,
+    replay: Sequence[dict] | None = None,
 ) -> list[dict]:
     """Sample ``n`` first attempts (and optionally one reflection-prompted second attempt per failure).
 
     ``act(prompts, generation)`` returns a :class:`modules.shared_base.Generation` (``AgentModule.act``);
     ``make_env()`` builds one environment (reset before every attempt). Returns one record per attempt, in order:
     first attempts of batch 0, its second attempts, first attempts of batch 1, ...
+
+    ``replay``: first-attempt records of an earlier measurement (same task prompt, checked by hash) to step
+    again instead of sampling new ones -- for comparing reflection prompts on the same failures; ``n`` is then
+    ``len(replay)`` at most.
     """
     import torch
 
     from envs.base import TextVectorEnv
 
+    if replay is not None:
+        replay = [r for r in replay if r["attempt"] == 1][:n]
+        n = len(replay)
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
     envs = [make_env() for _ in range(min(batch_size, n))]
     if second_attempt and any(getattr(e, "max_steps", 2) < 2 or not getattr(e, "reflection", True) for e in envs):
         raise ValueError("--second-attempt needs environments with max_steps >= 2 and reflection=True")
+    if replay is not None:
+        task = prompt_digest(envs[0].reset()[0])
+        if any(r["prompt_sha256"] != task for r in replay):
+            raise ValueError("the replayed first attempts were sampled from another task prompt "
+                             "(dataset, prompt style or prompt text differ)")
     vec = TextVectorEnv(envs)
     records: list[dict] = []
     try:
@@ -136,16 +152,22 @@ def measure(
             torch.manual_seed(seed * 100003 + batch)
             prompts, _ = vec.reset(indices=idx)
             t0 = time.monotonic()
-            gen = act(prompts, generation)
+            if replay is None:
+                gen = _generated(act(prompts, generation))
+            else:
+                rows = replay[start : start + size]
+                gen = {"texts": [r["text"] for r in rows], "prompt_tokens": [r["prompt_tokens"] for r in rows],
+                       "action_tokens": [r["action_tokens"] for r in rows], "finished": [r["finished"] for r in rows]}
             t_gen = time.monotonic() - t0
-            obs, rewards, terminated, truncated, infos = vec.step(gen.texts, indices=idx)
-            batch_records = _records(gen, infos, rewards, batch, start, attempt=1)
+            obs, rewards, terminated, truncated, infos = vec.step(gen["texts"], indices=idx)
+            batch_records = _records(gen, prompts, infos, rewards, batch, [start + i for i in idx], attempt=1)
             retry = [i for i in idx if not terminated[i] and not truncated[i]] if second_attempt else []
             if retry:
-                gen2 = act([obs[i] for i in retry], generation)
-                _, rewards2, _, _, infos2 = vec.step(gen2.texts, indices=retry)
-                second = _records(gen2, infos2, rewards2, batch, start, attempt=2, sample_ids=[start + i for i in retry])
-                batch_records += second
+                retry_prompts = [obs[i] for i in retry]
+                gen2 = _generated(act(retry_prompts, generation))
+                _, rewards2, _, _, infos2 = vec.step(gen2["texts"], indices=retry)
+                batch_records += _records(gen2, retry_prompts, infos2, rewards2, batch, [start + i for i in retry],
+                                          attempt=2)
             for rec in batch_records:
                 if on_record is not None:
                     on_record(rec)
@@ -163,19 +185,27 @@ def measure(
     return records
 
 
-def _records(gen, infos, rewards, batch: int, start: int, attempt: int, sample_ids: Sequence[int] | None = None):
+def prompt_digest(prompt: str) -> str:
+    """Short SHA-256 of a prompt (records say which prompt they were sampled from)."""
+    return hashlib.sha256(prompt.encode()).hexdigest()[:16]
+
+
+def _generated(gen) -> dict:
+    return {"texts": list(gen.texts), "prompt_tokens": gen.prompt_mask.sum(1).tolist(),
+            "action_tokens": gen.action_mask.sum(1).tolist(), "finished": gen.finished.tolist()}
+
+
+def _records(gen: dict, prompts, infos, rewards, batch: int, sample_ids: Sequence[int], attempt: int) -> list[dict]:
     out = []
-    prompt_tokens = gen.prompt_mask.sum(1).tolist()
-    action_tokens = gen.action_mask.sum(1).tolist()
-    finished = gen.finished.tolist()
-    for j, (text, info, reward) in enumerate(zip(gen.texts, infos, rewards)):
+    for j, (text, info, reward) in enumerate(zip(gen["texts"], infos, rewards)):
         out.append({
-            "sample": start + j if sample_ids is None else int(sample_ids[j]),
+            "sample": int(sample_ids[j]),
             "batch": batch,
             "attempt": attempt,
-            "prompt_tokens": int(prompt_tokens[j]),
-            "action_tokens": int(action_tokens[j]),
-            "finished": bool(finished[j]),  # EOS or a stop string, not cut at max_new_tokens
+            "prompt_sha256": prompt_digest(prompts[j]),
+            "prompt_tokens": int(gen["prompt_tokens"][j]),
+            "action_tokens": int(gen["action_tokens"][j]),
+            "finished": bool(gen["finished"][j]),  # EOS or a stop string, not cut at max_new_tokens
             "status": info["status"],
             "kind": failure_kind(info["status"], info.get("error")),
             "reward": float(reward),
@@ -268,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (default: 8)")
     p.add_argument("--second-attempt", action="store_true",
                    help="after each failed first attempt, sample once from the env's reflection prompt")
+    p.add_argument("--replay", default=None,
+                   help="a samples JSONL of an earlier run: step its first attempts again (same task prompt) "
+                        "instead of sampling; with --second-attempt, compares reflection prompts on the same failures")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.5)
     p.add_argument("--top-k", type=int, default=50)
@@ -305,6 +338,7 @@ def main(argv: Sequence[str] | None = None, backbone=None) -> dict:
         torch.set_num_threads(args.threads)
     say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
     label = args.label or f"{args.dataset}_{args.prompt_style}_s{args.seed}"
+    commit = _git_commit()  # now: the code that runs (the tree may change while it does)
     env_kwargs = dict(
         dataset=args.dataset, prompt_style=args.prompt_style, n_few_shot=args.n_few_shot, data_dir=args.data_dir,
         max_steps=2 if args.second_attempt else 1, reflection=True, n_splits=args.n_splits,
@@ -324,6 +358,9 @@ def main(argv: Sequence[str] | None = None, backbone=None) -> dict:
     prompt_tokens = len(agent.encode_prompts([probe.prompt])[0])
     say(f"{label}: model {backbone.source} loaded in {time.monotonic() - t0:.1f} s; task prompt {prompt_tokens} tokens")
 
+    replay = None
+    if args.replay:
+        replay = [json.loads(line) for line in Path(args.replay).read_text().splitlines() if line.strip()]
     out = Path(args.out) if args.out else REPO / "runs" / "base_rate" / f"{label}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -333,16 +370,16 @@ def main(argv: Sequence[str] | None = None, backbone=None) -> dict:
             fh.flush()
 
         records = measure(agent.act, lambda: DataScienceEnv(**env_kwargs), generation, args.n, args.batch_size,
-                          args.seed, args.second_attempt, on_record=write, progress=say)
+                          args.seed, args.second_attempt, on_record=write, progress=say, replay=replay)
     wall = time.monotonic() - t0
     summary = {
         "label": label,
         "options": {k: v for k, v in vars(args).items() if k not in ("out", "summary_jsonl", "quiet", "label")},
         "generation": {"max_new_tokens": generation.max_new_tokens, "temperature": generation.temperature,
                        "top_k": generation.top_k, "top_p": generation.top_p, "stop_strings": generation.stop_strings},
-        "commit": _git_commit(),
+        "commit": commit,
         "task_prompt_tokens": prompt_tokens,
-        "task_prompt_sha256": hashlib.sha256(probe.prompt.encode()).hexdigest(),
+        "task_prompt_sha256": prompt_digest(probe.prompt),
         "first": summarize(records, 1),
         "wall_s": round(wall, 1),
         "samples": os.path.relpath(out, REPO) if out.resolve().is_relative_to(REPO) else str(out),
