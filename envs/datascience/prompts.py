@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "task_prompt", "reflection_prompt", "stub", "clean_description", "WorkedExample", "FEW_SHOT_SETS", "FEW_SHOT_EXAMPLES",
-    "PROMPT_STYLES",
+    "PROMPT_STYLES", "error_hint",
 ]
 
 _FUNCTION_DOC = '''    """Import the modules you need, then build and return a fitted scikit-learn classifier.
@@ -218,21 +218,55 @@ def _as_comment(text: str, max_lines: int = 30, width: int = 160) -> str:
     return "\n".join(("# " + line[:width]).rstrip() for line in lines)
 
 
+# What the most common errors of small models mean, as one line of advice derived from the error text alone
+# (never from the task: the same error gets the same hint on every dataset). First match wins.
+_HINTS: tuple[tuple[re.Pattern, str], ...] = tuple((re.compile(p), h) for p, h in (
+    (r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", "{0} has no parameter {1}: remove it."),
+    (r"cannot import name '(\w+)' from '([\w.]+)'", "{1} has no {0}: import a class that exists."),
+    (r"No module named '([\w.]+)'", "{0} is not available: use scikit-learn."),
+    (r"RecursionError", "build_model must not call build_model: create a scikit-learn classifier instead."),
+    (r"name '(build_model\w*)' is not defined", "{0} does not exist: create a scikit-learn classifier instead."),
+    (r"name '(\w+)' is not defined", "{0} is not defined: import it inside build_model."),
+    (r"returned an? (\w+) object without a predict_proba method",
+     "{0} has no predict_proba: return a classifier that has one."),
+    (r"too many indices for array: array is 1-dimensional", "y_train is 1-dimensional: fit on x_train, y_train as they are."),
+    (r"never returns a model", "end build_model with a return of the fitted classifier."),
+    (r"no valid Python code|not valid Python", "write the Python code of the function body only."),
+    (r"timed out", "use a smaller or faster model."),
+))
+
+
+def error_hint(error: str) -> str | None:
+    """One line of advice for a known kind of error (see ``_HINTS``), or None."""
+    for pattern, hint in _HINTS:
+        match = pattern.search(error or "")
+        if match:
+            return hint.format(*match.groups())
+    return None
+
+
 def reflection_prompt(task: str, previous_code: str | None, previous_answer: str, error: str) -> str:
-    """Observation after a failed step: the previous code (or answer), the error, and a fresh open stub.
+    """Observation after a failed step: the previous code (or answer) and the error as comments, a hint, and a
+    fresh open stub.
 
     ``task`` is the episode's initial prompt; its final stub is reused so that the prompt again ends inside
-    an open function body (right after the docstring, no trailing newline).
+    an open function body (right after the docstring, no trailing newline). The failed attempt is shown as a
+    comment, not as code: small models copy the code nearest to the open stub, and that should be the worked
+    examples, not the attempt that failed (measured in docs/results/base_rate.md). ``error`` is shown as the
+    env summarised it, followed by the :func:`error_hint` of known errors.
     """
     cut = task.rfind("def build_model(")
     head, open_stub = task[:cut].rstrip("\n"), task[cut:]
     if previous_code is not None:
-        shown = previous_code.replace("import numpy as np\n", "", 1).strip("\n")
-        what = "The build_model above failed"
+        shown = _as_comment(previous_code.replace("import numpy as np\n", "", 1).strip("\n"), max_lines=20)
+        what = "This build_model failed"
     else:
-        shown = _as_comment(previous_answer)
-        what = "The answer above is not a usable build_model function"
+        shown = _as_comment(previous_answer, max_lines=12)
+        what = "This answer is not a usable build_model function"
     message = _as_comment(error, max_lines=15)
+    hint = error_hint(error)
+    advice = f"# Hint: {hint}\n" if hint else ""
     return (
-        f"{head}\n\n\n{shown}\n\n\n# {what}:\n{message}\n# Fix the problem and write build_model again.\n\n\n{open_stub}"
+        f"{head}\n\n\n{shown}\n# {what}:\n{message}\n{advice}# Fix the problem and write build_model again.\n\n\n"
+        f"{open_stub}"
     )
