@@ -79,10 +79,20 @@ def _module_doc(name: str, description: str, feature_names, target: str, class_n
     return '"""' + "\n\n".join(parts) + '\n"""\nimport numpy as np\n'
 
 
-def stub(n_train: int, n_features: int, n_classes: int, banned=("GridSearchCV",)) -> str:
+# variant: say what to do with the data, not "import the modules you need" (which invites long import lists)
+_FUNCTION_DOC_FIT = '''    """Fit a scikit-learn classifier on x_train, y_train and return it.
+
+    x_train: float array of shape ({n}, {d}); y_train: int array of shape ({n},) with labels 0..{k1} ({k} classes).
+    The classifier must have predict_proba(x).{extra}
+    """'''
+FUNCTION_DOCS = {"v1": _FUNCTION_DOC, "fit": _FUNCTION_DOC_FIT}
+_STYLE_FUNCTION_DOC = {"few_shot_doc": "fit"}
+
+
+def stub(n_train: int, n_features: int, n_classes: int, banned=("GridSearchCV",), doc: str = "v1") -> str:
     """The open function: header + docstring, ending at the closing quotes (no trailing newline)."""
     extra = f" Do not use {', '.join(banned)}." if banned else ""
-    doc = _FUNCTION_DOC.format(n=n_train, d=n_features, k=n_classes, k1=n_classes - 1, extra=extra)
+    doc = FUNCTION_DOCS[doc].format(n=n_train, d=n_features, k=n_classes, k1=n_classes - 1, extra=extra)
     return "def build_model(x_train: np.ndarray, y_train: np.ndarray):\n" + doc
 
 
@@ -157,6 +167,8 @@ FEW_SHOT_SETS: dict[str, tuple[WorkedExample, ...]] = {
             "from sklearn.ensemble import RandomForestClassifier", "clf = RandomForestClassifier()",
             "clf.fit(x_train, y_train)", "return clf")),
     ),
+    # variant: as few_shot_clf with the function docstring "fit"
+    "few_shot_doc": None,
     # variant: one-line fit-and-return
     "few_shot_ret": (
         WorkedExample(**_PENGUINS, body=_body(
@@ -167,6 +179,7 @@ FEW_SHOT_SETS: dict[str, tuple[WorkedExample, ...]] = {
             "return RandomForestClassifier().fit(x_train, y_train)")),
     ),
 }
+FEW_SHOT_SETS["few_shot_doc"] = FEW_SHOT_SETS["few_shot_clf"]
 FEW_SHOT_SETS["few_shot"] = FEW_SHOT_SETS["few_shot_v1"]
 
 #: every accepted ``prompt_style``
@@ -176,13 +189,13 @@ PROMPT_STYLES: tuple[str, ...] = ("paper",) + tuple(FEW_SHOT_SETS)
 FEW_SHOT_EXAMPLES: dict[str, WorkedExample] = {ex.name: ex for ex in FEW_SHOT_SETS["few_shot"]}
 
 
-def _few_shot_prefix(style: str, dataset_name: str, n_examples: int, banned) -> str:
+def _few_shot_prefix(style: str, dataset_name: str, n_examples: int, banned, doc: str) -> str:
     chosen = [ex for ex in FEW_SHOT_SETS[style] if ex.name != dataset_name][:n_examples]
     blocks = []
     for ex in chosen:
         header = _module_doc(ex.name, ex.description, ex.features, ex.target, ex.classes, compact=True)
         blocks.append(
-            header + "\n\n" + stub(ex.n_train, len(ex.features), len(ex.classes), banned) + "\n" + ex.body + "\n"
+            header + "\n\n" + stub(ex.n_train, len(ex.features), len(ex.classes), banned, doc) + "\n" + ex.body + "\n"
         )
     return "\n\n".join(blocks) + ("\n\n" if blocks else "")
 
@@ -203,11 +216,12 @@ def task_prompt(
     if style not in PROMPT_STYLES:
         raise ValueError(f"prompt_style must be one of {', '.join(PROMPT_STYLES)}; got {style!r}")
     few_shot = style != "paper"
+    doc = _STYLE_FUNCTION_DOC.get(style, "v1")
     body = _module_doc(name, description, feature_names, target, class_names, compact=few_shot) + "\n\n" + stub(
-        n_train, len(feature_names), len(class_names), banned
+        n_train, len(feature_names), len(class_names), banned, doc
     )
     if few_shot:
-        return _few_shot_prefix(style, name, n_few_shot, banned) + body
+        return _few_shot_prefix(style, name, n_few_shot, banned, doc) + body
     return body
 
 
