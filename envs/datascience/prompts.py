@@ -86,7 +86,7 @@ _FUNCTION_DOC_FIT = '''    """Fit a scikit-learn classifier on x_train, y_train 
     The classifier must have predict_proba(x).{extra}
     """'''
 FUNCTION_DOCS = {"v1": _FUNCTION_DOC, "fit": _FUNCTION_DOC_FIT}
-_STYLE_FUNCTION_DOC = {"few_shot_doc": "fit"}
+_STYLE_FUNCTION_DOC = {"few_shot_doc": "fit", "few_shot_ret": "fit"}
 
 
 def stub(n_train: int, n_features: int, n_classes: int, banned=("GridSearchCV",), doc: str = "v1") -> str:
@@ -169,7 +169,7 @@ FEW_SHOT_SETS: dict[str, tuple[WorkedExample, ...]] = {
     ),
     # variant: as few_shot_clf with the function docstring "fit"
     "few_shot_doc": None,
-    # variant: one-line fit-and-return
+    # variant: one-line fit-and-return (with the function docstring "fit")
     "few_shot_ret": (
         WorkedExample(**_PENGUINS, body=_body(
             "from sklearn.linear_model import LogisticRegression",
