@@ -56,7 +56,7 @@ def test_prompt_shape_and_ending():
     few = make_env("breast_cancer", prompt_style="few_shot")
     fobs, _ = few.reset()
     assert fobs.endswith(obs.split("def build_model", 1)[1][-200:])
-    assert fobs.count("def build_model") == 3 and fobs.count("return model") == 2
+    assert fobs.count("def build_model") == 3 and fobs.count("    return clf") == 2
     assert "Dataset: penguins" in fobs and "Dataset: breast_cancer" in fobs
     with pytest.raises(ValueError):
         make_env("breast_cancer", prompt_style="chatty")

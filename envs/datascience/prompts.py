@@ -29,15 +29,24 @@ import textwrap
 from dataclasses import dataclass
 
 __all__ = [
-    "task_prompt", "reflection_prompt", "stub", "clean_description", "WorkedExample", "FEW_SHOT_SETS", "FEW_SHOT_EXAMPLES",
-    "PROMPT_STYLES", "error_hint",
+    "task_prompt", "reflection_prompt", "stub", "clean_description", "error_hint", "WorkedExample", "PromptStyle",
+    "STYLES", "PROMPT_STYLES", "FEW_SHOT_EXAMPLES", "FUNCTION_DOCS",
 ]
 
-_FUNCTION_DOC = '''    """Import the modules you need, then build and return a fitted scikit-learn classifier.
+# The function docstring of the stub. "fit": what to do with the data, in one sentence (the default few-shot style);
+# "v1": the earlier wording, whose "Import the modules you need" drew long runs of invented imports from SmolLM2.
+FUNCTION_DOCS: dict[str, str] = {
+    "fit": '''    """Fit a scikit-learn classifier on x_train, y_train and return it.
+
+    x_train: float array of shape ({n}, {d}); y_train: int array of shape ({n},) with labels 0..{k1} ({k} classes).
+    The classifier must have predict_proba(x).{extra}
+    """''',
+    "v1": '''    """Import the modules you need, then build and return a fitted scikit-learn classifier.
 
     x_train: float array of shape ({n}, {d}); y_train: int array of shape ({n},) with labels 0..{k1} ({k} classes).
     The returned model must implement predict_proba(x).{extra}
-    """'''
+    """''',
+}
 
 
 def clean_description(text: str, max_chars: int = 1200) -> str:
@@ -79,21 +88,14 @@ def _module_doc(name: str, description: str, feature_names, target: str, class_n
     return '"""' + "\n\n".join(parts) + '\n"""\nimport numpy as np\n'
 
 
-# variant: say what to do with the data, not "import the modules you need" (which invites long import lists)
-_FUNCTION_DOC_FIT = '''    """Fit a scikit-learn classifier on x_train, y_train and return it.
-
-    x_train: float array of shape ({n}, {d}); y_train: int array of shape ({n},) with labels 0..{k1} ({k} classes).
-    The classifier must have predict_proba(x).{extra}
-    """'''
-FUNCTION_DOCS = {"v1": _FUNCTION_DOC, "fit": _FUNCTION_DOC_FIT}
-_STYLE_FUNCTION_DOC = {"few_shot_doc": "fit", "few_shot_ret": "fit"}
-
-
 def stub(n_train: int, n_features: int, n_classes: int, banned=("GridSearchCV",), doc: str = "v1") -> str:
-    """The open function: header + docstring, ending at the closing quotes (no trailing newline)."""
+    """The open function: header + docstring ``FUNCTION_DOCS[doc]``, ending at the closing quotes (no trailing
+    newline)."""
+    if doc not in FUNCTION_DOCS:
+        raise ValueError(f"function docstring must be one of {', '.join(FUNCTION_DOCS)}; got {doc!r}")
     extra = f" Do not use {', '.join(banned)}." if banned else ""
-    doc = FUNCTION_DOCS[doc].format(n=n_train, d=n_features, k=n_classes, k1=n_classes - 1, extra=extra)
-    return "def build_model(x_train: np.ndarray, y_train: np.ndarray):\n" + doc
+    text = FUNCTION_DOCS[doc].format(n=n_train, d=n_features, k=n_classes, k1=n_classes - 1, extra=extra)
+    return "def build_model(x_train: np.ndarray, y_train: np.ndarray):\n" + text
 
 
 # Worked examples of the few-shot styles, on invented datasets that are not in the benchmark. Short on purpose:
@@ -134,10 +136,32 @@ def _body(*lines: str) -> str:
     return "\n".join("    " + line if line else "" for line in lines)
 
 
-#: the few-shot examples of each style, in prompt order (the first ``n_few_shot`` not named like the task are used)
-FEW_SHOT_SETS: dict[str, tuple[WorkedExample, ...]] = {
-    # the style measured in docs/results/cpu (kept byte-identical for comparability)
-    "few_shot_v1": (
+@dataclass(frozen=True)
+class PromptStyle:
+    """A ``prompt_style``: the worked examples put before the task (in order; the first ``n_few_shot`` not named
+    like the task are used) and the function docstring of every stub (a key of ``FUNCTION_DOCS``)."""
+
+    examples: tuple[WorkedExample, ...]
+    function_doc: str
+
+
+def _fit_and_return(module: str, cls: str) -> str:
+    # No hyperparameters: a small model copies an example's arguments onto whatever class it picks
+    # (``RandomForestClassifier(max_iter=1000)``), and every scikit-learn classifier accepts none. The estimator is
+    # ``clf``: after ``model = `` SmolLM2 tends to write ``build_model(...)`` (a recursive call).
+    return _body(f"from {module} import {cls}", f"clf = {cls}()", "clf.fit(x_train, y_train)", "return clf")
+
+
+STYLES: dict[str, PromptStyle] = {
+    # the bare stub, as the paper
+    "paper": PromptStyle((), "v1"),
+    # two worked examples (measured in docs/results/base_rate.md)
+    "few_shot": PromptStyle((
+        WorkedExample(**_PENGUINS, body=_fit_and_return("sklearn.linear_model", "LogisticRegression")),
+        WorkedExample(**_BANK, body=_fit_and_return("sklearn.ensemble", "RandomForestClassifier")),
+    ), "fit"),
+    # the earlier few-shot prompt, byte for byte: docs/results/cpu and the "before" numbers were measured with it
+    "few_shot_v1": PromptStyle((
         WorkedExample(**_PENGUINS, body=_body(
             "from sklearn.linear_model import LogisticRegression", "model = LogisticRegression(max_iter=1000)",
             "model.fit(x_train, y_train)", "return model")),
@@ -148,55 +172,23 @@ FEW_SHOT_SETS: dict[str, tuple[WorkedExample, ...]] = {
             "from sklearn.ensemble import HistGradientBoostingClassifier", "",
             "model = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.1, random_state=0)",
             "model.fit(x_train, y_train)", "return model")),
-    ),
-    # variant: the fitted estimator is called ``clf`` (``model = `` invites ``build_model(...)``), no hyperparameters
-    "few_shot_clf": (
-        WorkedExample(**_PENGUINS, body=_body(
-            "from sklearn.linear_model import LogisticRegression", "clf = LogisticRegression()",
-            "clf.fit(x_train, y_train)", "return clf")),
-        WorkedExample(**_BANK, body=_body(
-            "from sklearn.ensemble import RandomForestClassifier", "clf = RandomForestClassifier()",
-            "clf.fit(x_train, y_train)", "return clf")),
-    ),
-    # variant: as few_shot_clf, both examples from sklearn.ensemble
-    "few_shot_ens": (
-        WorkedExample(**_PENGUINS, body=_body(
-            "from sklearn.ensemble import ExtraTreesClassifier", "clf = ExtraTreesClassifier()",
-            "clf.fit(x_train, y_train)", "return clf")),
-        WorkedExample(**_BANK, body=_body(
-            "from sklearn.ensemble import RandomForestClassifier", "clf = RandomForestClassifier()",
-            "clf.fit(x_train, y_train)", "return clf")),
-    ),
-    # variant: as few_shot_clf with the function docstring "fit"
-    "few_shot_doc": None,
-    # variant: one-line fit-and-return (with the function docstring "fit")
-    "few_shot_ret": (
-        WorkedExample(**_PENGUINS, body=_body(
-            "from sklearn.linear_model import LogisticRegression",
-            "return LogisticRegression().fit(x_train, y_train)")),
-        WorkedExample(**_BANK, body=_body(
-            "from sklearn.ensemble import RandomForestClassifier",
-            "return RandomForestClassifier().fit(x_train, y_train)")),
-    ),
+    ), "v1"),
 }
-FEW_SHOT_SETS["few_shot_doc"] = FEW_SHOT_SETS["few_shot_clf"]
-FEW_SHOT_SETS["few_shot"] = FEW_SHOT_SETS["few_shot_v1"]
 
 #: every accepted ``prompt_style``
-PROMPT_STYLES: tuple[str, ...] = ("paper",) + tuple(FEW_SHOT_SETS)
+PROMPT_STYLES: tuple[str, ...] = tuple(STYLES)
 
-#: the examples of the default few-shot style, by name (what earlier versions exported)
-FEW_SHOT_EXAMPLES: dict[str, WorkedExample] = {ex.name: ex for ex in FEW_SHOT_SETS["few_shot"]}
+#: the examples of the default few-shot style, by name
+FEW_SHOT_EXAMPLES: dict[str, WorkedExample] = {ex.name: ex for ex in STYLES["few_shot"].examples}
 
 
-def _few_shot_prefix(style: str, dataset_name: str, n_examples: int, banned, doc: str) -> str:
-    chosen = [ex for ex in FEW_SHOT_SETS[style] if ex.name != dataset_name][:n_examples]
+def _few_shot_prefix(style: PromptStyle, dataset_name: str, n_examples: int, banned) -> str:
+    chosen = [ex for ex in style.examples if ex.name != dataset_name][:n_examples]
     blocks = []
     for ex in chosen:
         header = _module_doc(ex.name, ex.description, ex.features, ex.target, ex.classes, compact=True)
-        blocks.append(
-            header + "\n\n" + stub(ex.n_train, len(ex.features), len(ex.classes), banned, doc) + "\n" + ex.body + "\n"
-        )
+        blocks.append(header + "\n\n" + stub(ex.n_train, len(ex.features), len(ex.classes), banned, style.function_doc)
+                      + "\n" + ex.body + "\n")
     return "\n\n".join(blocks) + ("\n\n" if blocks else "")
 
 
@@ -213,15 +205,15 @@ def task_prompt(
     banned=("GridSearchCV",),
 ) -> str:
     """The initial observation of an episode (see the module docstring)."""
-    if style not in PROMPT_STYLES:
+    if style not in STYLES:
         raise ValueError(f"prompt_style must be one of {', '.join(PROMPT_STYLES)}; got {style!r}")
-    few_shot = style != "paper"
-    doc = _STYLE_FUNCTION_DOC.get(style, "v1")
+    chosen = STYLES[style]
+    few_shot = bool(chosen.examples)
     body = _module_doc(name, description, feature_names, target, class_names, compact=few_shot) + "\n\n" + stub(
-        n_train, len(feature_names), len(class_names), banned, doc
+        n_train, len(feature_names), len(class_names), banned, chosen.function_doc
     )
     if few_shot:
-        return _few_shot_prefix(style, name, n_few_shot, banned, doc) + body
+        return _few_shot_prefix(chosen, name, n_few_shot, banned) + body
     return body
 
 
