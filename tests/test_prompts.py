@@ -119,7 +119,7 @@ def test_error_hints(error, expected):
     assert error_hint(error) == expected
 
 
-def test_reflection_prompt_shows_the_attempt_as_a_comment_with_its_error_and_hint():
+def test_reflection_prompt_puts_the_attempt_as_a_comment_before_the_task():
     task = DataScienceEnv("breast_cancer", prompt_style="few_shot").prompt
     code = ("import numpy as np\n\n\ndef build_model(x_train: np.ndarray, y_train: np.ndarray):\n"
             "    from sklearn.ensemble import RandomForestClassifier\n    clf = RandomForestClassifier(max_iter=1000)\n"
@@ -127,16 +127,19 @@ def test_reflection_prompt_shows_the_attempt_as_a_comment_with_its_error_and_hin
     error = ('  File "<generated>", line 6, in build_model\n    clf = RandomForestClassifier(max_iter=1000)\n'
              "TypeError: RandomForestClassifier.__init__() got an unexpected keyword argument 'max_iter'")
     obs = reflection_prompt(task, code, "unused", error)
-    # the same head as the task prompt (shared prefix), and the same open stub at the end
-    head = task[: task.rfind("def build_model(")]
-    assert obs.startswith(head.rstrip("\n")) and obs.endswith(task[task.rfind("def build_model(") :])
-    shown = obs[len(head.rstrip("\n")) : obs.rfind("def build_model(")]
-    assert "#     clf = RandomForestClassifier(max_iter=1000)" in shown
-    assert all(line.startswith("#") for line in shown.strip("\n").splitlines())  # nothing to copy as code
-    assert "# TypeError: RandomForestClassifier.__init__() got an unexpected keyword argument 'max_iter'" in shown
-    assert "# Hint: RandomForestClassifier has no parameter max_iter: remove it." in shown
+    # the worked examples first (a prefix shared with the task prompt), the whole task (docstring + open stub) last
+    cut = task.rfind('"""Dataset: breast_cancer')
+    examples, target = task[:cut], task[cut:]
+    assert obs.startswith(examples) and obs.endswith("\n\n\n" + target)
+    feedback = obs[len(examples) : len(obs) - len(target)]
+    assert "#     clf = RandomForestClassifier(max_iter=1000)" in feedback
+    assert all(line.startswith("#") for line in feedback.strip("\n").splitlines())  # nothing to copy as code
+    assert "# TypeError: RandomForestClassifier.__init__() got an unexpected keyword argument 'max_iter'" in feedback
+    assert "# Hint: RandomForestClassifier has no parameter max_iter: remove it." in feedback
     assert open_stubs(obs) == open_stubs(task)
-    # an answer without usable code is shown as a (shortened) comment
-    obs = reflection_prompt(task, None, "I would use\n" * 40, "no valid Python code was found in the answer")
-    shown = obs[len(head.rstrip("\n")) : obs.rfind("def build_model(")]
-    assert shown.count("# I would use") == 12 and "# [...]" in shown
+    # an answer without usable code is shown as a (shortened) comment; a bare stub gets the feedback first
+    paper = DataScienceEnv("iris", prompt_style="paper").prompt
+    obs = reflection_prompt(paper, None, "I would use\n" * 40, "no valid Python code was found in the answer")
+    assert obs.startswith("# I would use\n") and obs.endswith("\n\n\n" + paper)
+    assert obs.count("# I would use") == 10 and "# [...]" in obs
+    assert "# Hint: write the Python code of the function body only." in obs
