@@ -67,10 +67,11 @@ class ScriptedGeneration:
 
 class ScriptedPolicy:
     def __init__(self, first: list[str], second: str):
-        self.first, self.second, self.calls, self.prompts = list(first), second, 0, []
+        self.first, self.second, self.calls, self.prompts, self.rng_states = list(first), second, 0, [], []
 
     def __call__(self, prompts, generation):
         self.prompts.append(list(prompts))
+        self.rng_states.append(torch.random.get_rng_state())
         texts = []
         for prompt in prompts:
             reflection = "# Fix the problem" in prompt
@@ -128,8 +129,9 @@ def test_counts_are_the_environment_results_with_a_scripted_policy(pool):
 def test_replay_steps_the_same_first_attempts_again(pool):
     from datamodules.rollout import GenerationConfig
 
-    first = base_rate.measure(ScriptedPolicy([WRONG_ARGUMENT, RUNS], second=NOT_CODE), lambda: make_env(pool, max_steps=2),
-                              GenerationConfig(), n=4, batch_size=4, second_attempt=True)
+    original = ScriptedPolicy([WRONG_ARGUMENT, RUNS], second=NOT_CODE)
+    first = base_rate.measure(original, lambda: make_env(pool, max_steps=2), GenerationConfig(), n=4, batch_size=4,
+                              second_attempt=True)
     assert [r["status"] for r in first if r["attempt"] == 2] == ["invalid-output"] * 2
     never = ScriptedPolicy(["unused"], second=RUNS)  # must only be asked for second attempts
     again = base_rate.measure(never, lambda: make_env(pool, max_steps=2), GenerationConfig(), n=10, batch_size=4,
@@ -137,6 +139,8 @@ def test_replay_steps_the_same_first_attempts_again(pool):
     strip = lambda rows: [{k: r[k] for k in ("sample", "status", "reward", "text")} for r in rows if r["attempt"] == 1]  # noqa: E731
     assert strip(again) == strip(first) and len(strip(again)) == 4
     assert [r["status"] for r in again if r["attempt"] == 2] == ["ok", "ok"] and never.calls == 0
+    # the replay's second attempts are not drawn with the random numbers that drew the replayed first attempts
+    assert not torch.equal(never.rng_states[0], original.rng_states[0])
     with pytest.raises(ValueError, match="another task prompt"):
         base_rate.measure(never, lambda: DataScienceEnv("wine", prompt_style="few_shot", n_splits=1, pool=pool),
                           GenerationConfig(), n=4, replay=first)

@@ -17,7 +17,8 @@ run again instead of sampling new ones (same task prompt, checked): with ``--sec
 reflection prompts on the same failures.
 
 Reproducible: batch ``b`` samples after ``torch.manual_seed(seed * 100003 + b)`` (second attempts continue that
-stream), so a measurement is a function of its options (and of torch's CPU kernels).
+stream; a replay's second attempts start from ``seed * 100003 + b + REPLAY_STREAM``, never from the stream that drew
+the replayed first attempts), so a measurement is a function of its options (and of torch's CPU kernels).
 
 Defaults are the quickstart's (configs/quickstart.yaml): SmolLM2-135M-Instruct from the offline GGUF,
 temperature 0.5, top-k 50, 128 new tokens, the stop strings at the next top-level block, 5 validation splits,
@@ -50,6 +51,8 @@ __all__ = ["wilson_interval", "failure_kind", "first_error_line", "measure", "su
 
 #: the quickstart's stop strings: a new top-level block after the function body (configs/quickstart.yaml)
 QUICKSTART_STOP_STRINGS = ["\ndef ", '\n"""', "\nclass ", "\nif __name__"]
+#: offset of the random stream of a replay's second attempts (see :func:`measure`)
+REPLAY_STREAM = 1_000_000_007
 #: the bins of the printed reward distribution (-1 is every failure)
 REWARD_BINS = (0.5, 0.8, 0.9, 0.95, 0.99)
 
@@ -149,7 +152,9 @@ def measure(
         for batch, start in enumerate(range(0, n, batch_size)):
             size = min(batch_size, n - start)
             idx = list(range(size))
-            torch.manual_seed(seed * 100003 + batch)
+            # A replay draws its second attempts from a stream of their own: with the first attempts' seed the
+            # same random draws would pick nearly the same tokens again, repeating the very samples that failed.
+            torch.manual_seed(seed * 100003 + batch + (REPLAY_STREAM if replay is not None else 0))
             prompts, _ = vec.reset(indices=idx)
             t0 = time.monotonic()
             if replay is None:
