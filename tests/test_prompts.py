@@ -119,7 +119,7 @@ def test_error_hints(error, expected):
     assert error_hint(error) == expected
 
 
-def test_reflection_prompt_puts_the_attempt_as_a_comment_before_the_task():
+def test_reflection_prompt_is_the_feedback_as_comments_then_the_task_unchanged():
     task = DataScienceEnv("breast_cancer", prompt_style="few_shot").prompt
     code = ("import numpy as np\n\n\ndef build_model(x_train: np.ndarray, y_train: np.ndarray):\n"
             "    from sklearn.ensemble import RandomForestClassifier\n    clf = RandomForestClassifier(max_iter=1000)\n"
@@ -127,17 +127,16 @@ def test_reflection_prompt_puts_the_attempt_as_a_comment_before_the_task():
     error = ('  File "<generated>", line 6, in build_model\n    clf = RandomForestClassifier(max_iter=1000)\n'
              "TypeError: RandomForestClassifier.__init__() got an unexpected keyword argument 'max_iter'")
     obs = reflection_prompt(task, code, "unused", error)
-    # the worked examples first (a prefix shared with the task prompt), the whole task (docstring + open stub) last
-    cut = task.rfind('"""Dataset: breast_cancer')
-    examples, target = task[:cut], task[cut:]
-    assert obs.startswith(examples) and obs.endswith("\n\n\n" + target)
-    feedback = obs[len(examples) : len(obs) - len(target)]
+    # what the first attempt saw comes last, unchanged: the examples and the task up to its open stub
+    assert obs.endswith("\n\n\n" + task)
+    feedback = obs[: len(obs) - len(task)]
     assert "#     clf = RandomForestClassifier(max_iter=1000)" in feedback
     assert all(line.startswith("#") for line in feedback.strip("\n").splitlines())  # nothing to copy as code
     assert "# TypeError: RandomForestClassifier.__init__() got an unexpected keyword argument 'max_iter'" in feedback
     assert "# Hint: RandomForestClassifier has no parameter max_iter: remove it." in feedback
+    assert "import numpy as np" not in feedback
     assert open_stubs(obs) == open_stubs(task)
-    # an answer without usable code is shown as a (shortened) comment; a bare stub gets the feedback first
+    # an answer without usable code is shown as a (shortened) comment
     paper = DataScienceEnv("iris", prompt_style="paper").prompt
     obs = reflection_prompt(paper, None, "I would use\n" * 40, "no valid Python code was found in the answer")
     assert obs.startswith("# I would use\n") and obs.endswith("\n\n\n" + paper)

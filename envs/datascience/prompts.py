@@ -252,29 +252,24 @@ def error_hint(error: str) -> str | None:
 
 
 def reflection_prompt(task: str, previous_code: str | None, previous_answer: str, error: str) -> str:
-    """Observation after a failed step: the task prompt with, just before the task's own module docstring, the
-    previous code (or answer) and its error as comments and a one-line hint.
+    """Observation after a failed step: the previous code (or answer) and its error as comments with a one-line
+    hint, then the task prompt again, unchanged.
 
-    ``task`` is the episode's initial prompt. Everything of it is kept: the worked examples first (a prefix shared
-    with the task prompt), then the feedback, then the task's docstring and open stub, so that the prompt again
-    ends inside an open function body (right after the docstring, no trailing newline) and what precedes the
-    stub looks as it did at the first attempt. The failed attempt is a comment, not code: small models copy the
-    code nearest to the open stub, which should be the worked examples, not the attempt that failed (measured in
-    docs/results/base_rate.md). ``error`` is shown as the env summarised it, then the :func:`error_hint` of
-    known errors.
+    ``task`` is the episode's initial prompt, so the prompt again ends inside the open function body (right after
+    the docstring, no trailing newline) and everything between the feedback and the open stub -- the worked
+    examples and the task -- is what the first attempt saw. Why this order and comments: small models copy the
+    code nearest to the open stub; shown there (as code or as a comment), the failed attempt was copied back
+    nearly verbatim, and second attempts ran far less often than fresh first attempts (docs/results/base_rate.md).
+    ``error`` is shown as the env summarised it, then the :func:`error_hint` of known errors.
     """
-    cut = task.rfind('"""Dataset: ')
-    if cut < 0:  # not a prompt of task_prompt(): put the feedback before its last stub
-        cut = task.rfind("def build_model(")
-    head, target = task[:cut], task[cut:]
     if previous_code is not None:
         # at most 10 lines: enough for a short body, and a runaway answer is not worth its tokens
         shown = _as_comment(previous_code.replace("import numpy as np\n", "", 1).strip("\n"), max_lines=10)
-        what = "This build_model for the task below failed"
+        what = "This build_model for the task at the end failed"
     else:
         shown = _as_comment(previous_answer, max_lines=10)
-        what = "This answer for the task below is not a usable build_model function"
+        what = "This answer for the task at the end is not a usable build_model function"
     message = _as_comment(error, max_lines=15)
     hint = error_hint(error)
     advice = f"# Hint: {hint}\n" if hint else ""
-    return f"{head}{shown}\n# {what}:\n{message}\n{advice}# Fix the problem and write build_model again.\n\n\n{target}"
+    return f"{shown}\n# {what}:\n{message}\n{advice}# Fix the problem and write build_model again.\n\n\n{task}"
