@@ -10,16 +10,32 @@ single token, so a prompt ending in a bare ``"\\n"`` leaves the model at column 
 module-level code; ending on the ``\"\"\"`` line lets its first token be ``"\\n    "``, the natural
 continuation of a function body.
 
-Styles: ``"paper"`` is the bare stub (as the paper); ``"few_shot"`` puts complete worked examples on other
-(invented, non-benchmark) datasets before the stub, which small models copy, and keeps every module docstring to
-one sentence without the column list. Measured with SmolLM2-135M (temperature 0.5, top-k 50, 16 samples each,
-stop strings at the next top-level block, breast_cancer): the earlier long few-shot prompt (849 tokens, column
-lists) gave 2/16 runnable answers; a compact variant (one-sentence module docstrings, one-line function docstring,
-374 tokens) gave 3/16 -- no better within noise, but about half the prompt, which halves generation and update
-cost on a CPU. This style follows that variant and keeps the full function docstring. The project's measurement with
-the offline default model (SmolLM2-135M, reported in the envs issue): the bare stub gave 0/160 runnable answers,
-a two-example few-shot prompt 11/20. The reflection prompt (after a failed step) shows the previous code and
-the error, then opens a fresh stub.
+Styles (:data:`STYLES`): ``"paper"`` is the bare stub (as the paper). ``"few_shot"`` puts two complete worked
+examples on invented (non-benchmark) datasets before the stub, which small models copy, and keeps every module
+docstring to one sentence without the column list. ``"few_shot_v1"`` is the earlier few-shot prompt, byte for byte
+(docs/results/cpu was measured with it).
+
+Measured with ``tools/base_rate.py`` (docs/results/base_rate.md): SmolLM2-135M-Instruct, untrained, the quickstart's
+sampling (temperature 0.5, top-k 50, 128 new tokens, stop strings at the next top-level block), breast_cancer,
+runnable first attempts (95 % Wilson interval):
+
+* ``few_shot_v1`` (534 tokens): 5/64 = 7.8 % [3.4, 17.0]. Its failures: ``model = build_model(...)`` (recursion or
+  an invented ``build_model_xyz``), the penguins example's ``max_iter=1000`` copied onto RandomForestClassifier,
+  LinearRegression (no predict_proba), long runs of invented imports after "Import the modules you need".
+* estimator named ``clf`` and no hyperparameters in the examples (``RandomForestClassifier()``: every
+  scikit-learn classifier accepts no arguments, so a copied call runs whatever class it is pasted onto): 22/64 =
+  34.4 % [23.9, 46.6].
+* ``few_shot`` = that, plus the function docstring "Fit a scikit-learn classifier on x_train, y_train and return
+  it." (516 tokens): 31/64 = 48.4 % [36.6, 60.4] (seed 0) and 37/64 = 57.8 % [45.6, 69.1] (seed 1).
+* one-line ``return RandomForestClassifier().fit(x_train, y_train)`` examples (502 tokens): 24/64 = 37.5 %
+  [26.7, 49.7] -- the model then often returns an unfitted classifier.
+
+The reflection prompt (after a failed step) shows the previous code and the error as comments with a one-line hint
+derived from the error text alone (:func:`error_hint`), then the task prompt again, unchanged. Second attempts
+that ran, on the failures of the first attempts: the earlier layout (the failed code as code after the task's
+docstring, then a fresh stub) 1/59 = 1.7 % [0.3, 9.0]; the feedback as comments between the examples and the task
+1/27 = 3.7 % [0.7, 18.3] (the failed attempt, next to the stub, is copied back); the feedback first, then the task
+unchanged: 14/27 = 51.9 % [34.0, 69.3] (seed 1).
 """
 
 from __future__ import annotations
