@@ -22,7 +22,8 @@ the replayed first attempts), so a measurement is a function of its options (and
 
 Defaults are the quickstart's (configs/quickstart.yaml): SmolLM2-135M-Instruct from the offline GGUF,
 temperature 0.5, top-k 50, 128 new tokens, the stop strings at the next top-level block, 5 validation splits,
-20 s per evaluation. Example (about 5-10 min on 2 CPU cores)::
+20 s per evaluation. Example (about 5-10 min on 2 CPU cores; on a machine shared with other jobs ``--threads 1``
+avoids OpenMP spin-waiting, which made single batches 10x slower)::
 
     python tools/base_rate.py --dataset breast_cancer --prompt-style few_shot --n 64 --second-attempt \\
         --out runs/base_rate/breast_cancer_few_shot.jsonl --summary-jsonl docs/results/base_rate.jsonl
@@ -143,7 +144,7 @@ def measure(
         raise ValueError("--second-attempt needs environments with max_steps >= 2 and reflection=True")
     if replay is not None:
         task = prompt_digest(envs[0].reset()[0])
-        if any(r["prompt_sha256"] != task for r in replay):
+        if any(r.get("prompt_sha256") != task for r in replay):
             raise ValueError("the replayed first attempts were sampled from another task prompt "
                              "(dataset, prompt style or prompt text differ)")
     vec = TextVectorEnv(envs)
@@ -365,6 +366,8 @@ def main(argv: Sequence[str] | None = None, backbone=None) -> dict:
 
     replay = None
     if args.replay:
+        if not Path(args.replay).is_file():
+            raise SystemExit(f"--replay: no samples file {args.replay!r} (a JSONL written by an earlier run's --out)")
         replay = [json.loads(line) for line in Path(args.replay).read_text().splitlines() if line.strip()]
     out = Path(args.out) if args.out else REPO / "runs" / "base_rate" / f"{label}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
