@@ -3,14 +3,14 @@
 ``envs.base``: :class:`TextEnv`, :class:`TextVectorEnv`; ``envs.toy``: :class:`TargetCharsEnv`;
 ``envs.isolation``: generic process isolation for untrusted code (:class:`envs.isolation.SandboxPool`);
 ``envs.datascience``: :class:`DataScienceEnv`, its datasets and the scoring of generated scikit-learn code in the
-sandbox (``envs.sandbox`` keeps the earlier names: ``SandboxPool`` = the model-scoring pool).
+sandbox (:mod:`envs.datascience.evaluation`).
 The data-science names are imported lazily so that ``import envs`` stays light (no pandas/scikit-learn).
 """
 
 from .base import EpisodeOverError, TextEnv, TextVectorEnv
 from .toy import TargetCharsEnv
 
-__all__ = ["TextEnv", "TextVectorEnv", "EpisodeOverError", "TargetCharsEnv", "DataScienceEnv", "SandboxPool"]
+__all__ = ["TextEnv", "TextVectorEnv", "EpisodeOverError", "TargetCharsEnv", "DataScienceEnv"]
 
 
 def __getattr__(name: str):
@@ -18,8 +18,4 @@ def __getattr__(name: str):
         from .datascience import DataScienceEnv
 
         return DataScienceEnv
-    if name == "SandboxPool":
-        from .sandbox import SandboxPool
-
-        return SandboxPool
     raise AttributeError(f"module 'envs' has no attribute {name!r}")

@@ -159,7 +159,7 @@ def test_envs_package_never_imports_torch():
 def test_import_envs_does_not_load_torch():
     import subprocess
 
-    code = "import sys, envs, envs.datascience, envs.sandbox; print('torch' in sys.modules)"
+    code = "import sys, envs, envs.datascience, envs.datascience.evaluation, envs.isolation; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "False"

@@ -15,7 +15,7 @@ from sklearn.preprocessing import StandardScaler
 from envs import TextVectorEnv
 from envs.datascience import DataScienceEnv, load_dataset
 from envs.datascience.env import make_splits, roc_auc, summarize_error
-from envs.sandbox import get_default_pool
+from envs.datascience.evaluation import get_default_pool
 
 LR_BODY = (
     "\n    from sklearn.linear_model import LogisticRegression\n"
@@ -55,8 +55,10 @@ def test_prompt_shape_and_ending():
     assert obs.endswith('    """') and not obs.endswith("\n")
     few = make_env("breast_cancer", prompt_style="few_shot")
     fobs, _ = few.reset()
-    assert fobs.endswith(obs.split("def build_model", 1)[1][-200:])
-    assert fobs.count("def build_model") == 3 and fobs.count("return model") == 2
+    # the same shape line as the bare stub (the docstring's wording is the style's own)
+    shape_line = next(line for line in obs.splitlines() if "x_train: float array" in line)
+    assert fobs.endswith(shape_line + "\n    The classifier must have predict_proba(x). Do not use GridSearchCV.\n    \"\"\"")
+    assert fobs.count("def build_model") == 3 and fobs.count("    return clf") == 2
     assert "Dataset: penguins" in fobs and "Dataset: breast_cancer" in fobs
     with pytest.raises(ValueError):
         make_env("breast_cancer", prompt_style="chatty")
@@ -115,11 +117,11 @@ def test_failure_gives_reflection_then_truncation(pool):
     assert reward == -1.0 and not terminated and not truncated
     assert info["status"] == "error" and "deliberate failure 123" in info["error"]
     assert info["auc"] is None and info["steps"] == 1
-    # the reflection prompt shows the previous code and the error, and opens a fresh function
-    assert "raise RuntimeError('deliberate failure 123')" in obs
+    # the reflection prompt shows the previous code (as a comment) and the error, and opens a fresh function
+    assert "#     raise RuntimeError('deliberate failure 123')" in obs
     assert "deliberate failure 123" in obs.split("raise RuntimeError")[-1]
     assert obs.endswith('    """') and not obs.endswith("\n")
-    assert obs.count("def build_model") == 2
+    assert obs.count("\ndef build_model") == 1 and obs.count("# def build_model") == 1
     obs, reward, terminated, truncated, info = env.step("this is not code at all")
     assert info["status"] == "invalid-output" and reward == -1.0
     assert truncated is True and terminated is False and info["steps"] == 2

@@ -120,7 +120,7 @@ def test_seccomp_program_shape():
 
 
 def test_generic_isolation_module_knows_nothing_of_scikit_learn():
-    """envs/sandbox.py and the worker are task-agnostic: the scikit-learn evaluation lives in envs/datascience."""
+    """envs/isolation/ (pool and worker) is task-agnostic: the scikit-learn evaluation lives in envs/datascience."""
     for path in sorted((REPO / "envs" / "isolation").glob("*.py")):
         text = path.read_text()
         for word in ("sklearn", "predict_proba", "build_model", "x_train", "scikit"):
@@ -902,19 +902,6 @@ def _descendants(root: int) -> list[int]:
         out.append(pid)
         todo.extend(children.get(pid, []))
     return out
-
-
-def test_the_earlier_names_still_work():
-    """envs.sandbox keeps the pre-split API for existing code: SandboxPool(...).evaluate(...), get_default_pool()."""
-    import envs
-    from envs.sandbox import SandboxPool as Legacy
-    from envs.sandbox import get_default_pool as legacy_default
-    from envs.sandbox import validate_proba as legacy_validate
-
-    assert Legacy is ModelSandbox and envs.SandboxPool is ModelSandbox and legacy_validate is validate_proba
-    assert isinstance(legacy_default(), ModelSandbox)
-    with Legacy(n_workers=1, isolation="rlimits") as p:
-        assert run(p, GOOD, timeout=30).status == "ok"
 
 
 def test_model_task_is_what_the_env_uses():

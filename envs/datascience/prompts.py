@@ -1,4 +1,4 @@
-"""Prompts of the data-science environment (docs/etpo-method.md section 7), in the project's own words.
+"""Prompts of the data-science environment (docs/method.md section 13), in the project's own words.
 
 A task prompt is a Python stub: a module docstring naming the dataset with its description and columns,
 ``import numpy as np``, and ``def build_model(x_train: np.ndarray, y_train: np.ndarray):`` with a docstring that
@@ -10,30 +10,59 @@ single token, so a prompt ending in a bare ``"\\n"`` leaves the model at column 
 module-level code; ending on the ``\"\"\"`` line lets its first token be ``"\\n    "``, the natural
 continuation of a function body.
 
-Styles: ``"paper"`` is the bare stub (as the paper); ``"few_shot"`` puts complete worked examples on other
-(invented, non-benchmark) datasets before the stub, which small models copy, and keeps every module docstring to
-one sentence without the column list. Measured with SmolLM2-135M (temperature 0.5, top-k 50, 16 samples each,
-stop strings at the next top-level block, breast_cancer): the earlier long few-shot prompt (849 tokens, column
-lists) gave 2/16 runnable answers; a compact variant (one-sentence module docstrings, one-line function docstring,
-374 tokens) gave 3/16 -- no better within noise, but about half the prompt, which halves generation and update
-cost on a CPU. This style follows that variant and keeps the full function docstring. The project's measurement with
-the offline default model (SmolLM2-135M, reported in the envs issue): the bare stub gave 0/160 runnable answers,
-a two-example few-shot prompt 11/20. The reflection prompt (after a failed step) shows the previous code and
-the error, then opens a fresh stub.
+Styles (:data:`STYLES`): ``"paper"`` is the bare stub (as the paper). ``"few_shot"`` puts two complete worked
+examples on invented (non-benchmark) datasets before the stub, which small models copy, and keeps every module
+docstring to one sentence without the column list. ``"few_shot_v1"`` is the earlier few-shot prompt, byte for byte
+(docs/results/cpu was measured with it).
+
+Measured with ``tools/base_rate.py`` (docs/results/base_rate.md): SmolLM2-135M-Instruct, untrained, the quickstart's
+sampling (temperature 0.5, top-k 50, 128 new tokens, stop strings at the next top-level block), breast_cancer,
+runnable first attempts (95 % Wilson interval):
+
+* ``few_shot_v1`` (534 tokens): 5/64 = 7.8 % [3.4, 17.0]. Its failures: ``model = build_model(...)`` (recursion or
+  an invented ``build_model_xyz``), the penguins example's ``max_iter=1000`` copied onto RandomForestClassifier,
+  LinearRegression (no predict_proba), long runs of invented imports after "Import the modules you need".
+* estimator named ``clf`` and no hyperparameters in the examples (``RandomForestClassifier()``: every
+  scikit-learn classifier accepts no arguments, so a copied call runs whatever class it is pasted onto): 22/64 =
+  34.4 % [23.9, 46.6].
+* ``few_shot`` = that, plus the function docstring "Fit a scikit-learn classifier on x_train, y_train and return
+  it." (516 tokens): 31/64 = 48.4 % [36.6, 60.4] (seed 0) and 37/64 = 57.8 % [45.6, 69.1] (seed 1).
+* one-line ``return RandomForestClassifier().fit(x_train, y_train)`` examples (502 tokens): 24/64 = 37.5 %
+  [26.7, 49.7] -- the model then often returns an unfitted classifier.
+
+The reflection prompt (after a failed step) shows the previous code and the error as comments with a one-line hint
+derived from the error text alone (:func:`error_hint`), then the task prompt again, unchanged. Second attempts
+that ran, one per failed first attempt: the earlier layout (the failed code as code after the task's docstring,
+then a fresh stub; after ``few_shot_v1``) 1/59 = 1.7 % [0.3, 9.0]; the feedback as comments between the examples
+and the task (after ``few_shot``) 1/27 = 3.7 % [0.7, 18.3] -- next to the stub, the failed attempt is copied back;
+the feedback first, then the task unchanged (after ``few_shot``, seeds 0 and 1): 29/60 = 48.3 % [36.2, 60.7].
 """
 
 from __future__ import annotations
 
 import re
 import textwrap
+from dataclasses import dataclass
 
-__all__ = ["task_prompt", "reflection_prompt", "stub", "FEW_SHOT_EXAMPLES", "clean_description"]
+__all__ = [
+    "task_prompt", "reflection_prompt", "stub", "clean_description", "error_hint", "WorkedExample", "PromptStyle",
+    "STYLES", "PROMPT_STYLES", "FEW_SHOT_EXAMPLES", "FUNCTION_DOCS",
+]
 
-_FUNCTION_DOC = '''    """Import the modules you need, then build and return a fitted scikit-learn classifier.
+# The function docstring of the stub. "fit": what to do with the data, in one sentence (the default few-shot style);
+# "v1": the earlier wording, whose "Import the modules you need" drew long runs of invented imports from SmolLM2.
+FUNCTION_DOCS: dict[str, str] = {
+    "fit": '''    """Fit a scikit-learn classifier on x_train, y_train and return it.
+
+    x_train: float array of shape ({n}, {d}); y_train: int array of shape ({n},) with labels 0..{k1} ({k} classes).
+    The classifier must have predict_proba(x).{extra}
+    """''',
+    "v1": '''    """Import the modules you need, then build and return a fitted scikit-learn classifier.
 
     x_train: float array of shape ({n}, {d}); y_train: int array of shape ({n},) with labels 0..{k1} ({k} classes).
     The returned model must implement predict_proba(x).{extra}
-    """'''
+    """''',
+}
 
 
 def clean_description(text: str, max_chars: int = 1200) -> str:
@@ -75,65 +104,107 @@ def _module_doc(name: str, description: str, feature_names, target: str, class_n
     return '"""' + "\n\n".join(parts) + '\n"""\nimport numpy as np\n'
 
 
-def stub(n_train: int, n_features: int, n_classes: int, banned=("GridSearchCV",)) -> str:
-    """The open function: header + docstring, ending at the closing quotes (no trailing newline)."""
+def stub(n_train: int, n_features: int, n_classes: int, banned=("GridSearchCV",), doc: str = "v1") -> str:
+    """The open function: header + docstring ``FUNCTION_DOCS[doc]``, ending at the closing quotes (no trailing
+    newline)."""
+    if doc not in FUNCTION_DOCS:
+        raise ValueError(f"function docstring must be one of {', '.join(FUNCTION_DOCS)}; got {doc!r}")
     extra = f" Do not use {', '.join(banned)}." if banned else ""
-    doc = _FUNCTION_DOC.format(n=n_train, d=n_features, k=n_classes, k1=n_classes - 1, extra=extra)
-    return "def build_model(x_train: np.ndarray, y_train: np.ndarray):\n" + doc
+    text = FUNCTION_DOCS[doc].format(n=n_train, d=n_features, k=n_classes, k1=n_classes - 1, extra=extra)
+    return "def build_model(x_train: np.ndarray, y_train: np.ndarray):\n" + text
 
 
-# Worked examples for the few-shot style, on invented datasets that are not in the benchmark. Short on
-# purpose: small models copy them nearly verbatim, so they must be correct, general and quick to fit.
-FEW_SHOT_EXAMPLES: dict[str, dict] = {
-    "penguins": dict(
-        description="Body measurements of penguins from three islands. Predict the species.",
-        features=["bill_length_mm", "bill_depth_mm", "flipper_length_mm", "body_mass_g"],
-        target="species",
-        classes=["Adelie", "Chinstrap", "Gentoo"],
-        n_train=166,
-        body="""\
-    from sklearn.linear_model import LogisticRegression
-    model = LogisticRegression(max_iter=1000)
-    model.fit(x_train, y_train)
-    return model""",
-    ),
-    "bank_marketing": dict(
-        description="Clients contacted by a bank's phone campaign. Predict whether the client subscribes to a term deposit.",
-        features=["age", "job", "marital", "education", "balance", "housing", "loan", "duration", "campaign", "previous"],
-        target="subscribed",
-        classes=["no", "yes"],
-        n_train=1000,
-        body="""\
-    from sklearn.ensemble import RandomForestClassifier
-    model = RandomForestClassifier(n_estimators=100)
-    model.fit(x_train, y_train)
-    return model""",
-    ),
-    "steel_plates": dict(
-        description="Geometry and luminosity measurements of steel plates. Predict the type of surface fault.",
-        features=["x_min", "x_max", "y_min", "y_max", "pixels_area", "perimeter", "luminosity", "thickness"],
-        target="fault",
-        classes=["bumps", "dirtiness", "k_scratch", "other", "pastry", "stains", "z_scratch"],
-        n_train=970,
-        body="""\
-    from sklearn.ensemble import HistGradientBoostingClassifier
+# Worked examples of the few-shot styles, on invented datasets that are not in the benchmark. Short on purpose:
+# small models copy them nearly verbatim, so they must be correct, general and quick to fit.
+@dataclass(frozen=True)
+class WorkedExample:
+    """One complete solved stub of a few-shot prompt: an invented dataset and a ``build_model`` body."""
 
-    model = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.1, random_state=0)
-    model.fit(x_train, y_train)
-    return model""",
-    ),
+    name: str
+    description: str
+    features: tuple[str, ...]
+    target: str
+    classes: tuple[str, ...]
+    n_train: int
+    body: str
+
+
+_PENGUINS = dict(
+    name="penguins", description="Body measurements of penguins from three islands. Predict the species.",
+    features=("bill_length_mm", "bill_depth_mm", "flipper_length_mm", "body_mass_g"), target="species",
+    classes=("Adelie", "Chinstrap", "Gentoo"), n_train=166,
+)
+_BANK = dict(
+    name="bank_marketing",
+    description="Clients contacted by a bank's phone campaign. Predict whether the client subscribes to a term deposit.",
+    features=("age", "job", "marital", "education", "balance", "housing", "loan", "duration", "campaign", "previous"),
+    target="subscribed", classes=("no", "yes"), n_train=1000,
+)
+_STEEL = dict(
+    name="steel_plates",
+    description="Geometry and luminosity measurements of steel plates. Predict the type of surface fault.",
+    features=("x_min", "x_max", "y_min", "y_max", "pixels_area", "perimeter", "luminosity", "thickness"),
+    target="fault", classes=("bumps", "dirtiness", "k_scratch", "other", "pastry", "stains", "z_scratch"), n_train=970,
+)
+
+
+def _body(*lines: str) -> str:
+    return "\n".join("    " + line if line else "" for line in lines)
+
+
+@dataclass(frozen=True)
+class PromptStyle:
+    """A ``prompt_style``: the worked examples put before the task (in order; the first ``n_few_shot`` not named
+    like the task are used) and the function docstring of every stub (a key of ``FUNCTION_DOCS``)."""
+
+    examples: tuple[WorkedExample, ...]
+    function_doc: str
+
+
+def _fit_and_return(module: str, cls: str) -> str:
+    # No hyperparameters: a small model copies an example's arguments onto whatever class it picks
+    # (``RandomForestClassifier(max_iter=1000)``), and every scikit-learn classifier accepts none. The estimator is
+    # ``clf``: after ``model = `` SmolLM2 tends to write ``build_model(...)`` (a recursive call).
+    return _body(f"from {module} import {cls}", f"clf = {cls}()", "clf.fit(x_train, y_train)", "return clf")
+
+
+STYLES: dict[str, PromptStyle] = {
+    # the bare stub, as the paper
+    "paper": PromptStyle((), "v1"),
+    # two worked examples (measured in docs/results/base_rate.md)
+    "few_shot": PromptStyle((
+        WorkedExample(**_PENGUINS, body=_fit_and_return("sklearn.linear_model", "LogisticRegression")),
+        WorkedExample(**_BANK, body=_fit_and_return("sklearn.ensemble", "RandomForestClassifier")),
+    ), "fit"),
+    # the earlier few-shot prompt, byte for byte: docs/results/cpu and the "before" numbers were measured with it
+    "few_shot_v1": PromptStyle((
+        WorkedExample(**_PENGUINS, body=_body(
+            "from sklearn.linear_model import LogisticRegression", "model = LogisticRegression(max_iter=1000)",
+            "model.fit(x_train, y_train)", "return model")),
+        WorkedExample(**_BANK, body=_body(
+            "from sklearn.ensemble import RandomForestClassifier", "model = RandomForestClassifier(n_estimators=100)",
+            "model.fit(x_train, y_train)", "return model")),
+        WorkedExample(**_STEEL, body=_body(
+            "from sklearn.ensemble import HistGradientBoostingClassifier", "",
+            "model = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.1, random_state=0)",
+            "model.fit(x_train, y_train)", "return model")),
+    ), "v1"),
 }
 
+#: every accepted ``prompt_style``
+PROMPT_STYLES: tuple[str, ...] = tuple(STYLES)
 
-def _few_shot_prefix(dataset_name: str, n_examples: int, banned) -> str:
-    chosen = [k for k in FEW_SHOT_EXAMPLES if k != dataset_name][:n_examples]
+#: the examples of the default few-shot style, by name
+FEW_SHOT_EXAMPLES: dict[str, WorkedExample] = {ex.name: ex for ex in STYLES["few_shot"].examples}
+
+
+def _few_shot_prefix(style: PromptStyle, dataset_name: str, n_examples: int, banned) -> str:
+    chosen = [ex for ex in style.examples if ex.name != dataset_name][:n_examples]
     blocks = []
-    for key in chosen:
-        ex = FEW_SHOT_EXAMPLES[key]
-        header = _module_doc(key, ex["description"], ex["features"], ex["target"], ex["classes"], compact=True)
-        blocks.append(
-            header + "\n\n" + stub(ex["n_train"], len(ex["features"]), len(ex["classes"]), banned) + "\n" + ex["body"] + "\n"
-        )
+    for ex in chosen:
+        header = _module_doc(ex.name, ex.description, ex.features, ex.target, ex.classes, compact=True)
+        blocks.append(header + "\n\n" + stub(ex.n_train, len(ex.features), len(ex.classes), banned, style.function_doc)
+                      + "\n" + ex.body + "\n")
     return "\n\n".join(blocks) + ("\n\n" if blocks else "")
 
 
@@ -150,13 +221,15 @@ def task_prompt(
     banned=("GridSearchCV",),
 ) -> str:
     """The initial observation of an episode (see the module docstring)."""
-    if style not in ("paper", "few_shot"):
-        raise ValueError(f"prompt_style must be 'paper' or 'few_shot', got {style!r}")
-    body = _module_doc(name, description, feature_names, target, class_names, compact=style == "few_shot") + "\n\n" + stub(
-        n_train, len(feature_names), len(class_names), banned
+    if style not in STYLES:
+        raise ValueError(f"prompt_style must be one of {', '.join(PROMPT_STYLES)}; got {style!r}")
+    chosen = STYLES[style]
+    few_shot = bool(chosen.examples)
+    body = _module_doc(name, description, feature_names, target, class_names, compact=few_shot) + "\n\n" + stub(
+        n_train, len(feature_names), len(class_names), banned, chosen.function_doc
     )
-    if style == "few_shot":
-        return _few_shot_prefix(name, n_few_shot, banned) + body
+    if few_shot:
+        return _few_shot_prefix(chosen, name, n_few_shot, banned) + body
     return body
 
 
@@ -167,21 +240,52 @@ def _as_comment(text: str, max_lines: int = 30, width: int = 160) -> str:
     return "\n".join(("# " + line[:width]).rstrip() for line in lines)
 
 
-def reflection_prompt(task: str, previous_code: str | None, previous_answer: str, error: str) -> str:
-    """Observation after a failed step: the previous code (or answer), the error, and a fresh open stub.
+# What the most common errors of small models mean, as one line of advice derived from the error text alone
+# (never from the task: the same error gets the same hint on every dataset). First match wins.
+_HINTS: tuple[tuple[re.Pattern, str], ...] = tuple((re.compile(p), h) for p, h in (
+    (r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", "{0} has no parameter {1}: remove it."),
+    (r"cannot import name '(\w+)' from '([\w.]+)'", "{1} has no {0}: import a class that exists."),
+    (r"No module named '([\w.]+)'", "{0} is not available: use scikit-learn."),
+    (r"RecursionError", "build_model must not call build_model: create a scikit-learn classifier instead."),
+    (r"name '(build_model\w*)' is not defined", "{0} does not exist: create a scikit-learn classifier instead."),
+    (r"name '(\w+)' is not defined", "{0} is not defined: import it inside build_model."),
+    (r"returned an? (\w+) object without a predict_proba method",
+     "{0} has no predict_proba: return a classifier that has one."),
+    (r"too many indices for array: array is 1-dimensional", "y_train is 1-dimensional: fit on x_train, y_train as they are."),
+    (r"never returns a model", "end build_model with a return of the fitted classifier."),
+    (r"no valid Python code|not valid Python", "write the Python code of the function body only."),
+    (r"timed out", "use a smaller or faster model."),
+))
 
-    ``task`` is the episode's initial prompt; its final stub is reused so that the prompt again ends inside
-    an open function body (right after the docstring, no trailing newline).
+
+def error_hint(error: str) -> str | None:
+    """One line of advice for a known kind of error (see ``_HINTS``), or None."""
+    for pattern, hint in _HINTS:
+        match = pattern.search(error or "")
+        if match:
+            return hint.format(*match.groups())
+    return None
+
+
+def reflection_prompt(task: str, previous_code: str | None, previous_answer: str, error: str) -> str:
+    """Observation after a failed step: the previous code (or answer) and its error as comments with a one-line
+    hint, then the task prompt again, unchanged.
+
+    ``task`` is the episode's initial prompt, so the prompt again ends inside the open function body (right after
+    the docstring, no trailing newline) and everything between the feedback and the open stub -- the worked
+    examples and the task -- is what the first attempt saw. Why this order and comments: small models copy the
+    code nearest to the open stub; shown there (as code or as a comment), the failed attempt was copied back
+    nearly verbatim, and second attempts ran far less often than fresh first attempts (docs/results/base_rate.md).
+    ``error`` is shown as the env summarised it, then the :func:`error_hint` of known errors.
     """
-    cut = task.rfind("def build_model(")
-    head, open_stub = task[:cut].rstrip("\n"), task[cut:]
     if previous_code is not None:
-        shown = previous_code.replace("import numpy as np\n", "", 1).strip("\n")
-        what = "The build_model above failed"
+        # at most 10 lines: enough for a short body, and a runaway answer is not worth its tokens
+        shown = _as_comment(previous_code.replace("import numpy as np\n", "", 1).strip("\n"), max_lines=10)
+        what = "This build_model for the task at the end failed"
     else:
-        shown = _as_comment(previous_answer)
-        what = "The answer above is not a usable build_model function"
+        shown = _as_comment(previous_answer, max_lines=10)
+        what = "This answer for the task at the end is not a usable build_model function"
     message = _as_comment(error, max_lines=15)
-    return (
-        f"{head}\n\n\n{shown}\n\n\n# {what}:\n{message}\n# Fix the problem and write build_model again.\n\n\n{open_stub}"
-    )
+    hint = error_hint(error)
+    advice = f"# Hint: {hint}\n" if hint else ""
+    return f"{shown}\n# {what}:\n{message}\n{advice}# Fix the problem and write build_model again.\n\n\n{task}"
