@@ -110,6 +110,9 @@ class RolloutStats:
     batch_avg_reward: list = field(default_factory=list)
     batch_runnable: list = field(default_factory=list)
     wall_time_s: float = 0.0
+    # the last batch's actions as the environments judged them ({env_index, episode_step, reward, status, error,
+    # text}): written to the run's samples.jsonl, so a batch's failures can be read afterwards
+    batch_samples: list = field(default_factory=list)
 
 
 class RolloutCollector:
@@ -151,6 +154,7 @@ class RolloutCollector:
         transitions: list[_Transition] = []
         last_of_env: dict[int, int] = {}
         version = policy.policy_version
+        self.stats.batch_samples = []
         for _ in range(self.steps_per_update):
             if self.exhausted:
                 break
@@ -170,6 +174,11 @@ class RolloutCollector:
                 ))
                 last_of_env[i] = len(transitions) - 1
                 self._track_best(float(rewards[i]), infos[i], gen.texts[i])
+                error = infos[i].get("error")
+                self.stats.batch_samples.append({
+                    "env_index": i, "episode_step": int(infos[i].get("steps", 0)), "reward": float(rewards[i]),
+                    "status": str(infos[i].get("status", "ok")), "error": None if error is None else str(error),
+                    "text": gen.texts[i]})
             self.stats.env_steps += self.num_envs
             done = [i for i in range(self.num_envs) if terminated[i] or truncated[i]]
             for i in done:

@@ -172,7 +172,8 @@ class _Checkpoint(ModelCheckpoint):
 
 class RunArtifacts(Callback):
     """Writes what a researcher wants next to the TensorBoard events: one ``history.jsonl`` line per rollout batch,
-    ``best_code.py`` whenever the best reward improves, the adapters, and ``summary.json`` (refreshed every batch,
+    the batch's actions with their reward, status and error in ``samples.jsonl`` (one line per action, tagged with
+    its batch), ``best_code.py`` whenever the best reward improves, the adapters, and ``summary.json`` (refreshed every batch,
     marked finished at the end)."""
 
     def __init__(self, run_dir: str | os.PathLike):
@@ -231,15 +232,16 @@ class RunArtifacts(Callback):
     def _trim_history(self) -> None:
         """After a crash between a batch's history line and its checkpoint, a resumed run redoes that batch: drop
         the lines of batches the checkpoint does not contain."""
-        path = self.run_dir / "history.jsonl"
-        if not path.is_file():
-            return
-        lines = path.read_text().splitlines()
-        keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("batch", 0) <= self._batches_written]
-        if len(keep) != len(lines):
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep))
-            tmp.replace(path)
+        for name in ("history.jsonl", "samples.jsonl"):
+            path = self.run_dir / name
+            if not path.is_file():
+                continue
+            lines = path.read_text().splitlines()
+            keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("batch", 0) <= self._batches_written]
+            if len(keep) != len(lines):
+                tmp = path.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(ln + "\n" for ln in keep))
+                tmp.replace(path)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         with _STOP.deferred():
@@ -257,6 +259,9 @@ class RunArtifacts(Callback):
                 "global_step": trainer.global_step}
         with open(self.run_dir / "history.jsonl", "a") as fh:
             fh.write(json.dumps(line) + "\n")
+        with open(self.run_dir / "samples.jsonl", "a") as fh:
+            for sample in stats.batch_samples:
+                fh.write(json.dumps({"batch": stats.updates, **sample}) + "\n")
         if stats.best_reward > self._best_written:
             self._best_written = stats.best_reward
             (self.run_dir / "best_code.py").write_text(
@@ -332,7 +337,7 @@ class ETPOCLI(LightningCLI):
             raise ValueError(f"run directory {run_dir} already holds checkpoints: pass --ckpt_path last to resume it, "
                              "or --run_dir NEW_DIR for a new run")
         if not resuming:
-            for stale in ("history.jsonl", "summary.json", "best_code.py"):
+            for stale in ("history.jsonl", "samples.jsonl", "summary.json", "best_code.py"):
                 (Path(run_dir) / stale).unlink(missing_ok=True)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:

@@ -303,6 +303,13 @@ def test_fit_cli_writes_a_complete_run_directory(tmp_path):
     credit = sorted((run / "credit").glob("step_*.html"))
     assert credit and "soft Q of taken token" in credit[0].read_text()
     assert len((run / "history.jsonl").read_text().splitlines()) == 2
+    # every action of every batch with what the environment made of it, matching the batch averages
+    samples = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
+    assert [s["batch"] for s in samples] == [1] * 8 + [2] * 8
+    for batch, avg in zip((1, 2), summary["batch_avg_reward"]):
+        rewards = [s["reward"] for s in samples if s["batch"] == batch]
+        assert abs(sum(rewards) / len(rewards) - avg) < 1e-9
+    assert all(isinstance(s["text"], str) and s["status"] for s in samples)
     from peft import PeftConfig
 
     assert PeftConfig.from_pretrained(str(run / "adapters" / "policy")).r == 4

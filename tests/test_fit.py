@@ -201,6 +201,9 @@ def test_sigkill_mid_run_then_resume_gives_the_same_rewards(tmp_path):
     lines = [json.loads(x) for x in history.read_text().splitlines()]
     assert [x["batch"] for x in lines] == list(range(1, 7))  # no batch twice, none missing
     assert [x["avg_reward"] for x in lines] == ref["batch_avg_reward"]
+    samples = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
+    ref_samples = [json.loads(x) for x in (tmp_path / "ref" / "samples.jsonl").read_text().splitlines()]
+    assert samples == ref_samples  # the batch redone after the kill is written once
     a, b = _state(tmp_path / "ref"), _state(run)
     assert a["global_step"] == b["global_step"] == 12  # 6 batches, a critic and a policy step each
     for k in a["state_dict"]:
