@@ -42,6 +42,9 @@ _SILENCED_WARNINGS = (
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\.pytorch\.utilities\._pytree"),
     (r"Using ModelCheckpoint with manual optimization and every_n_train_steps", UserWarning,
      r"lightning\.pytorch\.callbacks\.model_checkpoint"),
+    # etpo.fit hands LightningCLI the command line it has checked (args=...), which Lightning warns about whenever
+    # sys.argv holds arguments too -- i.e. in every `python -m etpo.fit --config ...` run
+    (r"LightningCLI's args parameter is intended to run from within Python", UserWarning, r"lightning\.pytorch\.cli"),
 )
 
 

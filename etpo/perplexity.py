@@ -1,4 +1,4 @@
-"""Language-modelling drift of a trained policy (spec §8): perplexity of base + policy LoRA vs. the base model.
+"""Language-modelling drift of a trained policy (docs/method.md section 14): perplexity of base + policy LoRA vs. the base model.
 
 Usage::
 

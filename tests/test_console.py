@@ -15,7 +15,7 @@ from conftest import REPO
 
 # what a run printed before etpo/console.py (Lightning 2.6.6, torch 2.13, transformers 5)
 CHATTER = ["💡 Tip", "litlogger", "litmodels", "Here be dragons", "`dataloader_iter`", "LeafSpec",
-           "returned `None`", "Loading weights", "Writing model shards"]
+           "returned `None`", "Loading weights", "Writing model shards", "LightningCLI's args parameter"]
 
 
 def _run_toy(tmp_path, *extra):
@@ -59,6 +59,8 @@ def test_the_warning_filters_are_precise():
              "lightning.pytorch.loops.utilities")
     checkpoint = ("Using ModelCheckpoint with manual optimization and every_n_train_steps, but no pre-optimization "
                   "state was saved.", UserWarning, "lightning.pytorch.callbacks.model_checkpoint")
+    cli_args = ("LightningCLI's args parameter is intended to run from within Python like if it were from the command "
+                "line. ...", UserWarning, "lightning.pytorch.cli")
 
     def shown(message, category, module):
         with warnings.catch_warnings(record=True) as caught:
@@ -67,7 +69,7 @@ def test_the_warning_filters_are_precise():
             warnings.warn_explicit(message, category, f"/x/{module.replace('.', '/')}.py", 1, module=module)
         return len(caught) == 1
 
-    for message, category, module in (dragons, pytree, found, checkpoint):
+    for message, category, module in (dragons, pytree, found, checkpoint, cli_args):
         assert not shown(message, category, module), message
         assert shown(message, category, "my_package.module"), "the same text from elsewhere still shows"
         assert shown("something else entirely", category, module), "other warnings of that module still show"
