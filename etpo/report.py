@@ -333,20 +333,31 @@ def write_table_csv(table: Table, path: str | Path) -> None:
             writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
 
 
-def write_runs_csv(runs: Sequence[RunRecord], path: str | Path, within: Optional[int] = None) -> None:
+def write_runs_csv(runs: Sequence[RunRecord], path: str | Path, within: Optional[int] = None,
+                   last_fraction: float = 0.25) -> None:
+    """One row per run; ``first_runnable`` / ``last_runnable`` / ``last_reward`` are the run's own values behind
+    :func:`learning_table` (the first batch's runnable fraction, the mean runnable fraction and average reward over
+    the last ``last_fraction`` of its batches)."""
     fields = ["contender", "dataset", "seed", "finished", "env_steps", "budget", "best_reward", "best_within",
-              "runnable_fraction", "wall_time_s", "run_dir"]
+              "runnable_fraction", "first_runnable", "last_runnable", "last_reward", "wall_time_s", "run_dir"]
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         for r in sorted(runs, key=lambda r: (r.contender, r.dataset, r.seed)):
             bw = r.best_within(within)
+            runnable = r.batch_series("batch_runnable_fraction")[1]
+            reward = r.batch_series("batch_avg_reward")[1]
+            last_runnable, last_reward = _tail_mean(runnable, last_fraction), _tail_mean(reward, last_fraction)
+            first = float(runnable[0]) if runnable.size and not np.isnan(runnable[0]) else None
             writer.writerow({
                 "contender": r.contender, "dataset": r.dataset, "seed": r.seed, "finished": r.finished,
                 "env_steps": r.env_steps, "budget": r.summary.get("budget"),
                 "best_reward": "" if r.best_reward is None else r.best_reward,
                 "best_within": "" if bw is None else bw,
-                "runnable_fraction": r.summary.get("runnable_fraction"), "wall_time_s": r.summary.get("wall_time_s"),
+                "runnable_fraction": r.summary.get("runnable_fraction"),
+                "first_runnable": "" if first is None else first,
+                "last_runnable": "" if last_runnable is None else last_runnable,
+                "last_reward": "" if last_reward is None else last_reward, "wall_time_s": r.summary.get("wall_time_s"),
                 "run_dir": str(r.path),
             })
 
@@ -742,7 +753,7 @@ def write_report(
     written["table.md"] = out / "table.md"
     write_table_csv(table, out / "table.csv")
     written["table.csv"] = out / "table.csv"
-    write_runs_csv(runs, out / "runs.csv", within)
+    write_runs_csv(runs, out / "runs.csv", within, last_fraction)
     written["runs.csv"] = out / "runs.csv"
     (out / "learning.md").write_text(learning_markdown(runs, last_fraction, ddof, contenders=contenders,
                                                        datasets=datasets, include_unfinished=include_unfinished))

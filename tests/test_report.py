@@ -110,7 +110,15 @@ def test_markdown_csv_and_plots(runs_root, tmp_path):
     assert float(avg["etpo_std"]) == pytest.approx(table.average["etpo"].std)
     assert int(avg["etpo_n"]) == 2 and int(avg["reflection_n"]) == 3
     with open(out / "runs.csv") as fh:
-        assert len(list(csv.DictReader(fh))) == 18
+        run_rows = list(csv.DictReader(fh))
+    assert len(run_rows) == 18
+    # each run's own learning values are those the learning table averages
+    cells = report.learning_table(report.load_runs(runs_root))
+    for (contender, dataset, column), cell in cells.items():
+        column = {"best": "best_reward"}.get(column, column)
+        got = [float(r[column]) for r in run_rows if r["contender"] == contender and r["dataset"] == dataset
+               and r["finished"] == "True"]  # the table, like this, leaves the unfinished run out
+        assert np.mean(got) == pytest.approx(cell.mean), (contender, dataset, column)
 
     import matplotlib.image as mpimg
 
