@@ -3,6 +3,7 @@
     python tools/bench_etpo_update.py                 # SmolLM2-135M (offline default), the quickstart's batch shape
     python tools/bench_etpo_update.py --tiny          # a tiny random Llama, seconds
     python tools/bench_etpo_update.py --thread_study  # the update under CPU load, for several thread settings
+    python tools/bench_etpo_update.py --generation_only   # only generation vs bare HF generate
 
 The batch has the quickstart's shape: ``--batch`` rows of the few-shot breast_cancer prompt, ragged actions of up to
 ``--action_tokens`` tokens, every other row non-terminal with a reflection prompt as its next state. In one process,
@@ -284,6 +285,7 @@ def main() -> None:
     ap.add_argument("--no_checkpointing", action="store_true", help="keep every activation")
     ap.add_argument("--no_generation", action="store_true", help="skip the generation comparison")
     ap.add_argument("--thread_study", action="store_true", help=thread_study.__doc__)
+    ap.add_argument("--generation_only", action="store_true", help="only the generation comparison (minutes)")
     ap.add_argument("--memory_of", choices=["etpo", "previous", "lora"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--time_only", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -295,6 +297,9 @@ def main() -> None:
     elif args.threads:
         torch.set_num_threads(args.threads)
     module, batch = build(args)
+    if args.generation_only:
+        print_generation(args, module, batch)
+        return
     with module.without_trainer():  # the module's own two optimizers, no Trainer
         run(args, module, batch)
 
@@ -343,9 +348,13 @@ def run(args, module, batch) -> None:
     print(f"ETPO update vs LoRA step: {med['etpo'] / med['lora']:.2f}x time (goal <= 3.0x), "
           f"{memory['etpo'] / max(memory['lora'], 1e-9):.2f}x working memory (goal <= 1.3x)")
     if not args.no_generation:
-        gen = bench_generation(module, batch, args.action_tokens, args.repeats)
-        (t_ours, n_ours), (t_bare, n_bare) = gen["ours"], gen["bare"]
-        print(f"generation of {len(batch)} x {args.action_tokens} tokens: ours {t_ours:.2f} s ({n_ours / t_ours:.1f} "
+        print_generation(args, module, batch)
+
+
+def print_generation(args, module, batch) -> None:
+    gen = bench_generation(module, batch, args.action_tokens, args.repeats)
+    (t_ours, n_ours), (t_bare, n_bare) = gen["ours"], gen["bare"]
+    print(f"generation of {len(batch)} x {args.action_tokens} tokens: ours {t_ours:.2f} s ({n_ours / t_ours:.1f} "
               f"tok/s), bare generate {t_bare:.2f} s ({n_bare / t_bare:.1f} tok/s): {t_ours / t_bare:.2f}x "
               "(goal <= 1.0x)")
 
