@@ -277,3 +277,27 @@ def test_an_unknown_key_names_the_closest_valid_one(tmp_path, capsys, overlay, a
         assert f"did you mean '{suggestion}'?" in line, line
     if overlay:
         assert str(tmp_path / "overlay.yaml") in line
+
+
+def test_the_quickstart_shrunk_onto_a_tiny_model_runs_its_own_settings(tmp_path):
+    """configs/quickstart.yaml as it is -- its ETPO options (Q = critic - reference, soft TD(1) without trace cuts,
+    two critic steps), the data-science environment and the sandbox -- with only the model and the sizes shrunk."""
+    from etpo.fit import main
+
+    run = tmp_path / "run"
+    main(["--config", str(REPO / "configs" / "quickstart.yaml"), "--run_dir", str(run),
+          "--model.init_args.backbone.source=tiny", "--model.init_args.backbone.tiny_alphabet=abcdefgh ()=:.\n",
+          "--model.init_args.backbone.device=cpu", "--model.init_args.backbone.lora_r=4",
+          "--data.num_envs=2", "--data.budget=4", "--data.generation.max_new_tokens=8",
+          "--data.env.init_args.n_splits=1", "--trainer.enable_progress_bar=false"])
+    config = (run / "config.yaml").read_text()
+    for setting in ("q_parameterisation: zero", "td_lambda: 1.0", "trace_correction: false", "critic_steps: 2",
+                    "reflection: false", "dataset: breast_cancer"):
+        assert setting in config, setting
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["finished"] is True and summary["env_steps"] == 4 and summary["updates"] == 2
+    samples = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and all(s["reward"] == -1.0 and s["status"] != "ok" for s in samples)  # random text
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 2 * 3  # per batch: two critic steps and one policy step
+    assert (run / "reward_curve.png").is_file()
