@@ -263,7 +263,8 @@ def thread_study(args) -> None:
         for load in (0, 1):
             busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(load)]
             try:
-                out = _child([*sys.argv[1:], f"--time_only={threads}"], env={"OMP_WAIT_POLICY": wait.upper()})
+                child_args = [a for a in sys.argv[1:] if a != "--thread_study"]  # the child times, never studies
+                out = _child([*child_args, f"--time_only={threads}"], env={"OMP_WAIT_POLICY": wait.upper()})
             finally:
                 for p in busy:
                     p.kill()
