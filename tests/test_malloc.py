@@ -53,3 +53,18 @@ def test_only_applied_when_asked_for(monkeypatch):
     assert maybe_release_freed_memory() is False
     monkeypatch.setenv(OPT_IN_ENV, "0")
     assert maybe_release_freed_memory() is False
+
+
+def test_importing_etpo_makes_openmp_threads_wait_passively_unless_told_otherwise():
+    """etpo/__init__.py: OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP, and a user's own setting wins."""
+    import os
+
+    from conftest import REPO
+
+    code = "import os, etpo, torch; print(os.environ['OMP_WAIT_POLICY'], torch.get_num_threads() >= 1)"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["PASSIVE", "True"]
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["ACTIVE", "True"]
