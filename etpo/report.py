@@ -345,19 +345,15 @@ def write_runs_csv(runs: Sequence[RunRecord], path: str | Path, within: Optional
         writer.writeheader()
         for r in sorted(runs, key=lambda r: (r.contender, r.dataset, r.seed)):
             bw = r.best_within(within)
-            runnable = r.batch_series("batch_runnable_fraction")[1]
-            reward = r.batch_series("batch_avg_reward")[1]
-            last_runnable, last_reward = _tail_mean(runnable, last_fraction), _tail_mean(reward, last_fraction)
-            first = float(runnable[0]) if runnable.size and not np.isnan(runnable[0]) else None
+            learned = _learning_values(r, last_fraction)
             writer.writerow({
                 "contender": r.contender, "dataset": r.dataset, "seed": r.seed, "finished": r.finished,
                 "env_steps": r.env_steps, "budget": r.summary.get("budget"),
                 "best_reward": "" if r.best_reward is None else r.best_reward,
                 "best_within": "" if bw is None else bw,
                 "runnable_fraction": r.summary.get("runnable_fraction"),
-                "first_runnable": "" if first is None else first,
-                "last_runnable": "" if last_runnable is None else last_runnable,
-                "last_reward": "" if last_reward is None else last_reward, "wall_time_s": r.summary.get("wall_time_s"),
+                **{k: "" if learned[k] is None else learned[k] for k in ("first_runnable", "last_runnable", "last_reward")},
+                "wall_time_s": r.summary.get("wall_time_s"),
                 "run_dir": str(r.path),
             })
 
@@ -638,6 +634,16 @@ def _tail_mean(series: np.ndarray, fraction: float) -> Optional[float]:
     return float(np.mean(series[-k:]))
 
 
+def _learning_values(run: RunRecord, last_fraction: float) -> dict[str, Optional[float]]:
+    """One run's values behind the learning table: the first batch's runnable fraction, the runnable fraction and
+    average reward over the last ``last_fraction`` of its batches, its best reward (None where it has none)."""
+    runnable = run.batch_series("batch_runnable_fraction")[1]
+    reward = run.batch_series("batch_avg_reward")[1]
+    return {"first_runnable": float(runnable[0]) if runnable.size and not np.isnan(runnable[0]) else None,
+            "last_runnable": _tail_mean(runnable, last_fraction),
+            "last_reward": _tail_mean(reward, last_fraction), "best": run.best_reward}
+
+
 LEARNING_COLUMNS = (
     ("first batch: runnable", "first_runnable"),
     ("last {f}: runnable", "last_runnable"),
@@ -657,12 +663,7 @@ def learning_table(runs: Sequence[RunRecord], last_fraction: float = 0.25, ddof:
     used = _select(runs, None, include_unfinished)
     values: dict[tuple[str, str, str], dict[int, float]] = {}
     for r in used:
-        runnable = r.batch_series("batch_runnable_fraction")[1]
-        reward = r.batch_series("batch_avg_reward")[1]
-        got = {"first_runnable": float(runnable[0]) if runnable.size and not np.isnan(runnable[0]) else None,
-               "last_runnable": _tail_mean(runnable, last_fraction),
-               "last_reward": _tail_mean(reward, last_fraction), "best": r.best_reward}
-        for column, v in got.items():
+        for column, v in _learning_values(r, last_fraction).items():
             if v is not None:
                 values.setdefault((r.contender, r.dataset, column), {})[r.seed] = v
     return {key: _cell([by_seed[s] for s in sorted(by_seed)], sorted(by_seed), ddof)
