@@ -354,8 +354,17 @@ def write_runs_csv(runs: Sequence[RunRecord], path: str | Path, within: Optional
                 "runnable_fraction": r.summary.get("runnable_fraction"),
                 **{k: "" if learned[k] is None else learned[k] for k in ("first_runnable", "last_runnable", "last_reward")},
                 "wall_time_s": r.summary.get("wall_time_s"),
-                "run_dir": str(r.path),
+                "run_dir": _shown_path(r.path),
             })
+
+
+def _shown_path(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it (so a committed ``runs.csv`` names no
+    machine's checkout), else absolute."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------

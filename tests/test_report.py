@@ -119,6 +119,7 @@ def test_markdown_csv_and_plots(runs_root, tmp_path):
         got = [float(r[column]) for r in run_rows if r["contender"] == contender and r["dataset"] == dataset
                and r["finished"] == "True"]  # the table, like this, leaves the unfinished run out
         assert np.mean(got) == pytest.approx(cell.mean), (contender, dataset, column)
+    assert all((Path.cwd() / r["run_dir"] / "summary.json").is_file() for r in run_rows)
 
     import matplotlib.image as mpimg
 
@@ -127,6 +128,15 @@ def test_markdown_csv_and_plots(runs_root, tmp_path):
         assert path.is_file() and path.stat().st_size > 10_000, name
         img = mpimg.imread(path)
         assert img.shape[0] > 200 and img.shape[1] > 200 and float(img[..., :3].std()) > 0.01, name
+
+
+def test_runs_csv_names_run_dirs_relative_to_the_working_directory(runs_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(runs_root.parent)
+    report.write_runs_csv(report.load_runs(runs_root), tmp_path / "runs.csv")
+    with open(tmp_path / "runs.csv") as fh:
+        shown = [r["run_dir"] for r in csv.DictReader(fh)]
+    assert shown and all(not Path(d).is_absolute() and Path(d).parts[0] == runs_root.name for d in shown)
+    assert all((runs_root.parent / d / "summary.json").is_file() for d in shown)
 
 
 def test_curves_match_hand_computation(runs_root):
