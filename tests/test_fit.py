@@ -149,29 +149,22 @@ def test_ctrl_c_while_environments_step_is_not_held_up_by_them():
 
     class Slow(TargetCharsEnv):
         def step(self, action):
-            time.sleep(10)
+            time.sleep(5)
             return super().step(action)
 
     vec = TextVectorEnv([Slow(), Slow()])
     vec.reset(seed=0)
-    fired = []  # when the interruption was sent, to tell a late timer (a loaded machine) from a slow wait
-
-    def interrupt():
-        fired.append(time.monotonic() - t0)
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-
     # Python's own Ctrl-C handler for the test's duration: a shell starts background jobs with SIGINT ignored
     # (`make test &`), and then no KeyboardInterrupt would come at all
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
+        threading.Timer(0.5, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)).start()
         t0 = time.monotonic()
-        threading.Timer(0.5, interrupt).start()
         with pytest.raises(KeyboardInterrupt):
             vec.step(["ab", "ab"])
-        elapsed = time.monotonic() - t0
+        assert time.monotonic() - t0 < 2.0
     finally:
         signal.signal(signal.SIGINT, previous)
-    assert fired and elapsed - fired[0] < 1.5, (fired, elapsed)   # raised at once, not after the 10 s steps
 
 
 def _state(path: Path) -> dict:
