@@ -29,7 +29,8 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable
 
 from datamodules.batch import RolloutBatch
-from etpo.objectives import (
+from modules.agent import AgentModule, TokenCredit
+from modules.losses.etpo import (
     Q_PARAMETERISATIONS,
     behaviour_log_probs,
     entropy,
@@ -40,7 +41,6 @@ from etpo.objectives import (
     trace_coefficients,
     trace_targets,
 )
-from modules.agent import AgentModule, TokenCredit
 from modules.shared_base import BackboneConfig, adapter_parameters
 from modules.shared_base.fsdp import polyak_update_sharded
 from modules.shared_base.scoring import ScoringPlan, token_chunks

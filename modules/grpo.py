@@ -1,18 +1,18 @@
 """GRPO as a LightningModule: the critic-free, group-relative baseline (DeepSeekMath's GRPO, as in TRL and verl), on
 the same shared base model, rollout pipeline and charts as ETPO -- and the worked example of ``docs/extending.md``:
 it is written against the module contract of :mod:`modules.agent` only (``learn``, ``optimizer_step_on``,
-``token_credit``), the model layer and the pure losses of :mod:`etpo.grpo`.
+``token_credit``), the model layer and the pure losses of :mod:`modules.losses.grpo`.
 
 :meth:`GRPOModule.learn`, top to bottom, for one fresh on-policy rollout batch:
 
 1. **prepare** (no gradient): group the transitions by prompt (:meth:`~datamodules.batch.RolloutBatch.prompt_groups`:
    token-identical states share a group), the group-relative advantage of every transition from its own reward
-   (:func:`etpo.grpo.group_advantages`), the log-probabilities of the taken tokens under the sampling weights
-   (``pi_old``) and the reference's hidden states (the exact KL's ``pi_bar``, computed once per batch);
+   (:func:`modules.losses.grpo.group_advantages`), the log-probabilities of the taken tokens under the sampling
+   weights (``pi_old``) and the reference's hidden states (the exact KL's ``pi_bar``, computed once per batch);
 2. **update**: ``epochs`` passes over shuffled minibatches of ``minibatch_size`` transitions, one policy optimizer
    step each (:meth:`~modules.agent.AgentModule.optimizer_step_on`) on the clipped surrogate with the action's
    advantage on every token plus ``beta_kl`` times the exact per-token ``KL(pi_theta || pi_bar)``
-   (:func:`etpo.grpo.grpo_loss`).
+   (:func:`modules.losses.grpo.grpo_loss`).
 
 No critic: only the *policy* adapter is trained. The shared base model still carries the critic and target adapters
 (every contender loads the same model layer); GRPO never runs them, gives them no optimizer, and they stay at their
@@ -46,10 +46,10 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable
 
 from datamodules.batch import RolloutBatch
-from etpo.grpo import AGGREGATIONS, group_advantages, grpo_loss, reference_kl, token_weights
-from etpo.objectives import entropy
-from etpo.ppo import token_advantages
 from modules.agent import AgentModule, TokenCredit
+from modules.losses.etpo import entropy
+from modules.losses.grpo import AGGREGATIONS, group_advantages, grpo_loss, reference_kl, token_weights
+from modules.losses.ppo import token_advantages
 from modules.shared_base import BackboneConfig, adapter_parameters
 from modules.shared_base.scoring import token_chunks
 
@@ -82,7 +82,8 @@ class GRPOModule(AgentModule):
         scale_rewards: divide ``r - mean`` by the group's std (GRPO); False keeps ``r - mean`` (Dr. GRPO).
         std_eps: added to the group std before dividing (TRL: 1e-4).
         loss_aggregation: ``token_mean`` (every real token of a minibatch weighs the same; default) or
-            ``sequence_mean`` (DeepSeekMath's mean over actions of each action's token mean). See :mod:`etpo.grpo`.
+            ``sequence_mean`` (DeepSeekMath's mean over actions of each action's token mean).
+            See :mod:`modules.losses.grpo`.
         policy_lr, weight_decay: AdamW settings of the policy adapter.
         policy_max_grad_norm: gradient-norm clip of the policy group (as ETPO's and PPO-KL's: 10).
         policy_lr_scheduler: optional scheduler (``class_path`` + ``init_args`` in YAML), stepped after every
@@ -181,8 +182,8 @@ class GRPOModule(AgentModule):
         return _Prepared(advantages=advantages, ref_hidden=h_ref.detach(), old_logprobs=old, charts=charts)
 
     def minibatch_loss(self, mb: RolloutBatch, prepared: _Prepared) -> tuple[torch.Tensor, dict]:
-        """Step 2's loss on one minibatch (:func:`etpo.grpo.grpo_loss`), chunk by chunk over the action tokens;
-        returns a surrogate whose value is the loss and whose gradient is the loss's."""
+        """Step 2's loss on one minibatch (:func:`modules.losses.grpo.grpo_loss`), chunk by chunk over the action
+        tokens; returns a surrogate whose value is the loss and whose gradient is the loss's."""
         hp, m = self.hparams, self.model
         mask = mb.action_mask.float()
         advantages = token_advantages(prepared.advantages, mask)

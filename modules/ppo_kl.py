@@ -15,9 +15,9 @@ from typing import Mapping, Optional
 import torch
 
 from datamodules.batch import RolloutBatch
-from etpo.objectives import entropy, soft_value
-from etpo.ppo import clipped_surrogate, gae, kl_penalised_rewards, token_advantages, value_loss
 from modules.agent import AgentModule, TokenCredit
+from modules.losses.etpo import entropy, soft_value
+from modules.losses.ppo import clipped_surrogate, gae, kl_penalised_rewards, token_advantages, value_loss
 from modules.shared_base import BackboneConfig, adapter_parameters
 
 __all__ = ["PPOKLModule"]

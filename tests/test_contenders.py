@@ -10,9 +10,9 @@ import torch
 
 from conftest import tiny_backbone, toy_env
 from datamodules.rollout import GenerationConfig, RolloutCollector, RolloutDataModule
-from etpo.ppo import clipped_surrogate, gae, kl_penalised_rewards, token_advantages
 from modules.etpo import ETPOModule
 from modules.grpo import GRPOModule
+from modules.losses.ppo import clipped_surrogate, gae, kl_penalised_rewards, token_advantages
 from modules.ppo_kl import PPOKLModule
 from modules.reflection import ReflectionModule
 from test_etpo_module import TOY_ETPO, TOY_TOKENS, _mean_policy_reward, _trainer

@@ -15,8 +15,8 @@ import torch
 
 from conftest import REPO, tiny_backbone, toy_env
 from datamodules.rollout import GenerationConfig, RolloutDataModule
-from etpo.objectives import critic_loss, policy_loss, q_from_critic, soft_value, token_targets, trace_targets
 from modules.etpo import ETPOModule
+from modules.losses.etpo import critic_loss, policy_loss, q_from_critic, soft_value, token_targets, trace_targets
 
 
 def _trainer(**kw):

@@ -20,8 +20,8 @@ from conftest import REPO, tiny_backbone
 from datamodules.batch import GenerationConfig
 from datamodules.rollout import RolloutDataModule
 from envs.base import TextEnv
-from etpo.grpo import group_advantages, grpo_loss, reference_kl, token_weights
 from modules.grpo import GRPOModule
+from modules.losses.grpo import group_advantages, grpo_loss, reference_kl, token_weights
 from test_contenders import _toy_datamodule
 from test_etpo_module import TOY_TOKENS, _batch, _mean_policy_reward, _trainer
 

@@ -1,4 +1,4 @@
-"""ETPO math (etpo/objectives.py) against independent references: plain loops, brute-force enumeration of a
+"""ETPO math (modules/losses/etpo.py) against independent references: plain loops, brute-force enumeration of a
 small MDP (Appendix A consistency), and gradient descent to the closed-form optimal soft policy."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from etpo.objectives import (
+from modules.losses.etpo import (
     behaviour_log_probs,
     critic_loss,
     optimal_policy_logits,

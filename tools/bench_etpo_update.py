@@ -132,7 +132,7 @@ def previous_update_loss(module, batch) -> torch.Tensor:
     """The update before prefix sharing and separate steps: plain forwards of all four views over every row, three
     more over the next prompts, the critic's and the policy's full-vocabulary chunks; returns the summed loss whose
     gradient is both losses' (one backward, one optimizer step over both adapters)."""
-    from etpo.objectives import critic_loss, policy_loss, soft_value, targets_from_values
+    from modules.losses.etpo import critic_loss, policy_loss, soft_value, targets_from_values
     from modules.shared_base.scoring import token_chunks
 
     m, hp = module.model, module.hparams

@@ -1,5 +1,5 @@
-"""GRPO math, pure torch (no Lightning): group-relative advantages, token weights, the exact KL to the reference and
-the per-minibatch loss of :class:`modules.grpo.GRPOModule`.
+"""GRPO math (docs/method.md, section 12), pure torch (no Lightning): group-relative advantages, token weights,
+the exact KL to the reference and the per-minibatch loss of :class:`modules.grpo.GRPOModule`.
 
 Group Relative Policy Optimisation (Shao et al. 2024, "DeepSeekMath", Eq. 3) drops PPO's critic: the ``G`` actions
 sampled for one prompt ``q`` are scored against each other,
@@ -38,8 +38,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from etpo.objectives import soft_value
-from etpo.ppo import clipped_surrogate
+from modules.losses.etpo import soft_value
+from modules.losses.ppo import clipped_surrogate
 
 __all__ = ["AGGREGATIONS", "group_advantages", "token_weights", "reference_kl", "grpo_loss"]
 
@@ -88,7 +88,7 @@ def token_weights(mask: Tensor, aggregation: str = "token_mean") -> Tensor:
 
 def reference_kl(pi_logits: Tensor, ref_logits: Tensor) -> Tensor:
     """The exact ``KL(pi(.|ctx) || pi_bar(.|ctx)) = sum_w pi(w) (log pi(w) - log pi_bar(w))`` over the last
-    (vocabulary) dimension (:func:`etpo.objectives.soft_value`'s KL: the project's one formula). Differentiable
+    (vocabulary) dimension (:func:`modules.losses.etpo.soft_value`'s KL: the project's one formula). Differentiable
     w.r.t. ``pi_logits``; ``[..., V] -> [...]`` float32 (or float64)."""
     _, kl = soft_value(pi_logits.new_zeros(()), pi_logits, ref_logits.detach(), 0.0)
     return kl
@@ -100,9 +100,10 @@ def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, kl: Te
     ``sum_{i,t} w_{i,t} [-min(rho A, clip(rho) A) + beta_kl KL]`` with ``rho = exp(logprobs - old_logprobs)``.
 
     ``logprobs``, ``old_logprobs``: ``log pi`` of the taken tokens now and at sampling time ``[B, L]``;
-    ``advantages [B, L]`` (the action's advantage on each of its tokens, :func:`etpo.ppo.token_advantages`);
-    ``kl [B, L]`` per-token KLs (:func:`reference_kl`); ``weights [B, L]`` from :func:`token_weights` (zero on
-    padding). The clipped term is :func:`etpo.ppo.clipped_surrogate` summed with ``weights`` as its mask."""
+    ``advantages [B, L]`` (the action's advantage on each of its tokens,
+    :func:`modules.losses.ppo.token_advantages`); ``kl [B, L]`` per-token KLs (:func:`reference_kl`);
+    ``weights [B, L]`` from :func:`token_weights` (zero on padding). The clipped term is
+    :func:`modules.losses.ppo.clipped_surrogate` summed with ``weights`` as its mask."""
     surrogate = clipped_surrogate(logprobs, old_logprobs.detach(), advantages.detach(), weights, clip,
                                   reduction="sum")
     return surrogate + beta_kl * (kl * weights).sum()

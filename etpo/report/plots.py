@@ -1,0 +1,306 @@
+"""Every figure of the report (matplotlib, Agg backend, imported only when a figure is drawn): Figure 3
+(:func:`plot_best_within`, :func:`plot_best_within_per_dataset`: best reward explored within n steps), Figure 4
+(:func:`plot_batch_rewards`, :func:`plot_batch_runnable`: per rollout batch), their data (:func:`best_within_curves`,
+:func:`batch_reward_curves`) and one run's ``reward_curve.png`` (:func:`plot_run_curve`, drawn by ``etpo.fit``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from etpo.report.runs import RunRecord, _by, _order, _select
+
+__all__ = [
+    "best_within_curves", "plot_best_within", "plot_best_within_per_dataset", "batch_reward_curves",
+    "plot_batch_rewards", "plot_batch_runnable", "plot_run_curve",
+]
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colours(contenders: Sequence[str]) -> dict[str, str]:
+    return {c: f"C{i % 10}" for i, c in enumerate(contenders)}
+
+
+def _step_values(run: RunRecord, grid: np.ndarray) -> np.ndarray:
+    """Best-within-n of ``run`` at every n of ``grid`` (forward fill between batches; NaN before the first batch
+    and, for an unfinished run, after its last one)."""
+    steps, best = run.curve()
+    out = np.full(grid.shape, np.nan)
+    if steps.size == 0:
+        return out
+    k = np.searchsorted(steps, grid, side="right")
+    ok = k > 0
+    out[ok] = best[k[ok] - 1]
+    if not run.finished:
+        out[grid > steps[-1]] = np.nan
+    return out
+
+
+def _mean_std(mat: np.ndarray, ddof: int) -> tuple[np.ndarray, np.ndarray]:
+    """Column-wise mean and std (``ddof``) over the rows that are not NaN; the std is 0 where a column has too few
+    values (the band then collapses onto the mean)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns -> NaN mean, silently
+        mean = np.nanmean(mat, axis=0)
+        count = np.sum(~np.isnan(mat), axis=0)
+        std = np.where(count > ddof, np.nanstd(mat, axis=0, ddof=ddof), 0.0)
+    return mean, np.nan_to_num(std)
+
+
+def best_within_curves(
+    runs: Sequence[RunRecord], ddof: int = 1, within: Optional[int] = None, include_unfinished: bool = False,
+    contenders: Optional[Sequence[str]] = None, datasets: Optional[Sequence[str]] = None,
+) -> dict[str, dict]:
+    """Figure-3 data per contender: ``{"n": grid, "mean", "std", "seeds": per-seed curves [S, len(grid)],
+    "partial": bool}``. Per seed the curve is the mean over datasets (only where every dataset of the contender
+    has that seed covering n; when no seed is complete anywhere the per-seed mean over the available datasets is
+    used and the curve is marked partial)."""
+    used = _select(runs, within, include_unfinished)
+    grouped = _by(used)
+    datasets = _order((r.dataset for r in used), datasets)
+    out = {}
+    for c in _order(grouped, contenders):
+        by_ds = {d: v for d, v in grouped.get(c, {}).items() if d in datasets}
+        if not by_ds:
+            continue
+        all_steps = sorted({s for d in by_ds.values() for r in d.values() for s in r.curve()[0]})
+        grid = np.asarray([s for s in all_steps if within is None or s <= within], dtype=float)
+        if grid.size == 0:
+            continue
+        seeds = sorted({s for d in by_ds.values() for s in d})
+        cube = np.full((len(by_ds), len(seeds), grid.size), np.nan)
+        for i, (_, per_seed) in enumerate(sorted(by_ds.items())):
+            for j, s in enumerate(seeds):
+                if s in per_seed:
+                    cube[i, j] = _step_values(per_seed[s], grid)
+        complete = np.all(~np.isnan(cube), axis=0)  # [S, n]
+        per_seed_curves = np.where(complete, np.mean(np.nan_to_num(cube), axis=0), np.nan)
+        partial = bool(np.all(np.isnan(per_seed_curves)))
+        if partial:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                per_seed_curves = np.nanmean(cube, axis=0)
+        mean, std = _mean_std(per_seed_curves, ddof)
+        out[c] = {"n": grid, "mean": mean, "std": std, "seeds": per_seed_curves, "partial": partial}
+    return out
+
+
+def plot_best_within(
+    runs: Sequence[RunRecord], path: str | Path, ddof: int = 1, within: Optional[int] = None,
+    include_unfinished: bool = False, contenders: Optional[Sequence[str]] = None,
+    datasets: Optional[Sequence[str]] = None,
+) -> Optional[Path]:
+    """Figure 3: best reward explored within n steps vs. n; mean over seeds of the dataset average, ± std band."""
+    curves = best_within_curves(runs, ddof, within, include_unfinished, contenders, datasets)
+    if not curves:
+        return None
+    plt = _pyplot()
+    colours = _colours(_order(_by(runs), contenders))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for c, cv in curves.items():
+        ok = ~np.isnan(cv["mean"])
+        label = c + (" (partial)" if cv["partial"] else "")
+        ax.step(cv["n"][ok], cv["mean"][ok], where="post", color=colours.get(c), label=label, lw=1.8, marker="o",
+                ms=2.5)
+        ax.fill_between(cv["n"][ok], (cv["mean"] - cv["std"])[ok], (cv["mean"] + cv["std"])[ok], step="post",
+                        color=colours.get(c), alpha=0.2, lw=0)
+    ax.set_xlabel("environment steps n")
+    ax.set_ylabel("best reward within n (mean over datasets)")
+    ax.set_title(f"Best reward explored within n steps (mean ± std over seeds, ddof={ddof})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _grid_axes(plt, n_panels: int, width: float = 3.2, height: float = 2.4):
+    cols = min(4, max(1, n_panels))
+    rows = math.ceil(n_panels / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), dpi=110, squeeze=False)
+    flat = list(axes.ravel())
+    for ax in flat[n_panels:]:
+        ax.set_visible(False)
+    return fig, flat[:n_panels]
+
+
+def plot_best_within_per_dataset(
+    runs: Sequence[RunRecord], path: str | Path, ddof: int = 1, within: Optional[int] = None,
+    include_unfinished: bool = False, contenders: Optional[Sequence[str]] = None,
+    datasets: Optional[Sequence[str]] = None,
+) -> Optional[Path]:
+    """Figure 3 per dataset: one panel per dataset, mean ± std over seeds of best-within-n."""
+    used = _select(runs, within, include_unfinished)
+    if not used:
+        return None
+    grouped = _by(used)
+    contenders = _order(grouped, contenders)
+    datasets = _order((r.dataset for r in used), datasets)
+    plt = _pyplot()
+    colours = _colours(_order(_by(runs), contenders))
+    fig, axes = _grid_axes(plt, len(datasets))
+    for ax, d in zip(axes, datasets):
+        for c in contenders:
+            per_seed = grouped.get(c, {}).get(d)
+            if not per_seed:
+                continue
+            steps = sorted({s for r in per_seed.values() for s in r.curve()[0]})
+            grid = np.asarray([s for s in steps if within is None or s <= within], dtype=float)
+            if grid.size == 0:
+                continue
+            mat = np.stack([_step_values(r, grid) for _, r in sorted(per_seed.items())])
+            mean, std = _mean_std(mat, ddof)
+            ok = ~np.isnan(mean)
+            ax.step(grid[ok], mean[ok], where="post", color=colours.get(c), label=c, lw=1.5)
+            ax.fill_between(grid[ok], (mean - std)[ok], (mean + std)[ok], step="post", color=colours.get(c),
+                            alpha=0.2, lw=0)
+        ax.set_title(d, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    return _save_panels(fig, axes, "environment steps n", "best reward within n",
+                        f"Best reward explored within n steps per dataset; mean ± std over seeds (ddof={ddof})", path)
+
+
+def _save_panels(fig, axes, xlabel: str, ylabel: str, title: str, path) -> Path:
+    """Shared legend, axis labels and title of a multi-panel figure; write it to ``path``."""
+    import matplotlib.pyplot as plt
+
+    axes[0].legend(fontsize=7)
+    fig.supxlabel(xlabel, fontsize=9)
+    fig.supylabel(ylabel, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def batch_reward_curves(
+    runs: Sequence[RunRecord], ddof: int = 1, include_unfinished: bool = False,
+    contenders: Optional[Sequence[str]] = None, datasets: Optional[Sequence[str]] = None,
+    key: str = "batch_avg_reward",
+) -> dict[str, dict[str, dict]]:
+    """Figure-4 data: ``{panel: {contender: {"x", "mean", "std"}}}`` with panels = datasets + ``average``.
+
+    Runs of one contender are aligned by batch index (they share the batch schedule); x = the median env steps at
+    the end of that batch. The average panel averages over datasets per seed (where every dataset has that batch)
+    and then takes mean ± std over seeds."""
+    used = _select(runs, None, include_unfinished)
+    grouped = _by(used)
+    datasets = _order((r.dataset for r in used), datasets)
+    panels: dict[str, dict[str, dict]] = {d: {} for d in datasets}
+    panels["average"] = {}
+    for c in _order(grouped, contenders):
+        by_ds = {d: v for d, v in grouped.get(c, {}).items() if d in datasets}
+        if not by_ds:
+            continue
+        seeds = sorted({s for d in by_ds.values() for s in d})
+        length = max(len(r.batch_series(key)[1]) for d in by_ds.values() for r in d.values())
+        if length == 0:
+            continue
+        ds_names = [d for d in datasets if d in by_ds]
+        cube = np.full((len(ds_names), len(seeds), length), np.nan)
+        xs = np.full((len(ds_names), len(seeds), length), np.nan)
+        for i, d in enumerate(ds_names):
+            for j, s in enumerate(seeds):
+                r = by_ds[d].get(s)
+                if r is None:
+                    continue
+                x, y = r.batch_series(key)
+                cube[i, j, : len(y)] = y
+                xs[i, j, : len(x)] = x
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            for i, d in enumerate(ds_names):
+                mean, std = _mean_std(cube[i], ddof)
+                panels[d][c] = {"x": np.nanmedian(xs[i], axis=0), "mean": mean, "std": std}
+            complete = np.all(~np.isnan(cube), axis=0)
+            per_seed = np.where(complete, np.mean(np.nan_to_num(cube), axis=0), np.nan)
+            if np.all(np.isnan(per_seed)):
+                per_seed = np.nanmean(cube, axis=0)
+            mean, std = _mean_std(per_seed, ddof)
+            panels["average"][c] = {"x": np.nanmedian(xs.reshape(-1, length), axis=0), "mean": mean, "std": std}
+    return panels
+
+
+def plot_batch_rewards(
+    runs: Sequence[RunRecord], path: str | Path, ddof: int = 1, include_unfinished: bool = False,
+    contenders: Optional[Sequence[str]] = None, datasets: Optional[Sequence[str]] = None,
+    key: str = "batch_avg_reward",
+) -> Optional[Path]:
+    """Figure 4: the average reward (or, with ``key="batch_runnable_fraction"``, the runnable fraction) of every
+    rollout batch during training, one panel per dataset plus the average; mean ± std over seeds as a band."""
+    panels = batch_reward_curves(runs, ddof, include_unfinished, contenders, datasets, key)
+    if not panels["average"]:
+        return None
+    plt = _pyplot()
+    colours = _colours(_order(_by(runs), contenders))
+    names = ["average"] + [p for p in panels if p != "average"]
+    fig, axes = _grid_axes(plt, len(names))
+    for ax, name in zip(axes, names):
+        for c, cv in panels[name].items():
+            ok = ~np.isnan(cv["mean"]) & ~np.isnan(cv["x"])
+            ax.plot(cv["x"][ok], cv["mean"][ok], color=colours.get(c), label=c, lw=1.3)
+            ax.fill_between(cv["x"][ok], (cv["mean"] - cv["std"])[ok], (cv["mean"] + cv["std"])[ok],
+                            color=colours.get(c), alpha=0.2, lw=0)
+        ax.set_title("average over datasets" if name == "average" else name, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    if key == "batch_runnable_fraction":
+        ylabel, title = "runnable fraction of the batch", "Runnable fraction per rollout batch"
+    else:
+        ylabel, title = "average reward of the batch", "Average reward per rollout batch (-1 = not runnable)"
+    return _save_panels(fig, axes, "environment steps", ylabel, f"{title}; mean ± std over seeds (ddof={ddof})", path)
+
+
+def plot_batch_runnable(runs: Sequence[RunRecord], path: str | Path, **kw) -> Optional[Path]:
+    """:func:`plot_batch_rewards` of the runnable fraction."""
+    return plot_batch_rewards(runs, path, key="batch_runnable_fraction", **kw)
+
+
+def plot_run_curve(summary: dict, path: str | Path) -> Optional[Path]:
+    """One run's learning curve (``reward_curve.png`` of every run directory): the average reward and the runnable
+    fraction of each rollout batch against environment steps, with the best reward found so far."""
+    rewards = list(summary.get("batch_avg_reward") or [])
+    if not rewards:
+        return None
+    runnable = list(summary.get("batch_runnable_fraction") or [])
+    steps = [int(x[0]) for x in summary.get("best_within") or []][: len(rewards)] or list(range(1, len(rewards) + 1))
+    best = [float(x[1]) if x[1] is not None and math.isfinite(float(x[1])) else float("nan")
+            for x in summary.get("best_within") or []][: len(rewards)]
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.0, 5.0), sharex=True)
+    top.plot(steps, rewards, marker="o", lw=1.5, label="average reward of the batch")
+    if best:
+        top.plot(steps, best, ls="--", lw=1.2, label="best reward so far")
+    top.set_ylabel("reward (-1 = not runnable)")
+    top.legend(fontsize=8)
+    top.grid(alpha=0.3)
+    if runnable:
+        bottom.plot(steps[: len(runnable)], runnable, marker="o", lw=1.5, color="tab:green")
+    bottom.set_ylim(-0.05, 1.05)
+    bottom.set_ylabel("runnable fraction")
+    bottom.set_xlabel("environment steps")
+    bottom.grid(alpha=0.3)
+    name = " ".join(str(summary.get(k)) for k in ("contender", "dataset") if summary.get(k))
+    fig.suptitle(f"{name}: one point per rollout batch", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

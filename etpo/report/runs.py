@@ -1,0 +1,167 @@
+"""Run summaries of a benchmark folder, for the report's tables and plots (:mod:`etpo.report`).
+
+:class:`RunRecord` is one run (contender, dataset, seed, run dir, its ``summary.json``: format in
+docs/architecture.md, "Run directory"); :func:`load_runs` finds every ``summary.json`` below a folder and reads the
+run's identity off the path (``<contender>/<dataset>/seed<k>/``, the layout ``etpo.benchmark`` writes) or, for any
+other summary, off its fields. The selection helpers decide which runs count (finished, or with ``--within N``
+already N steps in; one per (contender, dataset, seed)) and in which order; :func:`_learning_values` gives one run's
+values behind the learning table and ``runs.csv``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["RunRecord", "load_runs"]
+
+_SEED_DIR = re.compile(r"^seed(-?\d+)$")
+
+
+def _finite(x) -> Optional[float]:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+@dataclass
+class RunRecord:
+    """One run: who (contender, dataset, seed), where (its run dir) and its ``summary.json``."""
+
+    contender: str
+    dataset: str
+    seed: int
+    path: Path
+    summary: dict = field(repr=False)
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.summary.get("finished"))
+
+    @property
+    def env_steps(self) -> int:
+        return int(self.summary.get("env_steps") or 0)
+
+    @property
+    def best_reward(self) -> Optional[float]:
+        """The run's final best reward (None when no batch was collected)."""
+        return _finite(self.summary.get("best_reward"))
+
+    def curve(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(env_steps, best reward so far)`` after every rollout batch (from ``best_within``)."""
+        pts = [(int(s), _finite(b)) for s, b in (self.summary.get("best_within") or [])]
+        pts = [(s, b) for s, b in pts if b is not None]
+        if not pts:
+            return np.zeros(0, dtype=float), np.zeros(0, dtype=float)
+        steps, best = zip(*pts)
+        return np.asarray(steps, dtype=float), np.maximum.accumulate(np.asarray(best, dtype=float))
+
+    def best_within(self, n: Optional[int]) -> Optional[float]:
+        """Best reward explored within ``n`` environment steps (None = the whole run); None when undefined."""
+        if n is None:
+            return self.best_reward
+        steps, best = self.curve()
+        k = int(np.searchsorted(steps, n, side="right"))  # batches that ended at most n steps in
+        return float(best[k - 1]) if k > 0 else None
+
+    def counts_for(self, n: Optional[int], include_unfinished: bool = False) -> bool:
+        """Whether this run has a result for "best within n" (finished, or already n steps in)."""
+        if include_unfinished or self.finished:
+            return True
+        return n is not None and self.env_steps >= n
+
+    def batch_rewards(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(env_steps at the end of each batch, average reward of the batch)``."""
+        return self.batch_series("batch_avg_reward")
+
+    def batch_series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(env_steps at the end of each batch, the summary's per-batch series `key`)`` (``batch_avg_reward``,
+        ``batch_runnable_fraction``)."""
+        rewards = np.asarray([_finite(r) if _finite(r) is not None else np.nan
+                              for r in (self.summary.get(key) or [])], dtype=float)
+        steps = [int(s) for s, _ in (self.summary.get("best_within") or [])]
+        if len(steps) != len(rewards):  # older / foreign summaries: spread the steps evenly
+            total = max(self.env_steps, len(rewards))
+            steps = list(np.linspace(total / max(len(rewards), 1), total, len(rewards)))
+        return np.asarray(steps, dtype=float), rewards
+
+
+def load_runs(folder: str | Path) -> list[RunRecord]:
+    """Every ``summary.json`` below ``folder`` (sorted by path); unreadable files are skipped with a warning."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"no such folder: {folder}")
+    runs = []
+    for path in sorted(folder.rglob("summary.json")):
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            print(f"etpo.report: warning: skipping unreadable {path}: {err}", file=sys.stderr)
+            continue
+        run_dir = path.parent.resolve()
+        m = _SEED_DIR.match(run_dir.name)
+        if m and len(run_dir.parts) >= 3:
+            contender, dataset, seed = run_dir.parent.parent.name, run_dir.parent.name, int(m.group(1))
+        else:
+            contender = str(summary.get("contender") or "unknown")
+            dataset = str(summary.get("dataset") or "unknown")
+            seed = int(summary.get("seed") if summary.get("seed") is not None else 0)
+        runs.append(RunRecord(contender, dataset, seed, run_dir, summary))
+    return runs
+
+
+def _order(values: Iterable[str], preferred: Optional[Sequence[str]]) -> list[str]:
+    """``preferred`` when given (it selects and orders), else the values present, sorted."""
+    return list(preferred) if preferred else sorted(set(values))
+
+
+def _select(runs: Sequence[RunRecord], within: Optional[int], include_unfinished: bool) -> list[RunRecord]:
+    """Runs that count, one per (contender, dataset, seed) (a duplicate keeps the later path, with a warning)."""
+    chosen: dict[tuple, RunRecord] = {}
+    for r in runs:
+        if not r.counts_for(within, include_unfinished):
+            continue
+        key = (r.contender, r.dataset, r.seed)
+        if key in chosen:
+            print(f"etpo.report: warning: two runs for {key}: using {r.path}, ignoring {chosen[key].path}",
+                  file=sys.stderr)
+        chosen[key] = r
+    return list(chosen.values())
+
+
+def _by(runs: Sequence[RunRecord]) -> dict[str, dict[str, dict[int, RunRecord]]]:
+    out: dict[str, dict[str, dict[int, RunRecord]]] = {}
+    for r in runs:
+        out.setdefault(r.contender, {}).setdefault(r.dataset, {})[r.seed] = r
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# learning: how the batches of the end of a run compare with its start
+# ----------------------------------------------------------------------------------------------------------------
+
+def _tail_mean(series: np.ndarray, fraction: float) -> Optional[float]:
+    series = series[~np.isnan(series)]
+    if series.size == 0:
+        return None
+    k = max(1, int(math.ceil(fraction * series.size)))
+    return float(np.mean(series[-k:]))
+
+
+def _learning_values(run: RunRecord, last_fraction: float) -> dict[str, Optional[float]]:
+    """One run's values behind the learning table: the first batch's runnable fraction, the runnable fraction and
+    average reward over the last ``last_fraction`` of its batches, its best reward (None where it has none)."""
+    runnable = run.batch_series("batch_runnable_fraction")[1]
+    reward = run.batch_series("batch_avg_reward")[1]
+    return {"first_runnable": float(runnable[0]) if runnable.size and not np.isnan(runnable[0]) else None,
+            "last_runnable": _tail_mean(runnable, last_fraction),
+            "last_reward": _tail_mean(reward, last_fraction), "best": run.best_reward}
