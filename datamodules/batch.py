@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["GenerationConfig", "RolloutBatch", "RolloutMetrics"]
+__all__ = ["GenerationConfig", "RolloutBatch", "RolloutMetrics", "pad_rows"]
 
 
 @dataclass
@@ -62,11 +62,20 @@ class RolloutMetrics:
     """Rollout statistics of one batch, logged under ``charts/`` by every contender."""
 
     avg_reward: float
-    best_reward: float
+    best_reward: float  # best reward of the run so far
     runnable_fraction: float
     env_steps: float
     sps: float
     episodes: float
+    runnable_reward: Optional[float] = None  # mean reward of the batch's runnable answers (None: none ran)
+    batch_best_reward: Optional[float] = None  # best reward within this batch
+    generation_s: float = 0.0  # seconds spent sampling the batch's actions
+    environment_s: float = 0.0  # seconds spent stepping the environments (running the generated code)
+    generated_tokens: int = 0  # action tokens sampled for the batch
+
+    @property
+    def generated_tokens_per_s(self) -> float:
+        return self.generated_tokens / self.generation_s if self.generation_s > 0 else 0.0
 
     def as_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
@@ -155,3 +164,20 @@ class RolloutBatch:
             key = tuple(row[mask.bool()].tolist())
             ids.append(keys.setdefault(key, len(keys)))
         return torch.tensor(ids, dtype=torch.long, device=self.device)
+
+
+def pad_rows(rows: list[list[int]], side: str, pad: int = 0) -> tuple[Tensor, Tensor]:
+    """``(ids, mask)`` long tensors of token-id rows padded to one width on the ``"left"`` (prompts, for generation
+    and scoring) or the ``"right"`` (actions); mask 1 = real token."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    width = max(1, max((len(r) for r in rows), default=0))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r):
+            cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+            ids[i, cols] = torch.as_tensor(list(r), dtype=torch.long)
+            mask[i, cols] = 1
+    return ids, mask
+

@@ -18,7 +18,7 @@ import functools
 import importlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import lightning as L
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from datamodules.batch import GenerationConfig, RolloutBatch, RolloutMetrics
+from datamodules.batch import GenerationConfig, RolloutBatch, RolloutMetrics, pad_rows
 from envs.base import TextEnv, TextVectorEnv
 
 __all__ = ["GenerationConfig", "RolloutBatch", "RolloutPolicy", "RolloutCollector", "RolloutDataModule", "RolloutStats",
@@ -109,10 +109,22 @@ class RolloutStats:
     best_within: list = field(default_factory=list)  # [(env_steps, best_reward)] after every batch
     batch_avg_reward: list = field(default_factory=list)
     batch_runnable: list = field(default_factory=list)
+    # quality apart from runnability: the mean reward of the batch's runnable answers (None when none ran; for the
+    # data-science env their mean validation AUC) and the batch's best reward
+    batch_runnable_reward: list = field(default_factory=list)
+    batch_max_reward: list = field(default_factory=list)
+    # where each batch's time went: {"generation_s", "environment_s", "generated_tokens", "update_s"} (the module
+    # adds update_s through record_update_time once it has learned from the batch)
+    batch_timing: list = field(default_factory=list)
     wall_time_s: float = 0.0
     # the last batch's actions as the environments judged them ({env_index, episode_step, reward, status, error,
     # text}): written to the run's samples.jsonl, so a batch's failures can be read afterwards
     batch_samples: list = field(default_factory=list)
+
+    def record_update_time(self, seconds: float) -> None:
+        """The update's share of the last batch's time (called by the module after ``learn``)."""
+        if self.batch_timing:
+            self.batch_timing[-1]["update_s"] = float(seconds)
 
 
 class RolloutCollector:
@@ -155,12 +167,18 @@ class RolloutCollector:
         last_of_env: dict[int, int] = {}
         version = policy.policy_version
         self.stats.batch_samples = []
+        timing = {"generation_s": 0.0, "environment_s": 0.0, "generated_tokens": 0}
         for _ in range(self.steps_per_update):
             if self.exhausted:
                 break
             prompts = list(self._obs)
+            started = time.perf_counter()
             gen = policy.act(prompts, self.generation)
+            generated = time.perf_counter()
             obs, rewards, terminated, truncated, infos = self.vec.step(gen.texts)
+            timing["generation_s"] += generated - started
+            timing["environment_s"] += time.perf_counter() - generated
+            timing["generated_tokens"] += int(gen.action_mask.sum())
             prompt_ids = _unpad_rows(gen.prompt_ids, gen.prompt_mask)
             action_ids = _unpad_rows(gen.action_ids, gen.action_mask)
             for i in range(self.num_envs):
@@ -188,7 +206,7 @@ class RolloutCollector:
             for i, o in zip(done, new_obs):
                 obs[i] = o
             self._obs = list(obs)
-        return self._make_batch(transitions, policy, version)
+        return self._make_batch(transitions, policy, version, timing)
 
     def _track_best(self, reward: float, info: dict, text: str) -> None:
         if reward > self.stats.best_reward:
@@ -196,13 +214,19 @@ class RolloutCollector:
             self.stats.best_code = str(info.get("code") or text)
             self.stats.best_env_step = self.stats.env_steps + 1
 
-    def _make_batch(self, transitions: list[_Transition], policy: RolloutPolicy, version: int) -> RolloutBatch:
+    def _make_batch(self, transitions: list[_Transition], policy: RolloutPolicy, version: int,
+                    timing: dict) -> RolloutBatch:
         rewards = [t.reward for t in transitions]
         runnable = [t.status == "ok" for t in transitions]
+        ran = [r for r, ok in zip(rewards, runnable) if ok]
+        runnable_reward = float(np.mean(ran)) if ran else None
         self.stats.updates += 1
         self.stats.wall_time_s = time.perf_counter() - self._started
         self.stats.batch_avg_reward.append(float(np.mean(rewards)))
         self.stats.batch_runnable.append(float(np.mean(runnable)))
+        self.stats.batch_runnable_reward.append(runnable_reward)
+        self.stats.batch_max_reward.append(float(max(rewards)))
+        self.stats.batch_timing.append(dict(timing))
         self.stats.best_within.append((self.stats.env_steps, self.stats.best_reward))
         # Next-state prompts are needed only where the episode goes on (neither terminated nor truncated: the step
         # limit ends an episode, as in the paper) and the next state is not already the prompt of a later
@@ -233,6 +257,11 @@ class RolloutCollector:
                 env_steps=float(self.stats.env_steps),
                 sps=self.stats.env_steps / max(self.stats.wall_time_s, 1e-9),
                 episodes=float(self.stats.episodes),
+                runnable_reward=runnable_reward,
+                batch_best_reward=float(max(rewards)),
+                generation_s=float(timing["generation_s"]),
+                environment_s=float(timing["environment_s"]),
+                generated_tokens=int(timing["generated_tokens"]),
             ),
             next_prompt_ids=next_prompt_ids, next_prompt_mask=next_prompt_mask,
         )
@@ -244,7 +273,8 @@ class RolloutCollector:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.stats = RolloutStats(**state["stats"])
+        known = {f.name for f in fields(RolloutStats)}  # a checkpoint of an older version lacks the newer series
+        self.stats = RolloutStats(**{k: v for k, v in state["stats"].items() if k in known})
         self.stats.best_within = [tuple(x) for x in self.stats.best_within]
         self._obs = state["obs"]
         self._episode_seeds = np.random.SeedSequence(self.seed)
@@ -264,26 +294,12 @@ def _unpad_rows(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
     return [row[m].tolist() for row, m in zip(ids, mask)]
 
 
-def _pad(rows: list[list[int]], pad: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids, mask)`` long tensors of the rows padded to one width on the ``left`` (prompts, for generation and
-    scoring) or the ``right`` (actions)."""
-    width = max(1, max(len(r) for r in rows))
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
-            ids[i, cols] = torch.tensor(r, dtype=torch.long)
-            mask[i, cols] = 1
-    return ids, mask
-
-
 def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _pad(rows, pad, "left")
+    return pad_rows(rows, "left", pad)
 
 
 def _right_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _pad(rows, pad, "right")
+    return pad_rows(rows, "right", pad)
 
 
 class _RolloutStream(IterableDataset):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional
@@ -124,12 +125,14 @@ class AgentModule(L.LightningModule, metaclass=ABCMeta):
     # ---- one rollout batch per training step -------------------------------------------------------------------
     def training_step(self, dataloader_iter: Iterator) -> None:
         batch = self.run_forward(self.next_batch, dataloader_iter)  # generation runs in here: fresh, on-policy
+        started = time.perf_counter()
         charts = dict(self.learn(batch))
+        update_s = time.perf_counter() - started
         self.policy_version += 1
         size = len(batch)
         for key, value in charts.items():
             self.log(key, float(value), on_step=True, prog_bar=key.startswith("losses/"), batch_size=size)
-        self.log_rollout(batch)
+        self.log_rollout(batch, update_s)
 
     def next_batch(self, dataloader_iter: Iterator) -> RolloutBatch:
         """Pull the next rollout batch *now* (generated with the current weights) and move it to the device."""
@@ -255,14 +258,28 @@ class AgentModule(L.LightningModule, metaclass=ABCMeta):
         return {inner(opt).param_groups[0].get("name", str(i)): opt for i, opt in enumerate(optimizers)}
 
     # ---- logging -----------------------------------------------------------------------------------------------
-    def log_rollout(self, batch: RolloutBatch) -> None:
-        """The rollout charts every contender logs under the same keys."""
+    def log_rollout(self, batch: RolloutBatch, update_s: Optional[float] = None) -> None:
+        """The rollout charts every contender logs under the same keys: rewards under ``charts/`` (the mean reward of
+        the runnable answers and the batch's best besides the average and the runnable fraction), and where the
+        batch's time went under ``timing/`` (sampling, the environments, the update; generated tokens per second)."""
         metrics = batch.metrics
         size = len(batch)
         for key in ("avg_reward", "best_reward", "runnable_fraction", "env_steps", "sps"):
             self.log(f"charts/{key}", float(getattr(metrics, key)), on_step=True,
                      prog_bar=key in ("avg_reward", "best_reward"), batch_size=size)
+        for key in ("runnable_reward", "batch_best_reward"):
+            value = getattr(metrics, key, None)
+            if value is not None:  # no runnable answer in the batch: no point rather than a NaN
+                self.log(f"charts/{key}", float(value), on_step=True, batch_size=size)
+        timing = {"generation_s": metrics.generation_s, "environment_s": metrics.environment_s}
+        if update_s is not None:
+            timing["update_s"] = update_s
+        for key, value in timing.items():
+            self.log(f"timing/{key}", float(value), on_step=True, prog_bar=True, batch_size=size)
+        self.log("timing/generated_tokens_per_s", float(metrics.generated_tokens_per_s), on_step=True, batch_size=size)
         stats = getattr(self.trainer.datamodule, "stats", None)
+        if stats is not None and update_s is not None and hasattr(stats, "record_update_time"):
+            stats.record_update_time(update_s)
         if stats is not None and stats.best_reward > self._logged_best:
             self._logged_best = stats.best_reward
             experiment = getattr(self.logger, "experiment", None)

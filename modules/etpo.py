@@ -7,12 +7,14 @@ The algorithm, top to bottom, in :meth:`ETPOModule.learn` (one fresh on-policy r
    soft value ``V(ctx) = sum_w pi (Qbar - beta log(pi / pi_bar))``, the target's Q of the taken token and -- for
    TD(lambda) with a sampling temperature -- the trace ``min(1, pi / mu)``; the values of the next states; then
    the targets ``y`` (Eq. 6, or their TD(lambda) form);
-2. **critic step** (``critic_steps`` times): the *critic* view's Q of the taken tokens regressed on ``y``; one
-   AdamW step of the critic adapter;
+2. **critic step** (``critic_steps`` times; ``critic_warmup_steps`` in the first ``critic_warmup`` batches): the
+   *critic* view's Q of the taken tokens regressed on ``y`` -- with ``replay_rows`` past transitions besides the
+   fresh ones when the critic replay is on (:mod:`modules.replay`: their targets recomputed now, Retrace-cut traces);
+   one AdamW step of the critic adapter;
 3. **policy step**, against the *updated* critic: ``KL(pi_theta || pi_bar exp(Q / beta) / Z)`` over the whole
-   vocabulary at every action token, Q and the reference fixed; one AdamW step of the policy adapter (skipped during
-   the first ``critic_warmup`` batches);
-4. **target update**: ``phibar <- polyak * phibar + (1 - polyak) * phi``.
+   vocabulary at every action token of the fresh batch, Q and the reference fixed; one AdamW step of the policy
+   adapter (skipped during the first ``critic_warmup`` batches when ``warmup_freezes_policy``);
+4. **target update**: ``phibar <- polyak * phibar + (1 - polyak) * phi``; the fresh transitions join the replay.
 
 Memory engineering stays out of the way of the algorithm: the model layer lays the batch out once
 (:meth:`~modules.shared_base.SharedBaseLM.plan`: shared prompt prefixes computed once), vocabulary-sized tensors
@@ -30,6 +32,7 @@ from lightning.pytorch.cli import LRSchedulerCallable
 
 from datamodules.batch import RolloutBatch
 from modules.agent import AgentModule, TokenCredit
+from modules.replay import TransitionReplay
 from modules.losses.etpo import (
     Q_PARAMETERISATIONS,
     behaviour_log_probs,
@@ -59,6 +62,7 @@ class _Targets:
     target_q_taken: torch.Tensor
     traces: torch.Tensor
     charts: dict
+    behaviour_log_probs: Optional[torch.Tensor] = None  # log mu of the taken tokens (kept for the replay)
 
 
 class ETPOModule(AgentModule):
@@ -82,7 +86,12 @@ class ETPOModule(AgentModule):
             stepped after every step of their optimizer.
         polyak: target update ``phibar <- polyak phibar + (1 - polyak) phi`` after every batch (the paper: 0.995).
         critic_steps: critic optimizer steps per batch (the targets are computed once per batch).
-        critic_warmup: batches at the start during which only the critic learns (the policy is frozen).
+        critic_warmup: batches at the start that are the critic's warm-up.
+        critic_warmup_steps: critic steps per batch during the warm-up (None: ``critic_steps``).
+        warmup_freezes_policy: no policy step during the warm-up (True); False: the policy learns from the first
+            batch on and the warm-up only adds critic steps.
+        replay_capacity: past transitions kept for the critic (0: no replay, the paper's on-policy update).
+        replay_rows: past transitions added to every critic step (:mod:`modules.replay`; the policy never sees them).
         train_policy: set False to freeze the policy for good (an ablation; the learning test uses it as a control).
         token_chunk_size: action tokens per chunk when evaluating vocabulary-sized tensors.
     """
@@ -109,6 +118,10 @@ class ETPOModule(AgentModule):
         polyak: float = 0.995,
         critic_steps: int = 1,
         critic_warmup: int = 0,
+        critic_warmup_steps: int | None = None,
+        warmup_freezes_policy: bool = True,
+        replay_capacity: int = 0,
+        replay_rows: int = 0,
         train_policy: bool = True,
         token_chunk_size: int = 64,
     ):
@@ -121,7 +134,13 @@ class ETPOModule(AgentModule):
             raise ValueError(f"td_lambda must be in [0, 1], got {td_lambda}")
         if critic_steps < 1 or critic_warmup < 0 or token_chunk_size < 1:
             raise ValueError("critic_steps and token_chunk_size must be >= 1 and critic_warmup >= 0")
+        if critic_warmup_steps is not None and critic_warmup_steps < 1:
+            raise ValueError(f"critic_warmup_steps must be >= 1 (or null), got {critic_warmup_steps}")
+        if replay_capacity < 0 or replay_rows < 0 or (replay_rows > 0) != (replay_capacity > 0):
+            raise ValueError("replay_capacity and replay_rows must both be > 0 (critic replay) or both 0, got "
+                             f"{replay_capacity} and {replay_rows}")
         self.save_hyperparameters(ignore=["backbone", "policy_lr_scheduler", "critic_lr_scheduler"])
+        self.replay = TransitionReplay(replay_capacity)
         self.policy_lr_scheduler = policy_lr_scheduler
         self.critic_lr_scheduler = critic_lr_scheduler
 
@@ -158,19 +177,42 @@ class ETPOModule(AgentModule):
         hp = self.hparams
         plan = self.plan(batch)
         optimizers = self.optimizers_by_name()
-        targets = self.run_forward(self.compute_targets, batch, plan)  # 1.
+        replaying = len(self.replay) > 0
+        targets = self.run_forward(self.compute_targets, batch, plan, None, hp.replay_capacity > 0)  # 1.
+        replayed = self.run_forward(self.replayed_targets, batch) if replaying else None
         charts = dict(targets.charts)
-        for _ in range(hp.critic_steps):  # 2.
-            charts.update(self.optimizer_step_on(optimizers["critic"], self.critic_loss, batch, plan, targets))
-        if hp.train_policy and self.policy_version >= hp.critic_warmup:  # 3.
+        warmup = self.policy_version < hp.critic_warmup
+        steps = hp.critic_warmup_steps if warmup and hp.critic_warmup_steps is not None else hp.critic_steps
+        for _ in range(steps):  # 2.
+            charts.update(self.optimizer_step_on(optimizers["critic"], self.critic_loss, batch, plan, targets,
+                                                 replayed))
+        if hp.train_policy and not (warmup and hp.warmup_freezes_policy):  # 3.
             charts.update(self.optimizer_step_on(optimizers["policy"], self.policy_loss, batch, plan, targets))
         polyak_update_sharded(self.model, hp.polyak, self.root_model())  # 4.
+        if hp.replay_capacity:
+            self.replay.add_batch(batch, targets.behaviour_log_probs, self.policy_version)
         return charts
 
+    def replayed_targets(self, batch: RolloutBatch) -> Optional[tuple]:
+        """``replay_rows`` past transitions (drawn with a seed fixed by the batch count, so a resumed run draws the
+        same) as ``(batch, plan, targets)`` for the critic step: targets recomputed now under the current policy and
+        target network, traces cut to ``min(1, pi / mu)`` with each token's stored ``log mu`` (:mod:`modules.replay`)."""
+        drawn = self.replay.sample(self.hparams.replay_rows, seed=self.policy_version, like=batch)
+        if drawn is None:
+            return None
+        past, log_mu = drawn
+        plan = self.plan(past)
+        return past, plan, self.compute_targets(past, plan, replayed=log_mu)
+
     @torch.no_grad()
-    def compute_targets(self, batch: RolloutBatch, plan: ScoringPlan) -> _Targets:
+    def compute_targets(self, batch: RolloutBatch, plan: ScoringPlan,
+                        replayed: Optional[torch.Tensor] = None, record_behaviour: bool = False) -> _Targets:
         """Step 1: per-token soft values under (target Q, current policy, reference), the traces, and the
-        regression targets ``y`` of every taken token."""
+        regression targets ``y`` of every taken token.
+
+        ``replayed [B, L]``: ``log mu`` of tokens an earlier policy sampled (replayed transitions): the
+        traces are then ``min(1, pi / mu)`` whatever ``trace_correction`` says. ``record_behaviour``: return the
+        fresh batch's own ``log mu`` (the sampling distribution of the current policy) for the replay."""
         hp, m = self.hparams, self.model
         actions, mask = batch.action_ids, batch.action_mask.float()
         h_ref, x_ref = m.plan_hidden("reference", plan)
@@ -180,6 +222,7 @@ class ETPOModule(AgentModule):
         values, target_q_taken, ref_taken, log_pi, log_mu = (torch.zeros(shape, device=mask.device)
                                                              for _ in range(5))
         correct = hp.td_lambda > 0 and hp.trace_correction and not batch.sampling.samples_from_the_policy
+        record = correct or record_behaviour
         kl_sum = ent_sum = 0.0
         for sl in token_chunks(shape[1], hp.token_chunk_size):
             taken = actions[:, sl].unsqueeze(-1)
@@ -191,24 +234,31 @@ class ETPOModule(AgentModule):
             target_q_taken[:, sl] = q_target.gather(-1, taken).squeeze(-1)
             ref_taken[:, sl] = ref_logits.gather(-1, taken).squeeze(-1)
             log_pi[:, sl] = torch.log_softmax(pi_logits, -1).gather(-1, taken).squeeze(-1)
-            if correct:
+            if record:
                 s = batch.sampling
                 log_mu[:, sl] = behaviour_log_probs(pi_logits, actions[:, sl], s.temperature, s.top_k, s.top_p)
             kl_sum += float((kl * mask[:, sl]).sum())
             ent_sum += float((entropy(pi_logits) * mask[:, sl]).sum())
         next_values = self._next_state_values(batch, values[:, 0], x_ref, x_target, x_policy)
-        traces = trace_coefficients(log_pi, log_mu if correct else None)
+        if replayed is not None:
+            traces = trace_coefficients(log_pi, replayed.to(log_pi.device))
+        else:
+            traces = trace_coefficients(log_pi, log_mu if correct else None)
         targets = trace_targets(values, target_q_taken, traces, mask, batch.rewards.float(), batch.dones,
                                 next_values, hp.gamma, hp.td_lambda, hp.discount_within_action)
         n = float(mask.sum().clamp(min=1))
         charts = {"charts/kl": kl_sum / n, "charts/entropy": ent_sum / n,
                   "charts/target_mean": float((targets * mask).sum()) / n,
                   "charts/value_first_token": float(values[:, 0].mean()),
-                  "charts/action_tokens": n / len(batch)}
-        if correct:
+                  "charts/action_tokens": n / len(batch),
+                  # what prefix sharing saves: positions one forward computes, against the rows' own tokens
+                  "timing/positions_computed": float(plan.tokens_computed),
+                  "timing/positions_plain": float(plan.sequence_tokens)}
+        if correct or replayed is not None:
             charts["charts/trace_mean"] = float((traces * mask).sum()) / n
         return _Targets(targets=targets, ref_taken=ref_taken, ref_hidden=h_ref.detach(), values=values,
-                        target_q_taken=target_q_taken, traces=traces, charts=charts)
+                        target_q_taken=target_q_taken, traces=traces, charts=charts,
+                        behaviour_log_probs=log_mu if record else None)
 
     def _next_state_values(self, batch: RolloutBatch, first_row_values: torch.Tensor, x_ref, x_target,
                            x_policy) -> torch.Tensor:
@@ -225,18 +275,31 @@ class ETPOModule(AgentModule):
             next_values[batch.next_needed] = v.to(next_values.dtype)
         return next_values
 
-    def critic_loss(self, batch: RolloutBatch, plan: ScoringPlan, t: _Targets) -> tuple[torch.Tensor, dict]:
+    def critic_loss(self, batch: RolloutBatch, plan: ScoringPlan, t: _Targets,
+                    replayed: Optional[tuple] = None) -> tuple[torch.Tensor, dict]:
         """Step 2: the soft Bellman regression of the critic's Q of every taken token on its target (only the taken
-        token's logit is needed: one row of the head per token, no vocabulary-sized tensor)."""
+        token's logit is needed: one row of the head per token, no vocabulary-sized tensor) -- the mean over the
+        fresh batch's tokens and, with the replay, the replayed ones (``replayed = (batch, plan, targets)``)."""
+        parts = [(batch, plan, t)] + ([replayed] if replayed is not None else [])
+        sums, counts, charts = [], [], {}
+        for k, (b, p, targets) in enumerate(parts):
+            q_taken = self._critic_q_taken(b, p, targets)
+            mask = b.action_mask.float()
+            sums.append(soft_q_regression(q_taken, targets.targets, mask, self.hparams.huber_delta, reduction="sum"))
+            counts.append(mask.sum())
+            if k == 0:
+                charts["charts/q_taken"] = float((q_taken.detach() * mask).sum()) / float(mask.sum().clamp(min=1))
+            else:
+                charts["charts/critic_loss_replay"] = float(sums[-1].detach()) / float(counts[-1].clamp(min=1))
+        loss = torch.stack(sums).sum() / torch.stack(counts).sum().clamp(min=1)
+        charts["losses/critic"] = float(loss.detach())
+        return loss, charts
+
+    def _critic_q_taken(self, batch: RolloutBatch, plan: ScoringPlan, t: _Targets) -> torch.Tensor:
         m = self.model
         h_critic, _ = m.plan_hidden("critic", plan)
         critic_taken = m.head_rows(h_critic, batch.action_ids)
-        q_taken = critic_taken - t.ref_taken if self.hparams.q_parameterisation == "zero" else critic_taken
-        mask = batch.action_mask.float()
-        loss = soft_q_regression(q_taken, t.targets, mask, self.hparams.huber_delta)
-        n = float(mask.sum().clamp(min=1))
-        return loss, {"losses/critic": float(loss.detach()),
-                      "charts/q_taken": float((q_taken.detach() * mask).sum()) / n}
+        return critic_taken - t.ref_taken if self.hparams.q_parameterisation == "zero" else critic_taken
 
     def policy_loss(self, batch: RolloutBatch, plan: ScoringPlan, t: _Targets) -> tuple[torch.Tensor, dict]:
         """Step 3: Eq. 7 at every action token against the updated critic, chunk by chunk over the vocabulary."""
@@ -255,6 +318,17 @@ class ETPOModule(AgentModule):
 
         loss = m.chunked_head_loss(h_policy, chunk_loss, hp.token_chunk_size)
         return loss, {"losses/policy": float(loss.detach())}
+
+    # ---- checkpoints: the replay survives a resume ----------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.hparams.replay_capacity:
+            checkpoint["replay"] = self.replay.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if "replay" in checkpoint:
+            self.replay.load_state_dict(checkpoint["replay"])
 
     # ---- token-level credit ------------------------------------------------------------------------------------
     @torch.no_grad()

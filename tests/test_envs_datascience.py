@@ -117,15 +117,23 @@ def test_failure_gives_reflection_then_truncation(pool):
     assert reward == -1.0 and not terminated and not truncated
     assert info["status"] == "error" and "deliberate failure 123" in info["error"]
     assert info["auc"] is None and info["steps"] == 1
-    # the reflection prompt shows the previous code (as a comment) and the error, and opens a fresh function
-    assert "#     raise RuntimeError('deliberate failure 123')" in obs
-    assert "deliberate failure 123" in obs.split("raise RuntimeError")[-1]
+    # the reflection prompt (task-first, the default layout): the task prompt, the previous code as the body of its
+    # open function, the error as comments, and a fresh open function
+    assert obs.startswith(obs0)
+    rest = obs[len(obs0):]
+    assert rest.startswith("\n    import numpy as np\n    raise RuntimeError('deliberate failure 123')")
+    assert "# RuntimeError: deliberate failure 123" in rest
     assert obs.endswith('    """') and not obs.endswith("\n")
-    assert obs.count("\ndef build_model") == 1 and obs.count("# def build_model") == 1
+    assert rest.count("\ndef build_model") == 1
     obs, reward, terminated, truncated, info = env.step("this is not code at all")
     assert info["status"] == "invalid-output" and reward == -1.0
     assert truncated is True and terminated is False and info["steps"] == 2
-    assert "# this is not code at all" in obs
+    assert obs[len(obs0):].startswith("\nthis is not code at all\n") and "is not a usable build_model" in obs
+    # the earlier layout, feedback first, stays available
+    old = make_env("iris", max_steps=2, n_splits=2, reflection_layout="feedback_first")
+    old.reset()
+    obs = old.step(bad)[0]
+    assert "#     raise RuntimeError('deliberate failure 123')" in obs and obs.endswith(obs0)
     with pytest.raises(RuntimeError):
         env.step(LR_BODY)
     # after reset the episode starts from the task prompt; success terminates

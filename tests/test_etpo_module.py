@@ -61,10 +61,11 @@ def _batch(module, multi_step=False, seed=0, env=None):
     return batch
 
 
-def _perturbed_module(q_parameterisation="zero", gradient_checkpointing=False, prefix_sharing=True, **kw):
+def _perturbed_module(q_parameterisation="zero", gradient_checkpointing=False, prefix_sharing=True,
+                      alphabet="abcdefgh", **kw):
     torch.manual_seed(0)
     module = ETPOModule(backbone=tiny_backbone(gradient_checkpointing=gradient_checkpointing,
-                                               prefix_sharing=prefix_sharing),
+                                               prefix_sharing=prefix_sharing, tiny_alphabet=alphabet),
                         beta=0.05, gamma=0.9, q_parameterisation=q_parameterisation, token_chunk_size=2, **kw)
     module.configure_model()
     m = module.model

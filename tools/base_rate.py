@@ -304,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (default: 8)")
     p.add_argument("--second-attempt", action="store_true",
                    help="after each failed first attempt, sample once from the env's reflection prompt")
+    p.add_argument("--reflection-layout", default="task_first", help="task_first (default) or feedback_first")
+    p.add_argument("--continue-after-success", action="store_true",
+                   help="episodes go on after code that runs (stop_on_success=False): with --second-attempt every "
+                        "first attempt gets a second one, after an error or after its AUC")
     p.add_argument("--replay", default=None,
                    help="a samples JSONL of an earlier run: step its first attempts again (same task prompt) "
                         "instead of sampling; with --second-attempt, compares reflection prompts on the same failures")
@@ -348,7 +352,8 @@ def main(argv: Sequence[str] | None = None, backbone=None) -> dict:
     env_kwargs = dict(
         dataset=args.dataset, prompt_style=args.prompt_style, n_few_shot=args.n_few_shot, data_dir=args.data_dir,
         max_steps=2 if args.second_attempt else 1, reflection=True, n_splits=args.n_splits,
-        split_seed=args.split_seed, timeout=args.timeout,
+        split_seed=args.split_seed, timeout=args.timeout, reflection_layout=args.reflection_layout,
+        stop_on_success=not args.continue_after_success,
     )
     probe = DataScienceEnv(**env_kwargs)  # fail on a bad dataset / style before the model loads
     generation = GenerationConfig(

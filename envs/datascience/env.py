@@ -12,9 +12,14 @@ The code runs in a :class:`envs.datascience.evaluation.ModelSandbox` worker that
 labels never reach the sandbox, nor does any other copy of the data (``sandbox:`` below, :mod:`envs.isolation`).
 ``GridSearchCV`` is refused before anything runs (as in the reference implementation).
 
-Episode: after a failure the next observation is a reflection prompt with the previous code and the error
-(``reflection=True``), else the task prompt again; the episode terminates when the code runs and is truncated
+Episode (the paper's): after a failure the next observation is a reflection prompt with the previous code and the
+error (``reflection=True``), else the task prompt again; the episode terminates when the code runs and is truncated
 after ``max_steps`` steps (T = 5 in the paper; ETPO(1-step) is ``max_steps=1, reflection=False``).
+``stop_on_success=False`` goes beyond the paper: code that runs does not end the episode, the next observation
+shows its validation AUC with a request to improve on it, and every episode lasts ``max_steps`` steps (each step
+rewarded as Eq. 10). ``reflection_layout`` places the feedback (:func:`envs.datascience.prompts.reflection_prompt`):
+``task_first`` (the task prompt, the previous attempt, its feedback, the open stub again: every row of a batch
+shares the task prompt as its prefix) or ``feedback_first`` (the earlier layout, errors only).
 
 ``info`` of every step: ``status`` (``ok`` / ``error`` / ``timeout`` / ``refused`` / ``invalid-output``),
 ``error`` (str or None), ``auc`` (mean AUC or None), ``aucs`` (per split), ``code`` (the program that was run,
@@ -34,7 +39,7 @@ from .datasets import TabularDataset, load_dataset
 from ..isolation import resolve_isolation
 from .evaluation import get_default_pool, make_splits, roc_auc
 from .extract import extract_function, find_banned
-from .prompts import clean_description, reflection_prompt, task_prompt
+from .prompts import REFLECTION_LAYOUTS, clean_description, reflection_prompt, task_prompt
 
 __all__ = ["DataScienceEnv", "make_splits", "roc_auc", "summarize_error", "FAILURE_REWARD"]
 
@@ -107,6 +112,10 @@ class DataScienceEnv(TextEnv):
         max_rows, subsample, subsample_seed, data_dir, download: dataset loading (see ``load_dataset``).
         prompt_style: ``"paper"`` (bare stub) or ``"few_shot"`` (``n_few_shot`` worked examples first).
         reflection: after a failure, show the previous code and error (False: show the task prompt again).
+        reflection_layout: ``"task_first"`` or ``"feedback_first"`` (see the module docstring).
+        stop_on_success: True (the paper): the episode ends when the code runs. False: it goes on to ``max_steps``,
+            and after code that ran the next observation (with ``reflection``) shows its validation AUC and asks for
+            a better one.
         pool: a :class:`envs.datascience.evaluation.ModelSandbox`; None uses the process-wide pool for ``sandbox``.
         sandbox: isolation of the generated code: ``"auto"`` (bubblewrap when installed; an error when it is
             installed but cannot start), ``"isolated"`` (bubblewrap or an error) or ``"rlimits"`` (resource limits
@@ -143,6 +152,8 @@ class DataScienceEnv(TextEnv):
         max_error_chars: int = 800,
         max_error_lines: int = 8,
         sandbox: str | None = None,
+        reflection_layout: str = "task_first",
+        stop_on_success: bool = True,
     ):
         if max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {max_steps}")
@@ -164,6 +175,14 @@ class DataScienceEnv(TextEnv):
         self.timeout = float(timeout)
         self.memory_limit_mb = int(memory_limit_mb)
         self.reflection = bool(reflection)
+        if reflection_layout not in REFLECTION_LAYOUTS:
+            raise ValueError(f"reflection_layout must be one of {', '.join(REFLECTION_LAYOUTS)}; got "
+                             f"{reflection_layout!r}")
+        if not stop_on_success and reflection and reflection_layout != "task_first":
+            raise ValueError("stop_on_success=False with reflection needs reflection_layout='task_first' (the "
+                             "feedback_first layout shows errors only)")
+        self.reflection_layout = reflection_layout
+        self.stop_on_success = bool(stop_on_success)
         self.banned = tuple(banned)
         self.max_error_chars = int(max_error_chars)
         self.max_error_lines = int(max_error_lines)
@@ -218,15 +237,19 @@ class DataScienceEnv(TextEnv):
         result["steps"] = self._steps
         result["dataset"] = self.dataset.name
         result["duration"] = time.monotonic() - t0
+        answer = action if isinstance(action, str) else ""
         if result["status"] == "ok":
-            reward, terminated = float(result["auc"]), True
+            reward, terminated = float(result["auc"]), self.stop_on_success
             obs = self.prompt
+            if not terminated and self.reflection:
+                obs = reflection_prompt(self.prompt, result["code"], answer, None, auc=reward,
+                                        layout=self.reflection_layout)
         else:
             reward, terminated = FAILURE_REWARD, False
+            obs = self.prompt
             if self.reflection:
-                obs = reflection_prompt(self.prompt, result["code"], action if isinstance(action, str) else "", result["error"])
-            else:
-                obs = self.prompt
+                obs = reflection_prompt(self.prompt, result["code"], answer, result["error"],
+                                        layout=self.reflection_layout)
         truncated = not terminated and self._steps >= self.max_steps
         self._done = terminated or truncated
         result["reward"] = reward

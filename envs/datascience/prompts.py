@@ -45,7 +45,8 @@ import textwrap
 from dataclasses import dataclass
 
 __all__ = [
-    "task_prompt", "reflection_prompt", "stub", "clean_description", "error_hint", "WorkedExample", "PromptStyle",
+    "task_prompt", "reflection_prompt", "task_first_prompt", "feedback_first_prompt", "open_stub", "REFLECTION_LAYOUTS",
+    "stub", "clean_description", "error_hint", "WorkedExample", "PromptStyle",
     "STYLES", "PROMPT_STYLES", "FEW_SHOT_EXAMPLES", "FUNCTION_DOCS",
 ]
 
@@ -267,7 +268,81 @@ def error_hint(error: str) -> str | None:
     return None
 
 
-def reflection_prompt(task: str, previous_code: str | None, previous_answer: str, error: str) -> str:
+#: where the feedback of a reflection prompt goes (:func:`reflection_prompt`)
+REFLECTION_LAYOUTS: tuple[str, ...] = ("task_first", "feedback_first")
+
+#: lines of the previous attempt a reflection prompt shows (enough for a short body; a runaway answer is cut)
+SHOWN_LINES = 12
+
+
+def open_stub(task: str) -> str:
+    """The open function a task prompt ends with: its last ``def build_model(`` to the end (header + docstring)."""
+    at = task.rfind("def build_model(")
+    if at < 0:
+        raise ValueError("the task prompt has no open build_model stub")
+    return task[at:]
+
+
+def _previous_body(previous_code: str | None, previous_answer: str) -> str:
+    """The previous attempt as the continuation of the task's open function: the body of the program that was run
+    (the lines after its ``def build_model`` line), else the raw answer; at most :data:`SHOWN_LINES` lines."""
+    if previous_code is not None and "def build_model" in previous_code:
+        lines = previous_code.split("def build_model", 1)[1].splitlines()[1:]
+    else:
+        lines = []
+        for line in (previous_answer or "").splitlines():
+            # the answer ended where a new top-level block began (the rollout's stop strings): drop that block, and
+            # never show an unclosed string, which would swallow the feedback below it
+            if line.startswith(("def ", "class ", "if __name__")) or line.strip().startswith(('"""', "'''")):
+                break
+            lines.append(line.replace('"""', "'''"))
+    while lines and not lines[0].strip():
+        lines = lines[1:]
+    lines = [line.rstrip() for line in lines]
+    while lines and not lines[-1]:
+        lines.pop()
+    if len(lines) > SHOWN_LINES:
+        lines = lines[:SHOWN_LINES] + ["    # [...]"]
+    return "\n" + "\n".join(lines) if lines else "\n    pass"
+
+
+def task_first_prompt(task: str, previous_code: str | None, previous_answer: str, error: str | None = None,
+                      auc: float | None = None) -> str:
+    """The paper's reflection state laid out task-first: the task prompt unchanged, the previous attempt as the
+    body of its open function, the feedback as comments, then the open stub again.
+
+    The feedback is the error (as the env summarised it, with the :func:`error_hint` of known errors) and a request
+    to fix it, or -- after code that ran (episodes that go on after a success) -- its mean validation ROC AUC with a
+    request to improve on it. Every reflection prompt starts with the whole task prompt, which is also every first
+    attempt's prompt: a batch's rows share it as one prefix, computed once (generation and update), so the
+    reflection costs only the previous attempt, the feedback and the stub of each row."""
+    body = _previous_body(previous_code, previous_answer)
+    if auc is not None:
+        feedback = (f"# Result: build_model above ran; its mean validation ROC AUC is {auc:.4f}.\n"
+                    "# Write a better build_model: try another classifier, other settings or preprocessing.\n")
+    else:
+        what = "failed" if previous_code is not None else "is not a usable build_model function"
+        hint = error_hint(error or "")
+        feedback = (f"# Error: build_model above {what}:\n{_as_comment(error or '', max_lines=8)}\n"
+                    + (f"# Hint: {hint}\n" if hint else "") + "# Fix the problem and write build_model again.\n")
+    return f"{task}{body}\n\n\n{feedback}{open_stub(task)}"
+
+
+def reflection_prompt(task: str, previous_code: str | None, previous_answer: str, error: str | None,
+                      auc: float | None = None, layout: str = "feedback_first") -> str:
+    """Observation after a step that does not end the episode: :func:`task_first_prompt` (``layout="task_first"``)
+    or the earlier feedback-first layout below (``"feedback_first"``, after failures only)."""
+    if layout == "task_first":
+        return task_first_prompt(task, previous_code, previous_answer, error, auc)
+    if layout != "feedback_first":
+        raise ValueError(f"reflection layout must be one of {', '.join(REFLECTION_LAYOUTS)}; got {layout!r}")
+    if auc is not None:
+        raise ValueError("the feedback_first layout shows errors only; use layout='task_first' for feedback on "
+                         "code that ran")
+    return feedback_first_prompt(task, previous_code, previous_answer, error)
+
+
+def feedback_first_prompt(task: str, previous_code: str | None, previous_answer: str, error: str) -> str:
     """Observation after a failed step: the previous code (or answer) and its error as comments with a one-line
     hint, then the task prompt again, unchanged.
 

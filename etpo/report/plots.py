@@ -274,23 +274,40 @@ def plot_batch_runnable(runs: Sequence[RunRecord], path: str | Path, **kw) -> Op
 
 
 def plot_run_curve(summary: dict, path: str | Path) -> Optional[Path]:
-    """One run's learning curve (``reward_curve.png`` of every run directory): the average reward and the runnable
-    fraction of each rollout batch against environment steps, with the best reward found so far."""
+    """One run's learning curve (``reward_curve.png`` of every run directory), one point per rollout batch against
+    environment steps: on top the *quality* of the answers that ran -- their mean reward (for the data-science env,
+    the mean validation AUC of runnable code), the batch's best and the best so far, on the reward's own scale --
+    then the average reward (failures count -1) and the runnable fraction."""
     rewards = list(summary.get("batch_avg_reward") or [])
     if not rewards:
         return None
     runnable = list(summary.get("batch_runnable_fraction") or [])
     steps = [int(x[0]) for x in summary.get("best_within") or []][: len(rewards)] or list(range(1, len(rewards) + 1))
-    best = [float(x[1]) if x[1] is not None and math.isfinite(float(x[1])) else float("nan")
-            for x in summary.get("best_within") or []][: len(rewards)]
+    finite = lambda x: float(x) if x is not None and math.isfinite(float(x)) else float("nan")  # noqa: E731
+    best = [finite(x[1]) for x in summary.get("best_within") or []][: len(rewards)]
+    quality = [finite(x) for x in summary.get("batch_runnable_reward") or []][: len(rewards)]
+    batch_best = [finite(x) for x in summary.get("batch_max_reward") or []][: len(rewards)]
     plt = _pyplot()
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.0, 5.0), sharex=True)
-    top.plot(steps, rewards, marker="o", lw=1.5, label="average reward of the batch")
+    fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(6.0, 7.0), sharex=True,
+                                              gridspec_kw={"height_ratios": [1.3, 1.0, 0.8]})
+    if quality:
+        top.plot(steps[: len(quality)], quality, marker="o", lw=1.5, color="tab:purple",
+                 label="mean reward of the runnable answers")
+    if batch_best:
+        top.plot(steps[: len(batch_best)], batch_best, marker=".", lw=0.8, color="tab:gray", label="best of the batch")
     if best:
-        top.plot(steps, best, ls="--", lw=1.2, label="best reward so far")
-    top.set_ylabel("reward (-1 = not runnable)")
+        top.plot(steps, best, ls="--", lw=1.2, color="tab:orange", label="best so far")
+    shown = [v for v in quality + batch_best + best if math.isfinite(v) and v > -1.0]
+    if shown:  # the quality scale: the rewards of answers that ran, not the -1 of those that did not
+        low, high = min(shown), max(shown)
+        pad = max(0.005, 0.1 * (high - low))
+        top.set_ylim(low - pad, high + pad)
+    top.set_ylabel("reward of runnable answers")
     top.legend(fontsize=8)
     top.grid(alpha=0.3)
+    middle.plot(steps, rewards, marker="o", lw=1.5, label="average reward of the batch")
+    middle.set_ylabel("average reward\n(-1 = not runnable)")
+    middle.grid(alpha=0.3)
     if runnable:
         bottom.plot(steps[: len(runnable)], runnable, marker="o", lw=1.5, color="tab:green")
     bottom.set_ylim(-0.05, 1.05)

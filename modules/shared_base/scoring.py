@@ -62,6 +62,7 @@ class ScoringPlan:
     packed: Optional[PackedBatch] = None
     ids: Optional[Tensor] = None
     mask: Optional[Tensor] = None
+    sequence_tokens: int = 0  # real tokens of all rows' sequences: what the plain computation runs without padding
 
     @property
     def tokens_computed(self) -> int:
@@ -217,7 +218,8 @@ class ScoringMixin:
         return ScoringPlan(action_index=action_index.to(device), action_mask=action_mask.to(device),
                            extra_index=None if extra_index is None else extra_index.to(device),
                            packed=None if packed is None else packed.to(device),
-                           ids=None if ids is None else ids.to(device), mask=None if mask is None else mask.to(device))
+                           ids=None if ids is None else ids.to(device), mask=None if mask is None else mask.to(device),
+                           sequence_tokens=sum(len(seq) for seq in all_sequences))
 
     def plan_hidden(self, view: str, plan: ScoringPlan) -> tuple[Tensor, Optional[Tensor]]:
         """One forward of ``view`` over ``plan``: action-aligned hidden states ``[B, L, H]`` and the last-token
