@@ -14,6 +14,12 @@ and their directories are removed; the run exits with 128 + the signal number an
 generated code runs under (:func:`envs.isolation.isolation_report`) goes to the console, ``summary.json`` and
 TensorBoard. A config that does not parse stops with one line naming the file, line and column, or the unknown key
 and the closest valid one.
+
+A run starts with one line per fact -- ``etpo.fit: run directory: ...``, ``etpo.fit: model: ...`` (what was
+loaded, its dtype and device, the adapters), ``etpo.fit: sandbox: ...`` -- and none of the libraries' own start
+lines (etpo/console.py). Configs travel: a relative config path in a config (``backbone: model/smollm2.yaml``) that
+is not next to it is taken from the project's ``configs/`` folder, so a copy edited anywhere runs; a path found
+nowhere stops with one line saying where it was looked for and how to fix it (etpo/config_paths.py).
 """
 
 from __future__ import annotations
@@ -152,6 +158,46 @@ class _StopSignals:
 _STOP = _StopSignals()
 
 
+def _describe_model(module: Any) -> str | None:
+    """What was loaded, in one line: the model, where it comes from, its dtype and device, and the adapters; None for
+    a module without the project's shared base (``backbone`` and ``model``)."""
+    cfg, lm = getattr(module, "backbone", None), getattr(module, "model", None)
+    base = getattr(lm, "base_model", None)
+    if cfg is None or base is None:
+        return None
+    if cfg.source == "tiny":
+        name, origin = f"tiny random Llama with {cfg.tiny_num_layers} layers of width {cfg.tiny_hidden_size}", "tiny"
+    elif cfg.source == "hf":
+        name, origin = str(cfg.name_or_path), "hf"
+    else:  # smollm2 | gguf: the file's name less its quantisation ("SmolLM2-135M-Instruct.Q4_1.gguf")
+        from modules.shared_base.loading import smollm2_gguf_path
+
+        file = smollm2_gguf_path() if cfg.source == "smollm2" else Path(cfg.gguf_file or str(cfg.name_or_path))
+        name, _, quant = file.name.removesuffix(".gguf").partition(".")
+        origin = " ".join(x for x in ("smollm2" if cfg.source == "smollm2" else "", "GGUF", quant) if x)
+    param = next(base.parameters(), None)
+    where = "" if param is None else f", {str(param.dtype).removeprefix('torch.')} on {param.device}"
+    return f"{name} ({origin}{where}), policy and critic LoRA r={cfg.lora_r}"
+
+
+class _StartLines(Callback):
+    """One line per fact at the start of a run, each as soon as it is known (rank zero only): the run directory when
+    ``fit`` begins, the model once Lightning's ``configure_model`` has loaded it. The sandbox line follows from
+    :class:`RunArtifacts`, once the environments' pools exist."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.run_dir = run_dir
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit" and trainer.is_global_zero:
+            print(f"etpo.fit: run directory: {self.run_dir}", file=sys.stderr, flush=True)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        line = _describe_model(pl_module)
+        if line is not None and trainer.is_global_zero:
+            print(f"etpo.fit: model: {line}", file=sys.stderr, flush=True)
+
+
 class _StopCleanly(Callback):
     """On an interruption (or any failure) of ``fit``: close every sandbox pool, so that no worker process or
     directory outlives the run and environment threads waiting on generated code return at once."""
@@ -207,6 +253,9 @@ class RunArtifacts(Callback):
             "best_within": [list(x) for x in stats.best_within],
             "batch_avg_reward": list(stats.batch_avg_reward),
             "batch_runnable_fraction": list(stats.batch_runnable),
+            "batch_runnable_reward": list(stats.batch_runnable_reward),
+            "batch_max_reward": list(stats.batch_max_reward),
+            "batch_timing": [dict(t) for t in stats.batch_timing],
             "sandbox": sandbox_summary(),
         }
 
@@ -254,9 +303,16 @@ class RunArtifacts(Callback):
         if stats.updates == self._batches_written:
             return  # several optimizer steps per rollout batch (PPO-KL): one line per batch
         self._batches_written = stats.updates
+        timing = dict(stats.batch_timing[-1]) if stats.batch_timing else {}
+        if timing.get("generation_s"):
+            timing["generated_tokens_per_s"] = timing["generated_tokens"] / timing["generation_s"]
+        for key, value in trainer.callback_metrics.items():  # the module's own (e.g. ETPO's scored positions)
+            if key.startswith("timing/positions"):
+                timing[key.split("/", 1)[1]] = int(value)
         line = {"batch": stats.updates, "env_steps": stats.env_steps, "avg_reward": stats.batch_avg_reward[-1],
                 "best_reward": stats.best_reward, "runnable_fraction": stats.batch_runnable[-1],
-                "global_step": trainer.global_step}
+                "runnable_reward": stats.batch_runnable_reward[-1], "batch_best_reward": stats.batch_max_reward[-1],
+                "global_step": trainer.global_step, "timing": timing}
         with open(self.run_dir / "history.jsonl", "a") as fh:
             fh.write(json.dumps(line) + "\n")
         with open(self.run_dir / "samples.jsonl", "a") as fh:
@@ -348,6 +404,7 @@ class ETPOCLI(LightningCLI):
 
         run_dir = self.config["run_dir"]
         extra = [
+            _StartLines(run_dir),
             _Checkpoint(dirpath=os.path.join(run_dir, "checkpoints"), monitor="charts/best_reward", mode="max",
                             save_top_k=1, save_last=True, filename="best-{step}", every_n_train_steps=1),
             RunArtifacts(run_dir),
@@ -373,13 +430,17 @@ def main(args: list[str] | None = None) -> ETPOCLI | None:
 
     from datamodules.rollout import RolloutDataModule
     from envs.isolation import SandboxError, isolation_mark
+    from etpo.config_paths import register_config_mode, unresolved_config_path
     from etpo.console import quiet_console
     from etpo.malloc import maybe_release_freed_memory
     from modules.agent import AgentModule
 
     maybe_release_freed_memory()  # opt-in (ETPO_RELEASE_FREED_MEMORY=1): smaller resident size, slower steps
-    quiet_console()  # no Lightning tips, no warnings about our deliberate choices (etpo/console.py)
-    argv = list(sys.argv[1:] if args is None else args)
+    try:
+        quiet_console()  # no Lightning chatter, no warnings about our deliberate choices (etpo/console.py)
+    except ValueError as err:  # an ETPO_VERBOSE it does not understand
+        _one_line_error(err)
+    argv = _locate_configs(list(sys.argv[1:] if args is None else args))
     problem = _config_file_problem(_config_paths(argv))
     if problem is not None:
         _one_line_error(problem)
@@ -392,13 +453,15 @@ def main(args: list[str] | None = None) -> ETPOCLI | None:
         # misspelt option (--data.num_env) is an error, not silently the option it abbreviates.
         cli = ETPOCLI(
             AgentModule, RolloutDataModule, subclass_mode_model=True, subclass_mode_data=False,
-            parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False, "default_env": False,
+            # omegaconf, with relative config paths that fall back to the project's configs/ (etpo/config_paths.py)
+            parser_kwargs={"parser_mode": register_config_mode(), "exit_on_error": False, "default_env": False,
                            "allow_abbrev": False},
             save_config_kwargs={"overwrite": True}, trainer_defaults=trainer_defaults, args=argv,
             auto_configure_optimizers=False, run=False,
         )
     except (ArgumentError, ValueError, FileNotFoundError, KeyError, TypeError, SandboxError) as err:
-        _one_line_error(_explain_config_error(err, argv))
+        # a config path found nowhere gets its own line, not jsonargparse's ~600-character union error
+        _one_line_error(unresolved_config_path(_config_paths(argv), str(err)) or _explain_config_error(err, argv))
     _STOP.install()
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
@@ -465,6 +528,30 @@ def _config_paths(argv: list[str]) -> list[str]:
     return out
 
 
+def _locate_configs(argv: list[str]) -> list[str]:
+    """``argv`` with each ``--config`` file that is not where the working directory says replaced by the project's
+    own (``--config configs/contenders/ppo_kl.yaml`` from any folder, etpo/config_paths.py); one line if nowhere."""
+    from etpo.config_paths import config_hub, resolve_config_path
+
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            at, prefix, value = i + 1, "", out[i + 1]
+        elif arg.startswith("--config="):
+            at, prefix, value = i, "--config=", arg.split("=", 1)[1]
+        else:
+            continue
+        if not value.lower().endswith((".yaml", ".yml")) or os.path.exists(value):
+            continue  # there (or no file name at all): jsonargparse reads it as it is
+        found = resolve_config_path(value, os.getcwd())
+        if found is None:
+            _one_line_error(f"config file {value} not found: not in the working directory ({os.getcwd()}) nor in the "
+                            f"project's configs ({config_hub()}/); give its path relative to the working directory "
+                            "or absolute")
+        out[at] = prefix + found
+    return out
+
+
 def _yaml_strings(data: Any):
     if isinstance(data, dict):
         for v in data.values():
@@ -479,6 +566,8 @@ def _yaml_strings(data: Any):
 def _config_file_problem(paths: list[str]) -> str | None:
     """A YAML syntax error in a config file (or a config file it names) as "file, line L, column C: problem"."""
     import yaml
+
+    from etpo.config_paths import resolve_config_path
 
     todo, seen = list(paths), set()
     while todo:
@@ -499,7 +588,8 @@ def _config_file_problem(paths: list[str]) -> str | None:
             return f"{path}: not a readable YAML file: {exc}"
         for value in _yaml_strings(data):
             if value.endswith((".yaml", ".yml")):
-                todo += [value, os.path.join(os.path.dirname(path), value)]
+                todo += [value, resolve_config_path(value, os.path.dirname(path) or ".") or
+                         os.path.join(os.path.dirname(path), value)]
     return None
 
 

@@ -207,6 +207,94 @@ def test_every_field_is_annotated(path):
             assert "#" in value, f"{path}:{number} has no comment: {line}"
 
 
+# ----------------------------------------------------------------------------- configs that travel
+
+
+def _print_config(*args: str) -> dict:
+    """``python -m etpo.fit ARGS --print_config`` in this process and working directory, parsed."""
+    from etpo.fit import main
+
+    out = io.StringIO()
+    with redirect_stdout(out), pytest.raises(SystemExit) as info, mock.patch.object(sys, "argv", ["etpo.fit"]):
+        main([*args, "--run_dir", "runs/x", "--print_config"])
+    assert info.value.code in (0, None), out.getvalue()[-2000:]
+    return yaml.safe_load(out.getvalue())
+
+
+@pytest.mark.parametrize("base", sorted(SETTINGS.values()))
+def test_a_copied_base_runs_from_anywhere(base, tmp_path, monkeypatch):
+    """A copy of a setting base in another folder, read from a working directory outside the project, resolves to
+    what the original does: the model preset it names (model/...yaml) comes from the project's configs/."""
+    copy = tmp_path / "elsewhere" / f"my_{base}"
+    copy.parent.mkdir()
+    copy.write_text((CONFIGS / base).read_text())
+    monkeypatch.chdir(tmp_path)
+    assert _print_config("--config", str(copy)) == resolve(base)
+
+
+def test_copied_overlays_and_the_projects_overlays_resolve_from_anywhere(tmp_path, monkeypatch):
+    """An overlay copied out of configs/contenders/ that names a preset the way an overlay there would
+    (../model/...), and a project overlay named from the project root (configs/contenders/...), from another folder."""
+    mine = tmp_path / "mine"
+    (mine / "contenders").mkdir(parents=True)
+    (mine / "q.yaml").write_text((CONFIGS / "quickstart.yaml").read_text())
+    overlay = mine / "contenders" / "small_backbone.yaml"
+    overlay.write_text("model:\n  init_args:\n    backbone: ../model/smollm2.yaml\n")
+    monkeypatch.chdir(tmp_path)
+    assert _print_config("--config", str(mine / "q.yaml"), "--config", str(overlay)) == resolve("quickstart.yaml")
+    assert _print_config("--config", str(mine / "q.yaml"), "--config", "configs/contenders/ppo_kl.yaml") == \
+        resolve("quickstart.yaml", "contenders/ppo_kl.yaml")
+
+
+def test_print_config_writes_a_self_contained_config(tmp_path, monkeypatch):
+    """What the one-line error recommends: --print_config inlines the presets, so its output runs from anywhere."""
+    monkeypatch.chdir(tmp_path)
+    out = io.StringIO()
+    with redirect_stdout(out), pytest.raises(SystemExit), mock.patch.object(sys, "argv", ["etpo.fit"]):
+        from etpo.fit import main
+
+        main(["--config", str(CONFIGS / "quickstart.yaml"), "--print_config"])
+    text = out.getvalue()
+    assert ".yaml" not in text.split("\n", 1)[1]  # (the first line is Lightning's version comment)
+    (tmp_path / "far" / "away").mkdir(parents=True)
+    contained = tmp_path / "far" / "away" / "self_contained.yaml"
+    contained.write_text(text)
+    assert _print_config("--config", str(contained)) == resolve("quickstart.yaml")
+
+
+def test_a_config_path_found_nowhere_is_one_line_with_the_fix(tmp_path, monkeypatch, capsys):
+    from etpo.fit import main
+
+    text = (CONFIGS / "quickstart.yaml").read_text()
+    assert "backbone: model/smollm2.yaml" in text
+    copy = tmp_path / "elsewhere" / "q.yaml"
+    copy.parent.mkdir()
+    copy.write_text(text.replace("backbone: model/smollm2.yaml", "backbone: model/nowhere.yaml"))
+    line_no = next(n for n, ln in enumerate(copy.read_text().splitlines(), 1) if "model/nowhere.yaml" in ln)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info, mock.patch.object(sys, "argv", ["etpo.fit"]):
+        main(["--config", str(copy), "--run_dir", "runs/x"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    line = err[0]
+    assert len(line.replace(str(copy.parent), "").replace(str(CONFIGS), "")) < 320, line  # short, but for the paths
+    assert line.startswith(f"etpo.fit: error: {copy}, line {line_no}: config path 'model/nowhere.yaml' "), line
+    assert str(copy.parent / "model" / "nowhere.yaml") in line and f"{CONFIGS}/" in line  # where it looked
+    assert "relative to the config file or absolute" in line and "--print_config > self_contained.yaml" in line
+
+
+def test_a_config_file_found_nowhere_is_one_line(tmp_path, monkeypatch, capsys):
+    from etpo.fit import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info, mock.patch.object(sys, "argv", ["etpo.fit"]):
+        main(["--config", "configs/contenders/nowhere.yaml", "--print_config"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "configs/contenders/nowhere.yaml" in err[0] and str(tmp_path) in err[0], err
+
+
 def test_base_plus_overlay_names_its_run_after_both(tmp_path, monkeypatch):
     """Without --run_dir a run is runs/<config stems joined by +>: one overlay on two bases gets two directories."""
     from datamodules.rollout import RolloutDataModule

@@ -44,6 +44,7 @@ from typing import Callable, Optional, Sequence
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
+import etpo  # noqa: E402,F401  (before torch: idle OpenMP threads wait passively, see etpo/__init__.py)
 
 import numpy as np  # noqa: E402
 

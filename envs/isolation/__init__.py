@@ -37,8 +37,9 @@ Isolation (``sandbox`` = ``"auto"`` | ``"isolated"`` | ``"rlimits"``; see :func:
 
 ``"auto"`` (default) is ``"isolated"`` when bubblewrap is installed - and an *error* with bwrap's own reason
 when it is installed but cannot start a sandbox here; ``"rlimits"`` only when bubblewrap is absent, announced
-once. The choice comes from the caller (a config's ``sandbox:``), else the ``ETPO_SANDBOX`` environment
-variable, else ``"auto"``; :func:`isolation_report` says what the pools of this process actually use.
+once (a :class:`SandboxFallbackWarning`). The choice comes from the caller (a config's ``sandbox:``), else the
+``ETPO_SANDBOX`` environment variable, else ``"auto"``; :func:`isolation_report` says what the pools of this process
+actually use.
 
 Per-job limits, applied in the job child (see :mod:`envs.isolation.worker`): wall-clock ``timeout`` (the
 worker kills the child and, inside the PID namespace, every other process; the parent kills the whole worker
@@ -65,7 +66,7 @@ default pools), :mod:`~envs.isolation.worker` (the worker process itself: fork p
 from __future__ import annotations
 
 from .errors import SandboxError
-from .modes import SANDBOX_ENV_VAR, SANDBOX_MODES, Isolation, resolve_isolation
+from .modes import SANDBOX_ENV_VAR, SANDBOX_MODES, Isolation, SandboxFallbackWarning, resolve_isolation
 from .pool import (
     SandboxPool,
     SandboxResult,
@@ -85,6 +86,7 @@ __all__ = [
     "SandboxPool",
     "SandboxResult",
     "SandboxError",
+    "SandboxFallbackWarning",
     "Isolation",
     "resolve_isolation",
     "bwrap_available",

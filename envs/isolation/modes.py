@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import sys
@@ -12,9 +11,7 @@ from dataclasses import asdict, dataclass
 from . import view
 from .errors import SandboxError
 
-__all__ = ["SANDBOX_MODES", "SANDBOX_ENV_VAR", "Isolation", "resolve_isolation"]
-
-log = logging.getLogger(__name__)
+__all__ = ["SANDBOX_MODES", "SANDBOX_ENV_VAR", "Isolation", "SandboxFallbackWarning", "resolve_isolation"]
 
 SANDBOX_MODES = ("auto", "isolated", "rlimits")
 SANDBOX_ENV_VAR = "ETPO_SANDBOX"
@@ -22,6 +19,12 @@ _MODE_ALIASES = {"bwrap": "isolated", "bubblewrap": "isolated"}  # earlier spell
 
 # ---------------------------------------------------------------------------------------------------
 # which isolation
+
+
+class SandboxFallbackWarning(RuntimeWarning):
+    """``auto`` fell back to ``rlimits`` because bubblewrap is missing: warned once per process, so that code that
+    builds an environment sees it. A program that reports the isolation itself (``python -m etpo.fit`` prints it as
+    its ``sandbox:`` line, advice included) filters this category instead of saying it twice."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,8 @@ _ISOLATED_DETAIL = ("own PID/network/IPC namespaces, read-only minimal filesyste
                     "no bundled datasets), code runs as an unprivileged user")
 _RLIMITS_DETAIL = ("resource limits and a seccomp filter only: the code sees the real filesystem (including the "
                    "data and its labels) and the network")
+_FALLBACK_ADVICE = (f"install bubblewrap (apt-get install bubblewrap) for isolation, or set {SANDBOX_ENV_VAR}=rlimits "
+                    "to choose this fallback explicitly")
 
 
 def resolve_isolation(requested: str | None = None, *, source: str = "config") -> Isolation:
@@ -74,10 +79,10 @@ def resolve_isolation(requested: str | None = None, *, source: str = "config") -
         if mode == "isolated":
             raise SandboxError(f"sandbox 'isolated' requested (by {source}) but {missing}; "
                                "install it (apt-get install bubblewrap)")
-        _announce_once(f"envs.isolation: {missing}, so generated code runs with {_RLIMITS_DETAIL}. Install "
-                       f"bubblewrap (apt-get install bubblewrap) for isolation, or set {SANDBOX_ENV_VAR}=rlimits "
-                       "to choose this fallback explicitly.")
-        return Isolation("rlimits", mode, source, f"{missing}; {_RLIMITS_DETAIL}")
+        _announce_once(f"envs.isolation: {missing}, so generated code runs with {_RLIMITS_DETAIL}. "
+                       f"{_FALLBACK_ADVICE[0].upper()}{_FALLBACK_ADVICE[1:]}.")
+        # the advice is part of the detail: a report of the isolation (etpo.fit's sandbox line) says how to fix it
+        return Isolation("rlimits", mode, source, f"{missing}; {_RLIMITS_DETAIL}; {_FALLBACK_ADVICE}")
     ok, reason = view.bwrap_available()
     if not ok:
         raise SandboxError(
@@ -91,7 +96,8 @@ _ANNOUNCED: set[str] = set()
 
 
 def _announce_once(msg: str) -> None:
+    """One warning, once per process (not also a log record: with no logging configured, Python prints a record
+    of level WARNING too, and the user read the same text twice)."""
     if msg not in _ANNOUNCED:
         _ANNOUNCED.add(msg)
-        log.warning(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        warnings.warn(msg, SandboxFallbackWarning, stacklevel=3)
