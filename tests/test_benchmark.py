@@ -159,6 +159,8 @@ def test_sweep_skips_finished_resumes_unfinished_and_survives_failures(tmp_path,
     assert len(status_file["runs"]) == 8
     # the report was written from what finished
     assert (Path(cfg.out) / "table.md").is_file() and (Path(cfg.out) / "best_within.png").is_file()
+    assert "## etpo against each contender" in (Path(cfg.out) / "comparison.md").read_text()  # summaries without
+    # the per-batch quality / timing series
 
     # second sweep: only the four failed runs run again (one of them resumes from its checkpoint)
     fail_marker.unlink()
@@ -291,3 +293,26 @@ def test_a_missing_base_is_reported_before_anything_runs(tmp_path, stub):
     with pytest.raises(FileNotFoundError, match="nowhere.yaml"):
         benchmark.run_benchmark(cfg, stub["cmd"], show_progress=False, poll_s=0.02, report=False)
     assert stub["calls"]() == []
+
+
+def test_report_options_reach_write_report(tmp_path, monkeypatch):
+    """The config's report section (n_boot and last_fraction included) is passed to etpo.report.write_report;
+    an unknown key is refused."""
+    import etpo.report
+
+    seen = {}
+
+    def fake_write_report(folder, out, **kw):
+        seen.update(kw)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "table.md").write_text("table\n")
+        return {"table.md": Path(out) / "table.md"}
+
+    monkeypatch.setattr(etpo.report, "write_report", fake_write_report)
+    cfg = make_config(tmp_path, report={"n_boot": 500, "last_fraction": 0.5})
+    benchmark.write_benchmark_report(cfg)
+    assert seen["n_boot"] == 500 and seen["last_fraction"] == 0.5 and seen["within"] is None
+    assert make_config(tmp_path).report["n_boot"] == 10000
+    with pytest.raises(ValueError, match="n_boot"):
+        make_config(tmp_path, report={"n_bootstrap": 5})
+

@@ -1,4 +1,5 @@
-"""etpo.report: Table 2 / Figure 3 / Figure 4 from small fake run summaries with known numbers."""
+"""etpo.report: Table 2 / Figure 3 / Figure 4, the learning table and the comparison with ETPO (mean ± s.e., paired
+differences, scipy's paired bootstrap) from small fake run summaries with known numbers."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.stats
 
 from etpo import report
 
@@ -23,20 +25,44 @@ def final_best(c: int, d: int, s: int) -> float:
     return round(0.6 + 0.1 * d + 0.03 * c + 0.007 * s + 0.001 * ((c + 2 * d + 3 * s) % 5), 6)
 
 
+def runnable_of(k: int, seed: int, avg_offset: float) -> float:
+    """The fixture's runnable fraction of batch k (0 for batch 0 of reflection seed 0: no answer ran there)."""
+    return round(0.1 * k + 0.01 * seed + avg_offset, 6)
+
+
+def quality_of(k: int, seed: int, q_offset: float) -> float:
+    """The fixture's mean reward of the runnable answers of batch k (when any ran): a ramp, noisy over seeds."""
+    return round(0.6 + 0.01 * k + 0.003 * ((seed + 2 * k) % 4) + q_offset, 6)
+
+
 def write_summary(root: Path, contender: str, dataset: str, seed: int, best: float, *, finished: bool = True,
-                  batches: int = BATCHES, avg_offset: float = 0.0) -> Path:
+                  batches: int = BATCHES, avg_offset: float = 0.0, q_offset: float = 0.0, new_keys: bool = True,
+                  update: bool = True) -> Path:
+    """A fake run; ``new_keys=False`` writes an older summary without batch_runnable_reward / batch_max_reward /
+    batch_timing, ``update=False`` timing without update_s (a contender that does not learn)."""
     run_dir = root / contender / dataset / f"seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     # best-within curve rising to `best`; batch rewards a known ramp
     curve = [[BATCH * (k + 1), round(best - 0.05 * (batches - 1 - k), 6)] for k in range(batches)]
     avg = [round(-1.0 + 0.3 * k + avg_offset, 6) for k in range(batches)]
-    runnable = [round(0.1 * k + 0.01 * seed + avg_offset, 6) for k in range(batches)]
+    runnable = [runnable_of(k, seed, avg_offset) for k in range(batches)]
     summary = {"contender": "ignored-by-layout", "model_class": "x.Y", "dataset": dataset, "seed": seed,
                "env_steps": BATCH * batches, "budget": BATCH * BATCHES, "best_reward": curve[-1][1],
                "best_code": "print(1)", "runnable_fraction": 0.5, "wall_time_s": 1.0, "finished": finished,
                "best_within": curve, "batch_avg_reward": avg, "batch_runnable_fraction": runnable}
+    if new_keys:
+        summary["batch_runnable_reward"] = [quality_of(k, seed, q_offset) if runnable[k] > 0 else None
+                                            for k in range(batches)]
+        summary["batch_max_reward"] = [round(best - 0.01, 6)] * batches
+        summary["batch_timing"] = [{"generation_s": 10.0 + k, "environment_s": 2.0 + 0.5 * seed,
+                                    "generated_tokens": 100, **({"update_s": 3.0} if update else {})}
+                                   for k in range(batches)]
     (run_dir / "summary.json").write_text(json.dumps(summary))
     return run_dir
+
+
+def q_offset(c: int, d: int) -> float:
+    return 0.05 * d + 0.02 * c
 
 
 @pytest.fixture
@@ -47,7 +73,8 @@ def runs_root(tmp_path) -> Path:
             for s in SEEDS:
                 if contender == "etpo" and dataset == "cmc" and s == 2:
                     continue  # one missing run: the cell has n=2 and seed 2 is not complete for etpo
-                write_summary(root, contender, dataset, s, final_best(c, d, s), avg_offset=0.1 * c)
+                write_summary(root, contender, dataset, s, final_best(c, d, s), avg_offset=0.1 * c,
+                              q_offset=q_offset(c, d), update=contender == "etpo")
     # an unfinished run: left out by default
     write_summary(root, "etpo", "cmc", 2, 0.123, finished=False, batches=2)
     return root
@@ -117,13 +144,18 @@ def test_markdown_csv_and_plots(runs_root, tmp_path):
     for (contender, dataset, column), cell in cells.items():
         column = {"best": "best_reward"}.get(column, column)
         got = [float(r[column]) for r in run_rows if r["contender"] == contender and r["dataset"] == dataset
-               and r["finished"] == "True"]  # the table, like this, leaves the unfinished run out
+               and r["finished"] == "True" and r[column] != ""]  # the table, like this, leaves the unfinished run
+        # out, and a run without a value (no answer of its first batch ran)
         assert np.mean(got) == pytest.approx(cell.mean), (contender, dataset, column)
     assert all((Path.cwd() / r["run_dir"] / "summary.json").is_file() for r in run_rows)
+    comparison = written["comparison.md"].read_text()
+    assert comparison == report.comparison_markdown(report.load_runs(runs_root), contenders=CONTENDERS)
+    assert "### all datasets" in comparison and "| **etpo** |" in comparison
 
     import matplotlib.image as mpimg
 
-    for name in ("best_within.png", "best_within_per_dataset.png", "batch_reward.png"):
+    for name in ("best_within.png", "best_within_per_dataset.png", "batch_reward.png", "batch_quality.png",
+                 "timing.png"):
         path = written[name]
         assert path.is_file() and path.stat().st_size > 10_000, name
         img = mpimg.imread(path)
@@ -157,15 +189,20 @@ def test_curves_match_hand_computation(runs_root):
 
 
 def test_cli(runs_root, tmp_path, capsys):
-    assert report.main([str(runs_root), "--out", str(tmp_path / "o"), "--within", "48", "--ddof", "0"]) == 0
+    assert report.main([str(runs_root), "--out", str(tmp_path / "o"), "--within", "48", "--ddof", "0",
+                        "--n_boot", "200", "--last_fraction", "0.5"]) == 0
     text = capsys.readouterr().out
     assert "within 48 environment steps" in text and (tmp_path / "o" / "batch_reward.png").is_file()
+    comparison = (tmp_path / "o" / "comparison.md").read_text()
+    assert "200 resamples" in comparison and "best reward within 48 steps" in comparison
+    assert "last 50%: mean AUC of runnable" in comparison
     assert report.main([str(tmp_path / "missing")]) == 2
 
 
 def test_empty_folder(tmp_path):
     written = report.write_report(tmp_path, tmp_path / "out")
-    assert set(written) == {"table.md", "table.csv", "runs.csv", "learning.md"}  # no plot without runs
+    assert set(written) == {"table.md", "table.csv", "runs.csv", "learning.md", "comparison.md"}  # no plot
+    assert "No run counts" in (tmp_path / "out" / "comparison.md").read_text()
 
 
 def test_learning_table_matches_numpy(runs_root, tmp_path):
@@ -193,3 +230,225 @@ def test_learning_table_matches_numpy(runs_root, tmp_path):
     assert {"learning.md", "batch_runnable.png"} <= set(written)
     with pytest.raises(ValueError, match="last_fraction"):
         report.learning_table(runs, last_fraction=0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the quality of the runnable answers, the comparison with ETPO, timing
+# ----------------------------------------------------------------------------------------------------------------
+
+def _rows(path: Path) -> list[dict]:
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_quality_pools_the_runnable_answers_of_the_last_batches(tmp_path):
+    """first_quality / last_quality against a plain hand computation: batches whose answers all failed (runnable
+    fraction 0, a null mean) have no mean to weigh; the others are weighed by their runnable answers."""
+    root = tmp_path / "runs"
+    series = {0: ([0.0, 0.5, 0.25, 0.0, 1.0, 0.75], [None, 0.7, 0.9, None, 0.6, 0.8]),
+              1: ([0.5, 0.25, 0.0, 0.0], [0.65, 0.7, None, None])}  # seed 1: nothing ran in its last half
+    for seed, (runnable, quality) in series.items():
+        run_dir = write_summary(root, "etpo", "cmc", seed, 0.8, batches=len(runnable))
+        summary = json.loads((run_dir / "summary.json").read_text())
+        summary.update(batch_runnable_fraction=runnable, batch_runnable_reward=quality)
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    runs = report.load_runs(root)
+    report.write_runs_csv(runs, tmp_path / "runs.csv", last_fraction=0.5)
+    rows = {int(r["seed"]): r for r in _rows(tmp_path / "runs.csv")}
+    # seed 0: the last half = batches 3, 4, 5; batch 3 ran nothing
+    want = (0.6 * 1.0 + 0.8 * 0.75) / (1.0 + 0.75)
+    assert float(rows[0]["last_quality"]) == pytest.approx(want, abs=1e-12)
+    assert abs(want - (0.6 + 0.8) / 2) > 0.01  # pooling differs from the plain mean of the batch means
+    assert rows[0]["first_quality"] == ""  # nothing of the first batch ran
+    assert rows[1]["last_quality"] == "" and float(rows[1]["first_quality"]) == pytest.approx(0.65)
+    # the whole run: every batch that ran, weighed
+    whole = {0: (0.7 * 0.5 + 0.9 * 0.25 + 0.6 * 1.0 + 0.8 * 0.75) / (0.5 + 0.25 + 1.0 + 0.75),
+             1: (0.65 * 0.5 + 0.7 * 0.25) / (0.5 + 0.25)}
+    cell = report.learning_table(runs, last_fraction=1.0)[("etpo", "cmc", "last_quality")]
+    assert cell.seeds == [0, 1] and cell.mean == pytest.approx(np.mean(list(whole.values())), abs=1e-12)
+    half = report.learning_table(runs, last_fraction=0.5)
+    assert half[("etpo", "cmc", "last_quality")].seeds == [0]
+    assert half[("etpo", "cmc", "first_quality")].seeds == [1]
+    md = report.learning_markdown(runs, 0.5)
+    assert "first batch: mean AUC of runnable" in md and "last 50%: mean AUC of runnable" in md
+
+
+LAST = 0.5  # the comparison tests use the last half: two batches of four, so the pooling counts
+
+
+def seeds_of(contender: str, dataset: str) -> list[int]:
+    """The fixture's finished runs (etpo/cmc/seed2 did not finish)."""
+    return [s for s in SEEDS if not (contender == "etpo" and dataset == "cmc" and s == 2)]
+
+
+def hand_values(c: int, d: int, s: int) -> dict:
+    """The fixture run's metrics by hand: best reward, average reward and pooled mean AUC of the runnable answers of
+    the last half of the batches, mean AUC of the runnable answers of the first batch (None when none ran)."""
+    avg_offset, qo = 0.1 * c, q_offset(c, d)
+    tail = range(BATCHES - int(LAST * BATCHES), BATCHES)
+    num = sum(quality_of(k, s, qo) * runnable_of(k, s, avg_offset) for k in tail if runnable_of(k, s, avg_offset) > 0)
+    den = sum(runnable_of(k, s, avg_offset) for k in tail if runnable_of(k, s, avg_offset) > 0)
+    return {"best": final_best(c, d, s),
+            "last_reward": sum(-1.0 + 0.3 * k + avg_offset for k in tail) / len(tail),
+            "last_quality": num / den if den else None,
+            "first_quality": quality_of(0, s, qo) if runnable_of(0, s, avg_offset) > 0 else None}
+
+
+def test_comparison_mean_and_standard_error_match_numpy(runs_root):
+    runs = report.load_runs(runs_root)
+    comp = report.comparison(runs, last_fraction=LAST, n_boot=200, contenders=CONTENDERS)
+    assert comp.contenders == CONTENDERS and comp.datasets == sorted(DATASETS)
+    for c, contender in enumerate(CONTENDERS):
+        per_seed: dict[str, dict[int, list]] = {}
+        for d, dataset in enumerate(DATASETS):
+            for metric in ("best", "last_reward", "last_quality", "first_quality"):
+                got = {s: hand_values(c, d, s)[metric] for s in seeds_of(contender, dataset)}
+                got = {s: v for s, v in got.items() if v is not None}
+                est = comp.estimates[(dataset, contender, metric)]
+                vals = np.array([got[s] for s in sorted(got)])
+                assert est.seeds == sorted(got), (contender, dataset, metric)
+                assert est.mean == pytest.approx(vals.mean(), abs=1e-12)
+                assert est.se == pytest.approx(vals.std(ddof=1) / np.sqrt(vals.size), abs=1e-12)
+                for s, v in got.items():
+                    per_seed.setdefault(metric, {}).setdefault(s, []).append(v)
+        # all datasets: per seed the mean over the datasets, over the seeds that have every dataset
+        for metric, by_seed in per_seed.items():
+            complete = sorted(s for s, v in by_seed.items() if len(v) == len(DATASETS))
+            vals = np.array([np.mean(by_seed[s]) for s in complete])
+            est = comp.estimates[("all datasets", contender, metric)]
+            assert est.seeds == complete, (contender, metric)
+            assert est.mean == pytest.approx(vals.mean(), abs=1e-12)
+            assert est.se == pytest.approx(vals.std(ddof=1) / np.sqrt(vals.size), abs=1e-12)
+    assert comp.estimates[("all datasets", "etpo", "best")].seeds == [0, 1]
+    assert comp.estimates[("all datasets", "reflection", "first_quality")].seeds == [1, 2]  # seed 0: none ran
+    md = report.comparison_markdown(runs, last_fraction=LAST, n_boot=200, contenders=CONTENDERS)
+    est = comp.estimates[("pc1", "reflection", "last_quality")]
+    assert f"{est.mean:.4f} ± {est.se:.4f}" in md
+    est = comp.estimates[("cmc", "etpo", "last_reward")]
+    assert f"{est.mean:.4f} ± {est.se:.4f} (n=2)" in md
+    assert md.count("### ") == len(DATASETS) + 1
+
+
+def _bootstrap(ref: np.ndarray, other: np.ndarray, n_boot: int, seed: int):
+    return scipy.stats.bootstrap((ref, other), lambda x, y, axis: np.mean(x - y, axis=axis), paired=True,
+                                 vectorized=True, method="percentile", n_resamples=n_boot,
+                                 random_state=np.random.default_rng(seed)).confidence_interval
+
+
+def test_paired_differences_and_bootstrap_interval(runs_root):
+    """etpo − reflection paired by (dataset, seed): the unpaired reflection/cmc/seed2 is dropped; mean and s.e. of
+    the paired differences against numpy; the interval equals scipy's paired percentile bootstrap called here on
+    pairs built independently, and contains the mean difference."""
+    n_boot, seed = 2000, 7
+    runs = report.load_runs(runs_root)
+    comp = report.comparison(runs, last_fraction=LAST, n_boot=n_boot, seed=seed, contenders=CONTENDERS)
+    assert comp.estimates[("cmc", "reflection", "best")].n == 3  # reflection has seed 2 of cmc; etpo does not
+    for metric in ("best", "last_reward", "last_quality"):
+        pooled_ref, pooled_other, pooled_pairs = [], [], []
+        for d, dataset in enumerate(DATASETS):
+            pairs = [s for s in seeds_of("etpo", dataset)
+                     if hand_values(1, d, s)[metric] is not None and hand_values(0, d, s)[metric] is not None]
+            ref = np.array([hand_values(1, d, s)[metric] for s in pairs])
+            other = np.array([hand_values(0, d, s)[metric] for s in pairs])
+            diff = comp.differences[(dataset, "reflection", metric)]
+            assert diff.pairs == [(dataset, s) for s in pairs], (dataset, metric)
+            assert diff.mean == pytest.approx(np.mean(ref - other), abs=1e-12)
+            assert diff.se == pytest.approx(np.std(ref - other, ddof=1) / np.sqrt(len(pairs)), abs=1e-12)
+            ci = _bootstrap(ref, other, n_boot, seed)
+            assert (diff.low, diff.high) == (pytest.approx(ci.low, abs=1e-12), pytest.approx(ci.high, abs=1e-12))
+            assert diff.low <= diff.mean <= diff.high
+            pooled_ref += list(ref)
+            pooled_other += list(other)
+            pooled_pairs += [(dataset, s) for s in pairs]
+        diff = comp.differences[("all datasets", "reflection", metric)]
+        ref, other = np.array(pooled_ref), np.array(pooled_other)
+        assert diff.pairs == pooled_pairs and diff.n == 8  # 9 reflection runs, 8 with an etpo partner
+        assert diff.mean == pytest.approx(np.mean(ref - other), abs=1e-12)
+        assert diff.se == pytest.approx(np.std(ref - other, ddof=1) / np.sqrt(diff.n), abs=1e-12)
+        ci = _bootstrap(ref, other, n_boot, seed)
+        assert (diff.low, diff.high) == (pytest.approx(ci.low, abs=1e-12), pytest.approx(ci.high, abs=1e-12))
+        assert diff.low <= diff.mean <= diff.high < np.max(ref - other) + 1e-12
+    assert comp.differences[("cmc", "reflection", "best")].pairs == [("cmc", 0), ("cmc", 1)]
+    # on continuous values (the fixture's few distinct differences give the same percentiles under any seed), the
+    # interval is scipy's with this generator seed exactly, and not an unpaired one nor another seed's
+    rng = np.random.default_rng(1)
+    ref, other = rng.normal(0.80, 0.05, 12), rng.normal(0.78, 0.05, 12)
+    diff = report.paired_difference(ref, other, n_boot=n_boot, seed=seed)
+    ci = _bootstrap(ref, other, n_boot, seed)
+    assert (diff.low, diff.high) == (pytest.approx(ci.low, abs=1e-12), pytest.approx(ci.high, abs=1e-12))
+    assert diff.low <= diff.mean <= diff.high
+    other_seed = report.paired_difference(ref, other, n_boot=n_boot, seed=seed + 1)
+    assert abs(other_seed.low - diff.low) > 1e-9
+    unpaired = scipy.stats.bootstrap((ref, other), lambda x, y, axis: np.mean(x, axis=axis) - np.mean(y, axis=axis),
+                                     vectorized=True, method="percentile", n_resamples=n_boot,
+                                     random_state=np.random.default_rng(seed)).confidence_interval
+    assert abs(unpaired.low - diff.low) > 1e-9
+    # the markdown shows the same numbers, signed
+    md = report.comparison_markdown(runs, last_fraction=LAST, n_boot=n_boot, seed=seed, contenders=CONTENDERS)
+    diff = comp.differences[("all datasets", "reflection", "last_quality")]
+    assert (f"| reflection | last 50%: mean AUC of runnable | {diff.mean:+.4f} | {diff.se:.4f} | 8 | "
+            f"[{diff.low:+.4f}, {diff.high:+.4f}] |") in md
+    # learning of the reference: last half against the first batch, per dataset
+    change = [hand_values(1, 0, s)["last_quality"] - hand_values(1, 0, s)["first_quality"] for s in SEEDS]
+    learned = comp.learning["breast_w"]
+    assert learned.improved == sum(x > 0 for x in change) and learned.change.mean == pytest.approx(np.mean(change))
+    assert (f"exceeds the first batch's in {learned.improved} of 3 seeds; mean (last − first) = "
+            f"{np.mean(change):+.4f}") in md
+
+
+def test_a_single_pair_has_no_standard_error_nor_interval(tmp_path):
+    root = tmp_path / "runs"
+    for s in (0, 1):
+        write_summary(root, "etpo", "cmc", s, 0.8 + 0.01 * s)
+    write_summary(root, "grpo", "cmc", 0, 0.75)
+    runs = report.load_runs(root)
+    diff = report.comparison(runs, n_boot=100).differences[("cmc", "grpo", "best")]
+    assert diff.n == 1 and diff.mean == pytest.approx(0.05) and np.isnan(diff.se) and np.isnan(diff.low)
+    md = report.comparison_markdown(runs, n_boot=100)
+    assert "| grpo | best reward (whole run) | +0.0500 | — | 1 | — |" in md
+    other = report.comparison_markdown(runs, reference="ppo_kl", n_boot=100)
+    assert "No runs of the reference `ppo_kl`" in other and "mean difference" not in other
+
+
+def test_old_summaries_without_the_new_series(tmp_path):
+    """Summaries written before batch_runnable_reward / batch_max_reward / batch_timing: every file but the quality
+    and timing figures, empty cells where the series would be."""
+    root = tmp_path / "runs"
+    for c, contender in enumerate(CONTENDERS):
+        for s in SEEDS:
+            write_summary(root, contender, "cmc", s, final_best(c, 1, s), avg_offset=0.1 * c, new_keys=False)
+    written = report.write_report(root, tmp_path / "out", n_boot=200)
+    assert set(written) == {"table.md", "table.csv", "runs.csv", "learning.md", "comparison.md", "best_within.png",
+                            "best_within_per_dataset.png", "batch_reward.png", "batch_runnable.png"}
+    rows = _rows(tmp_path / "out" / "runs.csv")
+    assert len(rows) == 6
+    assert all(r[k] == "" for r in rows for k in ("first_quality", "last_quality", "generation_s",
+                                                  "environment_s", "update_s"))
+    comp = report.comparison(report.load_runs(root), n_boot=200)
+    assert ("cmc", "reflection", "best") in comp.differences
+    assert ("cmc", "reflection", "last_quality") not in comp.differences and not comp.learning
+    md = written["comparison.md"].read_text()
+    assert "| reflection | last 25%: average reward |" in md and "| reflection | last 25%: mean AUC" not in md
+
+
+def test_runs_csv_timing_and_quality_curves(runs_root, tmp_path):
+    runs = report.load_runs(runs_root)
+    report.write_runs_csv(runs, tmp_path / "runs.csv")
+    rows = _rows(tmp_path / "runs.csv")
+    header = list(rows[0])
+    assert header[header.index("last_reward") + 1: header.index("last_reward") + 6] == [
+        "first_quality", "last_quality", "generation_s", "environment_s", "update_s"]
+    for r in rows:
+        batches = BATCHES if r["finished"] == "True" else 2
+        assert float(r["generation_s"]) == pytest.approx(np.mean([10.0 + k for k in range(batches)]))
+        assert float(r["environment_s"]) == pytest.approx(2.0 + 0.5 * int(r["seed"]))
+        assert r["update_s"] == ("3.0" if r["contender"] == "etpo" else "")  # reflection does not update
+    # per batch: reflection seed 0 ran nothing in its first batch, so that point has two seeds
+    panels = report.batch_reward_curves(runs, contenders=CONTENDERS, key="batch_runnable_reward")
+    cv = panels["breast_w"]["reflection"]
+    assert list(cv["n"]) == [2, 3, 3, 3]
+    want = np.array([[np.nan if runnable_of(k, s, 0.0) <= 0 else quality_of(k, s, q_offset(0, 0))
+                      for k in range(BATCHES)] for s in SEEDS])
+    np.testing.assert_allclose(cv["mean"], np.nanmean(want, axis=0), atol=1e-12)
+    assert report.plot_batch_quality(runs, tmp_path / "q.png", contenders=CONTENDERS) == tmp_path / "q.png"
+    assert report.plot_timing(runs, tmp_path / "t.png") == tmp_path / "t.png"

@@ -5,12 +5,26 @@ Reads every ``summary.json`` below ``<folder>`` (format: docs/architecture.md, "
 
 * ``table.md`` / ``table.csv`` -- Table 2 of the paper: one row per dataset plus an ``average`` row, one column per
   contender; a cell is the best reward explored within N environment steps, mean ± std over seeds;
-* ``runs.csv`` -- one line per run (contender, dataset, seed, best reward, env steps, finished, run dir);
+* ``runs.csv`` -- one line per run (contender, dataset, seed, best reward, env steps, finished, its learning values,
+  its mean seconds per batch of generation / environment / update, run dir);
+* ``learning.md`` -- per dataset and contender: the first batch against the last ``--last_fraction`` of the batches
+  (runnable fraction, average reward, mean AUC of the runnable answers), mean ± std over seeds;
+* ``comparison.md`` -- ETPO against each contender (:mod:`etpo.report.compare`): per dataset and over all datasets
+  the best reward within N, the last-fraction average reward and mean AUC of runnable answers as mean ± s.e. over
+  seeds, then the paired differences ETPO − contender (runs paired by (dataset, seed)) with their s.e. and a 95 %
+  paired bootstrap interval (``--n_boot`` resamples, scipy);
 * ``best_within.png`` -- Figure 3: best reward explored within n steps vs. n, one line per contender (mean over
   seeds of the per-seed average over datasets, band = ± one std over seeds); ``best_within_per_dataset.png``
   the same curve per dataset (mean ± std over seeds);
 * ``batch_reward.png`` -- Figure 4: the average reward of each rollout batch during training (non-runnable code
-  counts as -1), one panel per dataset plus an "average" panel, mean ± std over seeds.
+  counts as -1), one panel per dataset plus an "average" panel, mean ± std over seeds; ``batch_runnable.png`` the
+  same for the runnable fraction;
+* ``batch_quality.png`` -- the mean reward of each batch's runnable answers (mean validation AUC; a gap where none
+  ran), on the data's scale, mean ± s.e. over seeds;
+* ``timing.png`` -- per contender the mean seconds per batch of generation / environment / update, stacked (only
+  when the summaries record ``batch_timing``).
+
+Older summaries without the per-batch quality / timing series give empty cells and no such figures.
 
 Statistics (numpy throughout):
 
@@ -30,9 +44,10 @@ writes) takes contender, dataset and seed from the path -- so contenders are nam
 any other summary uses its own ``contender`` / ``dataset`` / ``seed`` fields.
 
 The package: :mod:`etpo.report.runs` loads the run summaries and selects the runs that count,
-:mod:`etpo.report.tables` writes the tables (Table 2, the learning table, the CSVs) and :mod:`etpo.report.plots`
-draws every figure (a run's ``reward_curve.png`` included); this module re-exports their public API and holds
-:func:`write_report` and the CLI (:func:`main`; ``__main__.py`` runs it).
+:mod:`etpo.report.tables` writes the tables (Table 2, the learning table, the CSVs), :mod:`etpo.report.compare` the
+comparison with the reference contender and :mod:`etpo.report.plots` draws every figure (a run's
+``reward_curve.png`` included); this module re-exports their public API and holds :func:`write_report` and the
+CLI (:func:`main`; ``__main__.py`` runs it).
 """
 
 from __future__ import annotations
@@ -42,14 +57,25 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from etpo.report.compare import (
+    Comparison,
+    Estimate,
+    PairedDifference,
+    comparison,
+    comparison_markdown,
+    paired_difference,
+    run_metrics,
+)
 from etpo.report.plots import (
     batch_reward_curves,
     best_within_curves,
+    plot_batch_quality,
     plot_batch_rewards,
     plot_batch_runnable,
     plot_best_within,
     plot_best_within_per_dataset,
     plot_run_curve,
+    plot_timing,
 )
 from etpo.report.runs import RunRecord, load_runs
 from etpo.report.tables import (
@@ -70,7 +96,8 @@ __all__ = [
     "RunRecord", "Cell", "Table", "PAPER_TABLE2", "load_runs", "build_table", "table_markdown", "write_table_csv",
     "write_runs_csv", "plot_best_within", "plot_best_within_per_dataset", "plot_batch_rewards", "write_report",
     "main", "plot_batch_runnable", "best_within_curves", "batch_reward_curves", "LEARNING_COLUMNS", "learning_table",
-    "learning_markdown",
+    "learning_markdown", "plot_batch_quality", "plot_timing", "Comparison", "Estimate", "PairedDifference",
+    "comparison", "comparison_markdown", "paired_difference", "run_metrics",
 ]
 
 
@@ -90,10 +117,13 @@ def write_report(
     digits: int = 4,
     runs: Optional[Sequence[RunRecord]] = None,
     last_fraction: float = 0.25,
+    n_boot: int = 10000,
+    reference: str = "etpo",
 ) -> dict[str, Path]:
     """Write table.md, table.csv, runs.csv, learning.md (:func:`learning_markdown` over the last ``last_fraction``
-    of the batches) and the four PNGs into ``out``; returns ``{name: path}`` of what was written (plots are skipped
-    when no run counts)."""
+    of the batches), comparison.md (:func:`comparison_markdown`: ``reference`` against each contender, ``n_boot``
+    bootstrap resamples) and the PNGs into ``out``; returns ``{name: path}`` of what was written (plots are skipped
+    when no run counts, batch_quality.png / timing.png when no run has their series)."""
     runs = list(runs) if runs is not None else load_runs(folder)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,6 +139,10 @@ def write_report(
     (out / "learning.md").write_text(learning_markdown(runs, last_fraction, ddof, contenders=contenders,
                                                        datasets=datasets, include_unfinished=include_unfinished))
     written["learning.md"] = out / "learning.md"
+    (out / "comparison.md").write_text(comparison_markdown(
+        runs, reference, within, last_fraction, n_boot, digits=digits, contenders=contenders, datasets=datasets,
+        include_unfinished=include_unfinished))
+    written["comparison.md"] = out / "comparison.md"
     kw = dict(ddof=ddof, include_unfinished=include_unfinished, contenders=contenders)
     for name, fn, extra in (
         ("best_within.png", plot_best_within, {"within": within, "datasets": datasets}),
@@ -117,6 +151,11 @@ def write_report(
         ("batch_runnable.png", plot_batch_runnable, {"datasets": datasets}),
     ):
         p = fn(runs, out / name, **kw, **extra)
+        if p is not None:
+            written[name] = p
+    kw = dict(include_unfinished=include_unfinished, contenders=contenders, datasets=datasets)
+    for name, fn in (("batch_quality.png", plot_batch_quality), ("timing.png", plot_timing)):
+        p = fn(runs, out / name, **kw)
         if p is not None:
             written[name] = p
     return written
@@ -136,13 +175,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--paper", action="store_true", help="append the paper's Table 2 columns")
     parser.add_argument("--digits", type=int, default=4)
     parser.add_argument("--last_fraction", type=float, default=0.25,
-                        help="learning.md compares the first batch with the last fraction of a run's batches")
+                        help="learning.md and comparison.md compare the first batch with the last fraction of a "
+                        "run's batches")
+    parser.add_argument("--n_boot", type=int, default=10000,
+                        help="bootstrap resamples of the paired intervals in comparison.md")
     args = parser.parse_args(argv)
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
     try:
         written = write_report(args.folder, args.out or args.folder, args.within, args.ddof, split(args.contenders),
                                split(args.datasets), args.include_unfinished, args.paper, args.digits,
-                               last_fraction=args.last_fraction)
+                               last_fraction=args.last_fraction, n_boot=args.n_boot)
     except FileNotFoundError as err:
         print(f"etpo.report: error: {err}", file=sys.stderr)
         return 2

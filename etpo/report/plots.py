@@ -1,7 +1,9 @@
 """Every figure of the report (matplotlib, Agg backend, imported only when a figure is drawn): Figure 3
 (:func:`plot_best_within`, :func:`plot_best_within_per_dataset`: best reward explored within n steps), Figure 4
-(:func:`plot_batch_rewards`, :func:`plot_batch_runnable`: per rollout batch), their data (:func:`best_within_curves`,
-:func:`batch_reward_curves`) and one run's ``reward_curve.png`` (:func:`plot_run_curve`, drawn by ``etpo.fit``).
+(:func:`plot_batch_rewards`, :func:`plot_batch_runnable`: per rollout batch), the quality of the runnable answers
+per batch (:func:`plot_batch_quality`), where a batch's time goes (:func:`plot_timing`), their data
+(:func:`best_within_curves`, :func:`batch_reward_curves`) and one run's ``reward_curve.png`` (:func:`plot_run_curve`,
+drawn by ``etpo.fit``).
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from etpo.report.runs import RunRecord, _by, _order, _select
+from etpo.report.runs import TIMING_PHASES, RunRecord, _by, _mean_timing, _order, _select
 
 __all__ = [
     "best_within_curves", "plot_best_within", "plot_best_within_per_dataset", "batch_reward_curves",
-    "plot_batch_rewards", "plot_batch_runnable", "plot_run_curve",
+    "plot_batch_rewards", "plot_batch_runnable", "plot_batch_quality", "plot_timing", "plot_run_curve",
 ]
 
 def _pyplot():
@@ -195,7 +197,8 @@ def batch_reward_curves(
     contenders: Optional[Sequence[str]] = None, datasets: Optional[Sequence[str]] = None,
     key: str = "batch_avg_reward",
 ) -> dict[str, dict[str, dict]]:
-    """Figure-4 data: ``{panel: {contender: {"x", "mean", "std"}}}`` with panels = datasets + ``average``.
+    """Figure-4 data: ``{panel: {contender: {"x", "mean", "std", "n"}}}`` with panels = datasets + ``average``
+    (``n``: the number of seeds behind each point, for a standard error).
 
     Runs of one contender are aligned by batch index (they share the batch schedule); x = the median env steps at
     the end of that batch. The average panel averages over datasets per seed (where every dataset has that batch)
@@ -228,13 +231,15 @@ def batch_reward_curves(
             warnings.simplefilter("ignore", RuntimeWarning)
             for i, d in enumerate(ds_names):
                 mean, std = _mean_std(cube[i], ddof)
-                panels[d][c] = {"x": np.nanmedian(xs[i], axis=0), "mean": mean, "std": std}
+                panels[d][c] = {"x": np.nanmedian(xs[i], axis=0), "mean": mean, "std": std,
+                                "n": np.sum(~np.isnan(cube[i]), axis=0)}
             complete = np.all(~np.isnan(cube), axis=0)
             per_seed = np.where(complete, np.mean(np.nan_to_num(cube), axis=0), np.nan)
             if np.all(np.isnan(per_seed)):
                 per_seed = np.nanmean(cube, axis=0)
             mean, std = _mean_std(per_seed, ddof)
-            panels["average"][c] = {"x": np.nanmedian(xs.reshape(-1, length), axis=0), "mean": mean, "std": std}
+            panels["average"][c] = {"x": np.nanmedian(xs.reshape(-1, length), axis=0), "mean": mean, "std": std,
+                                    "n": np.sum(~np.isnan(per_seed), axis=0)}
     return panels
 
 
@@ -271,6 +276,77 @@ def plot_batch_rewards(
 def plot_batch_runnable(runs: Sequence[RunRecord], path: str | Path, **kw) -> Optional[Path]:
     """:func:`plot_batch_rewards` of the runnable fraction."""
     return plot_batch_rewards(runs, path, key="batch_runnable_fraction", **kw)
+
+
+def plot_batch_quality(
+    runs: Sequence[RunRecord], path: str | Path, include_unfinished: bool = False,
+    contenders: Optional[Sequence[str]] = None, datasets: Optional[Sequence[str]] = None,
+) -> Optional[Path]:
+    """The quality of the answers apart from runnability: the mean reward of every rollout batch's runnable answers
+    (``batch_runnable_reward``: their mean validation AUC), one panel per dataset plus the average, mean over seeds
+    ± one standard error (sample std, ddof=1, / sqrt(seeds)). A batch in which no answer ran has no value: the line
+    has a gap there. The y-axis follows the data (no -1 of failed answers). None when no run has the series."""
+    panels = batch_reward_curves(runs, 1, include_unfinished, contenders, datasets, "batch_runnable_reward")
+    if not any(np.any(~np.isnan(cv["mean"])) for panel in panels.values() for cv in panel.values()):
+        return None
+    plt = _pyplot()
+    colours = _colours(_order(_by(runs), contenders))
+    names = ["average"] + [p for p in panels if p != "average"]
+    fig, axes = _grid_axes(plt, len(names))
+    for ax, name in zip(axes, names):
+        for c, cv in panels[name].items():
+            ok = ~np.isnan(cv["mean"]) & ~np.isnan(cv["x"])
+            if not np.any(ok):
+                continue
+            se = cv["std"] / np.sqrt(np.maximum(cv["n"], 1))  # std is 0 where a single seed has the batch
+            mean = np.where(ok, cv["mean"], np.nan)
+            ax.plot(cv["x"], mean, color=colours.get(c), label=c, lw=1.3, marker="o", ms=2)  # NaN = a gap
+            ax.fill_between(cv["x"], mean - se, mean + se, where=ok, color=colours.get(c), alpha=0.2, lw=0)
+        ax.set_title("average over datasets" if name == "average" else name, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    return _save_panels(fig, axes, "environment steps", "mean reward of runnable answers",
+                        "Mean reward of runnable answers per rollout batch (validation AUC; gap = none ran); "
+                        "mean ± s.e. over seeds", path)
+
+
+def plot_timing(
+    runs: Sequence[RunRecord], path: str | Path, include_unfinished: bool = False,
+    contenders: Optional[Sequence[str]] = None, datasets: Optional[Sequence[str]] = None,
+) -> Optional[Path]:
+    """Where a rollout batch's time goes, per contender: the mean seconds per batch of generation, environment and
+    update (``batch_timing``) as stacked bars, each the mean over the contender's runs of their per-batch means (a
+    phase a run did not record counts for none of its runs). None when no run has ``batch_timing``."""
+    used = [r for r in _select(runs, None, include_unfinished) if not datasets or r.dataset in datasets]
+    grouped = _by(used)
+    means: dict[str, dict[str, float]] = {}
+    for c in _order(grouped, contenders):
+        timings = [_mean_timing(r) for per_seed in grouped.get(c, {}).values() for r in per_seed.values()]
+        phases = {p: [t[p] for t in timings if t[p] is not None] for p in TIMING_PHASES}
+        if any(phases.values()):
+            means[c] = {p: float(np.mean(v)) if v else 0.0 for p, v in phases.items()}
+    if not means:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(means) + 2.0), 4.0), dpi=120)
+    names = list(means)
+    bottom = np.zeros(len(names))
+    for i, phase in enumerate(TIMING_PHASES):
+        height = np.asarray([means[c][phase] for c in names])
+        ax.bar(names, height, bottom=bottom, color=f"C{i}", label=phase.removesuffix("_s"))
+        bottom += height
+    for k, total in enumerate(bottom):
+        ax.text(k, total, f"{total:.1f} s", ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, 1.2 * max(float(bottom.max()), 1e-9))  # room for the totals and the legend
+    ax.set_ylabel("seconds per rollout batch")
+    ax.set_title("Mean seconds per rollout batch by phase (mean over runs)", fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def plot_run_curve(summary: dict, path: str | Path) -> Optional[Path]:

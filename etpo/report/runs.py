@@ -5,7 +5,7 @@ docs/architecture.md, "Run directory"); :func:`load_runs` finds every ``summary.
 run's identity off the path (``<contender>/<dataset>/seed<k>/``, the layout ``etpo.benchmark`` writes) or, for any
 other summary, off its fields. The selection helpers decide which runs count (finished, or with ``--within N``
 already N steps in; one per (contender, dataset, seed)) and in which order; :func:`_learning_values` gives one run's
-values behind the learning table and ``runs.csv``.
+values behind the learning table, the comparison and ``runs.csv``, :func:`_mean_timing` its mean seconds per batch.
 """
 
 from __future__ import annotations
@@ -157,11 +157,54 @@ def _tail_mean(series: np.ndarray, fraction: float) -> Optional[float]:
     return float(np.mean(series[-k:]))
 
 
+def _quality_values(run: RunRecord, last_fraction: float) -> tuple[Optional[float], Optional[float]]:
+    """``(first, last)`` quality of a run's answers apart from runnability, from ``batch_runnable_reward`` (the mean
+    reward of a batch's runnable answers: their mean validation AUC) weighted by ``batch_runnable_fraction``.
+
+    ``first``: the first batch's value (None when none of its answers ran). ``last``: the pooled mean reward of the
+    runnable answers of the last ``last_fraction`` of the batches (at least one batch; the same window as
+    ``last_runnable``). Every batch of a run has the same number of answers, so pooling the answers is
+    ``sum_b(q_b * f_b) / sum_b(f_b)`` over the window's batches with ``f_b > 0`` (a batch whose answers all failed
+    has no mean to weigh); None when no answer of the window ran, or when the summary predates the series."""
+    quality = run.batch_series("batch_runnable_reward")[1]
+    runnable = run.batch_series("batch_runnable_fraction")[1]
+    n = min(quality.size, runnable.size)
+    if n == 0:
+        return None, None
+    quality, runnable = quality[:n], runnable[:n]
+    ran = ~np.isnan(quality) & ~np.isnan(runnable) & (runnable > 0)
+    first = float(quality[0]) if ran[0] else None
+    k = max(1, int(math.ceil(last_fraction * n)))
+    q, f = quality[-k:][ran[-k:]], runnable[-k:][ran[-k:]]
+    last = float(np.sum(q * f) / np.sum(f)) if f.size else None
+    return first, last
+
+
 def _learning_values(run: RunRecord, last_fraction: float) -> dict[str, Optional[float]]:
     """One run's values behind the learning table: the first batch's runnable fraction, the runnable fraction and
-    average reward over the last ``last_fraction`` of its batches, its best reward (None where it has none)."""
+    average reward over the last ``last_fraction`` of its batches, the mean reward of the runnable answers of the
+    first batch and of the last ``last_fraction`` (:func:`_quality_values`), its best reward (None where it has
+    none)."""
     runnable = run.batch_series("batch_runnable_fraction")[1]
     reward = run.batch_series("batch_avg_reward")[1]
+    first_quality, last_quality = _quality_values(run, last_fraction)
     return {"first_runnable": float(runnable[0]) if runnable.size and not np.isnan(runnable[0]) else None,
             "last_runnable": _tail_mean(runnable, last_fraction),
-            "last_reward": _tail_mean(reward, last_fraction), "best": run.best_reward}
+            "last_reward": _tail_mean(reward, last_fraction),
+            "first_quality": first_quality, "last_quality": last_quality, "best": run.best_reward}
+
+
+#: The phases of a rollout batch's time in ``batch_timing`` (seconds): generating the answers, running them in the
+#: environments, learning from the batch.
+TIMING_PHASES = ("generation_s", "environment_s", "update_s")
+
+
+def _mean_timing(run: RunRecord) -> dict[str, Optional[float]]:
+    """A run's mean seconds per batch of every phase of :data:`TIMING_PHASES`, over the batches of ``batch_timing``
+    that recorded it (None when none did: an older summary, or a contender that never updates)."""
+    timing = [t for t in (run.summary.get("batch_timing") or []) if isinstance(t, dict)]
+    out: dict[str, Optional[float]] = {}
+    for phase in TIMING_PHASES:
+        values = [v for v in (_finite(t.get(phase)) for t in timing) if v is not None]
+        out[phase] = float(np.mean(values)) if values else None
+    return out

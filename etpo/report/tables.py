@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from etpo.report.runs import RunRecord, _learning_values, _order, _select
+from etpo.report.runs import TIMING_PHASES, RunRecord, _learning_values, _mean_timing, _order, _select
 
 __all__ = [
     "Cell", "Table", "PAPER_TABLE2", "LEARNING_COLUMNS", "build_table", "table_markdown", "write_table_csv",
@@ -185,24 +185,29 @@ def write_table_csv(table: Table, path: str | Path) -> None:
 
 def write_runs_csv(runs: Sequence[RunRecord], path: str | Path, within: Optional[int] = None,
                    last_fraction: float = 0.25) -> None:
-    """One row per run; ``first_runnable`` / ``last_runnable`` / ``last_reward`` are the run's own values behind
-    :func:`learning_table` (the first batch's runnable fraction, the mean runnable fraction and average reward over
-    the last ``last_fraction`` of its batches)."""
-    fields = ["contender", "dataset", "seed", "finished", "env_steps", "budget", "best_reward", "best_within",
-              "runnable_fraction", "first_runnable", "last_runnable", "last_reward", "wall_time_s", "run_dir"]
+    """One row per run; ``first_runnable`` / ``last_runnable`` / ``last_reward`` / ``first_quality`` /
+    ``last_quality`` are the run's own values behind :func:`learning_table` (the first batch's runnable fraction,
+    the mean runnable fraction and average reward over the last ``last_fraction`` of its batches, the mean reward of
+    the runnable answers of the first batch and, pooled, of the last ``last_fraction``); ``generation_s`` /
+    ``environment_s`` / ``update_s`` its mean seconds per batch of each phase (empty where not recorded)."""
+    learned_fields = ["first_runnable", "last_runnable", "last_reward", "first_quality", "last_quality"]
+    fields = (["contender", "dataset", "seed", "finished", "env_steps", "budget", "best_reward", "best_within",
+               "runnable_fraction"] + learned_fields + list(TIMING_PHASES) + ["wall_time_s", "run_dir"])
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         for r in sorted(runs, key=lambda r: (r.contender, r.dataset, r.seed)):
             bw = r.best_within(within)
             learned = _learning_values(r, last_fraction)
+            timing = _mean_timing(r)
             writer.writerow({
                 "contender": r.contender, "dataset": r.dataset, "seed": r.seed, "finished": r.finished,
                 "env_steps": r.env_steps, "budget": r.summary.get("budget"),
                 "best_reward": "" if r.best_reward is None else r.best_reward,
                 "best_within": "" if bw is None else bw,
                 "runnable_fraction": r.summary.get("runnable_fraction"),
-                **{k: "" if learned[k] is None else learned[k] for k in ("first_runnable", "last_runnable", "last_reward")},
+                **{k: "" if learned[k] is None else learned[k] for k in learned_fields},
+                **{k: "" if timing[k] is None else timing[k] for k in TIMING_PHASES},
                 "wall_time_s": r.summary.get("wall_time_s"),
                 "run_dir": _shown_path(r.path),
             })
@@ -225,6 +230,8 @@ LEARNING_COLUMNS = (
     ("first batch: runnable", "first_runnable"),
     ("last {f}: runnable", "last_runnable"),
     ("last {f}: average reward", "last_reward"),
+    ("first batch: mean AUC of runnable", "first_quality"),
+    ("last {f}: mean AUC of runnable", "last_quality"),
     ("best reward", "best"),
 )
 
@@ -234,7 +241,9 @@ def learning_table(runs: Sequence[RunRecord], last_fraction: float = 0.25, ddof:
                    include_unfinished: bool = False) -> dict[tuple[str, str, str], Cell]:
     """Per (contender, dataset, column) the mean ± std over seeds of: the first batch's runnable fraction, the
     runnable fraction and the average reward over the last ``last_fraction`` of the batches (at least one batch),
-    and the best reward of the run."""
+    the mean reward of the runnable answers (their mean validation AUC) of the first batch and, pooled over the
+    answers, of the last ``last_fraction``, and the best reward of the run. A seed without a value (no answer ran
+    there, an older summary) is left out of that cell."""
     if not 0.0 < last_fraction <= 1.0:
         raise ValueError("last_fraction must be in (0, 1]")
     used = _select(runs, None, include_unfinished)
