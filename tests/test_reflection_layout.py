@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_backbone
 from datamodules.batch import GenerationConfig, RolloutBatch, RolloutMetrics, pad_rows
 from envs.datascience import DataScienceEnv
-from envs.datascience.prompts import error_hint, open_stub, reflection_prompt, task_first_prompt
+from envs.datascience.prompts import error_hint, open_stub, reflection_prompt, task_block, task_first_prompt
 
 RUNS = ("\n    from sklearn.linear_model import LogisticRegression\n    clf = LogisticRegression()\n"
         "    clf.fit(x_train, y_train)\n    return clf\n\ndef ")
@@ -33,9 +33,10 @@ def test_task_first_prompt_is_task_then_attempt_then_feedback_then_the_open_stub
     body, feedback_and_stub = rest.split("\n\n\n", 1)
     assert body == ("\n    from sklearn.ensemble import RandomForestClassifier\n    clf = RandomForestClassifier(max_iter=9)"
                     "\n    clf.fit(x_train, y_train)\n    return clf")  # the body of the code that ran, under the task
-    stub = open_stub(task)
-    assert feedback_and_stub.endswith(stub) and obs.endswith('"""')  # ends inside the open function again
-    feedback = feedback_and_stub[: -len(stub)]
+    block = task_block(task)
+    assert block.startswith('"""Dataset: breast_cancer.') and block.endswith(open_stub(task))
+    assert feedback_and_stub.endswith("\n\n" + block) and obs.endswith('"""')  # ends inside the open function again
+    feedback = feedback_and_stub[: -len(block)]
     assert all(line.startswith("#") for line in feedback.strip("\n").splitlines())
     assert "# " + error in feedback and f"# Hint: {error_hint(error)}" in feedback
     assert feedback.rstrip("\n").endswith("# Fix the problem and write build_model again.")
@@ -44,19 +45,19 @@ def test_task_first_prompt_is_task_then_attempt_then_feedback_then_the_open_stub
 def test_task_first_prompt_after_code_that_ran_shows_its_auc_and_asks_for_better(task):
     obs = reflection_prompt(task, None, RUNS, None, auc=0.912345, layout="task_first")
     rest = obs[len(task):]
-    assert obs.startswith(task) and obs.endswith(open_stub(task))
+    assert obs.startswith(task) and obs.endswith(task_block(task))
     assert "# Result: build_model above ran; its mean validation ROC AUC is 0.9123." in rest
     assert "Write a better build_model" in rest and "Error" not in rest
     # the raw answer stops where the next top-level block began (the stop string kept in the action)
-    assert "\ndef \n" not in rest and rest.count("def build_model(") == 1
+    assert "\ndef \n" not in rest and rest.count("def build_model(") == 1 and rest.count('"""Dataset:') == 1
 
 
 def test_a_runaway_or_unclosed_answer_is_cut_and_cannot_swallow_the_feedback(task):
     runaway = "\n" + "\n".join(f"    import module_{i}" for i in range(40)) + '\n    x = """never closed'
     obs = task_first_prompt(task, None, runaway, "build_model never returns a model")
-    rest = obs[len(task): -len(open_stub(task))]
+    rest = obs[len(task): -len(task_block(task))]
     assert rest.count("import module_") == 12 and "# [...]" in rest
-    assert '"""' not in rest  # only the stub's own docstring quotes follow the task
+    assert '"""' not in rest  # only the task block's own docstrings follow the task
     with pytest.raises(ValueError, match="feedback_first layout shows errors only"):
         reflection_prompt(task, None, RUNS, None, auc=0.9, layout="feedback_first")
     with pytest.raises(ValueError, match="reflection layout must be one of"):
@@ -81,6 +82,12 @@ def test_episodes_go_on_after_success_with_the_auc_as_feedback_and_end_at_t(pool
         DataScienceEnv("iris", reflection_layout="sideways", pool=pool)
     with pytest.raises(ValueError, match="needs reflection_layout='task_first'"):
         DataScienceEnv("iris", reflection_layout="feedback_first", stop_on_success=False, pool=pool)
+    # reflection off: a failure brings the task prompt again, a success still its AUC
+    quiet = DataScienceEnv("iris", prompt_style="few_shot", n_splits=2, max_steps=3, stop_on_success=False,
+                           reflection=False, pool=pool)
+    first, _ = quiet.reset()
+    assert quiet.step(FAILS)[0] == first
+    assert "ROC AUC is" in quiet.step(RUNS)[0]
 
 
 @pytest.fixture(scope="module")

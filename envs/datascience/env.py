@@ -18,7 +18,7 @@ after ``max_steps`` steps (T = 5 in the paper; ETPO(1-step) is ``max_steps=1, re
 ``stop_on_success=False`` goes beyond the paper: code that runs does not end the episode, the next observation
 shows its validation AUC with a request to improve on it, and every episode lasts ``max_steps`` steps (each step
 rewarded as Eq. 10). ``reflection_layout`` places the feedback (:func:`envs.datascience.prompts.reflection_prompt`):
-``task_first`` (the task prompt, the previous attempt, its feedback, the open stub again: every row of a batch
+``task_first`` (the task prompt, the previous attempt, its feedback, the task's block again: every row of a batch
 shares the task prompt as its prefix) or ``feedback_first`` (the earlier layout, errors only).
 
 ``info`` of every step: ``status`` (``ok`` / ``error`` / ``timeout`` / ``refused`` / ``invalid-output``),
@@ -114,8 +114,8 @@ class DataScienceEnv(TextEnv):
         reflection: after a failure, show the previous code and error (False: show the task prompt again).
         reflection_layout: ``"task_first"`` or ``"feedback_first"`` (see the module docstring).
         stop_on_success: True (the paper): the episode ends when the code runs. False: it goes on to ``max_steps``,
-            and after code that ran the next observation (with ``reflection``) shows its validation AUC and asks for
-            a better one.
+            and after code that ran the next observation shows its validation AUC and asks for a better one
+            (whatever ``reflection`` says: it governs what follows a failure).
         pool: a :class:`envs.datascience.evaluation.ModelSandbox`; None uses the process-wide pool for ``sandbox``.
         sandbox: isolation of the generated code: ``"auto"`` (bubblewrap when installed; an error when it is
             installed but cannot start), ``"isolated"`` (bubblewrap or an error) or ``"rlimits"`` (resource limits
@@ -178,9 +178,9 @@ class DataScienceEnv(TextEnv):
         if reflection_layout not in REFLECTION_LAYOUTS:
             raise ValueError(f"reflection_layout must be one of {', '.join(REFLECTION_LAYOUTS)}; got "
                              f"{reflection_layout!r}")
-        if not stop_on_success and reflection and reflection_layout != "task_first":
-            raise ValueError("stop_on_success=False with reflection needs reflection_layout='task_first' (the "
-                             "feedback_first layout shows errors only)")
+        if not stop_on_success and reflection_layout != "task_first":
+            raise ValueError("stop_on_success=False needs reflection_layout='task_first' (the feedback_first layout "
+                             "shows errors only)")
         self.reflection_layout = reflection_layout
         self.stop_on_success = bool(stop_on_success)
         self.banned = tuple(banned)
@@ -241,7 +241,7 @@ class DataScienceEnv(TextEnv):
         if result["status"] == "ok":
             reward, terminated = float(result["auc"]), self.stop_on_success
             obs = self.prompt
-            if not terminated and self.reflection:
+            if not terminated:  # the episode goes on after code that ran: show how well it did, ask for better
                 obs = reflection_prompt(self.prompt, result["code"], answer, None, auc=reward,
                                         layout=self.reflection_layout)
         else:

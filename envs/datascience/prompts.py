@@ -45,7 +45,7 @@ import textwrap
 from dataclasses import dataclass
 
 __all__ = [
-    "task_prompt", "reflection_prompt", "task_first_prompt", "feedback_first_prompt", "open_stub", "REFLECTION_LAYOUTS",
+    "task_prompt", "reflection_prompt", "task_first_prompt", "feedback_first_prompt", "open_stub", "task_block", "REFLECTION_LAYOUTS",
     "stub", "clean_description", "error_hint", "WorkedExample", "PromptStyle",
     "STYLES", "PROMPT_STYLES", "FEW_SHOT_EXAMPLES", "FUNCTION_DOCS",
 ]
@@ -283,6 +283,13 @@ def open_stub(task: str) -> str:
     return task[at:]
 
 
+def task_block(task: str) -> str:
+    """The task's own block at the end of a task prompt -- its module docstring (``\"\"\"Dataset: ...``), ``import
+    numpy as np`` and the open stub -- without the worked examples before it."""
+    at = task.rfind('"""Dataset: ')
+    return task[at:] if at >= 0 else open_stub(task)
+
+
 def _previous_body(previous_code: str | None, previous_answer: str) -> str:
     """The previous attempt as the continuation of the task's open function: the body of the program that was run
     (the lines after its ``def build_model`` line), else the raw answer; at most :data:`SHOWN_LINES` lines."""
@@ -309,13 +316,19 @@ def _previous_body(previous_code: str | None, previous_answer: str) -> str:
 def task_first_prompt(task: str, previous_code: str | None, previous_answer: str, error: str | None = None,
                       auc: float | None = None) -> str:
     """The paper's reflection state laid out task-first: the task prompt unchanged, the previous attempt as the
-    body of its open function, the feedback as comments, then the open stub again.
+    body of its open function, the feedback as comments, then the task's block again (:func:`task_block`: its
+    module docstring and the open stub).
 
     The feedback is the error (as the env summarised it, with the :func:`error_hint` of known errors) and a request
     to fix it, or -- after code that ran (episodes that go on after a success) -- its mean validation ROC AUC with a
     request to improve on it. Every reflection prompt starts with the whole task prompt, which is also every first
     attempt's prompt: a batch's rows share it as one prefix, computed once (generation and update), so the
-    reflection costs only the previous attempt, the feedback and the stub of each row."""
+    reflection costs only the previous attempt, the feedback and the task block of each row.
+
+    Why the task block again, not only the stub: with SmolLM2-135M and 32 replayed first attempts on pharyngitis
+    (docs/results/headroom.md), a second attempt after code that ran ran in 13 of 18 cases with the block and in
+    8 of 18 with the bare stub (the rest: runaway import lists); after a failure 0 of 14 ran either way (the
+    failed attempt is copied back; hiding its code gave 1 of 14)."""
     body = _previous_body(previous_code, previous_answer)
     if auc is not None:
         feedback = (f"# Result: build_model above ran; its mean validation ROC AUC is {auc:.4f}.\n"
@@ -325,7 +338,7 @@ def task_first_prompt(task: str, previous_code: str | None, previous_answer: str
         hint = error_hint(error or "")
         feedback = (f"# Error: build_model above {what}:\n{_as_comment(error or '', max_lines=8)}\n"
                     + (f"# Hint: {hint}\n" if hint else "") + "# Fix the problem and write build_model again.\n")
-    return f"{task}{body}\n\n\n{feedback}{open_stub(task)}"
+    return f"{task}{body}\n\n\n{feedback}\n\n{task_block(task)}"
 
 
 def reflection_prompt(task: str, previous_code: str | None, previous_answer: str, error: str | None,
