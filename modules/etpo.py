@@ -168,14 +168,21 @@ class ETPOModule(AgentModule):
     def _q(self, critic_logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
         return q_from_critic(critic_logits, ref_logits, self.hparams.q_parameterisation)
 
-    def plan(self, batch: RolloutBatch) -> ScoringPlan:
-        """The batch laid out for every view's forward, next prompts included (shared prefixes once)."""
+    def plan(self, batch: RolloutBatch, next_prompts: bool = True) -> ScoringPlan:
+        """The batch laid out for every view's forward (shared prefixes once), with the next prompts -- whose values
+        only the targets need -- or without them (the critic and policy steps: the same action states, fewer
+        positions)."""
+        if not next_prompts:
+            return self.model.plan(batch.prompt_ids, batch.prompt_mask, batch.action_ids, batch.action_mask)
         return self.model.plan(batch.prompt_ids, batch.prompt_mask, batch.action_ids, batch.action_mask,
                                batch.next_prompt_ids, batch.next_prompt_mask)
 
     def learn(self, batch: RolloutBatch) -> Mapping[str, float]:
         hp = self.hparams
         plan = self.plan(batch)
+        # the gradient steps read action states only: next prompts (with reflection, hundreds of positions each that
+        # share little) are left out of their forwards and backwards -- the same states, exactly
+        train_plan = self.plan(batch, next_prompts=False) if batch.next_needed.numel() else plan
         optimizers = self.optimizers_by_name()
         replaying = len(self.replay) > 0
         targets = self.run_forward(self.compute_targets, batch, plan, None, hp.replay_capacity > 0)  # 1.
@@ -184,10 +191,10 @@ class ETPOModule(AgentModule):
         warmup = self.policy_version < hp.critic_warmup
         steps = hp.critic_warmup_steps if warmup and hp.critic_warmup_steps is not None else hp.critic_steps
         for _ in range(steps):  # 2.
-            charts.update(self.optimizer_step_on(optimizers["critic"], self.critic_loss, batch, plan, targets,
+            charts.update(self.optimizer_step_on(optimizers["critic"], self.critic_loss, batch, train_plan, targets,
                                                  replayed))
         if hp.train_policy and not (warmup and hp.warmup_freezes_policy):  # 3.
-            charts.update(self.optimizer_step_on(optimizers["policy"], self.policy_loss, batch, plan, targets))
+            charts.update(self.optimizer_step_on(optimizers["policy"], self.policy_loss, batch, train_plan, targets))
         polyak_update_sharded(self.model, hp.polyak, self.root_model())  # 4.
         if hp.replay_capacity:
             self.replay.add_batch(batch, targets.behaviour_log_probs, self.policy_version)
@@ -201,8 +208,8 @@ class ETPOModule(AgentModule):
         if drawn is None:
             return None
         past, log_mu = drawn
-        plan = self.plan(past)
-        return past, plan, self.compute_targets(past, plan, replayed=log_mu)
+        targets = self.compute_targets(past, self.plan(past), replayed=log_mu)
+        return past, self.plan(past, next_prompts=False), targets
 
     @torch.no_grad()
     def compute_targets(self, batch: RolloutBatch, plan: ScoringPlan,

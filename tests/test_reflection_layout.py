@@ -112,7 +112,9 @@ def _layout_batch(module, task: str) -> tuple[RolloutBatch, int]:
     vocab = m.base_model.config.vocab_size
     actions = [torch.randint(4, vocab, (int(n),), generator=gen).tolist() for n in (5, 9, 3, 7, 6, 2, 8, 4)]
     action_ids, action_mask = pad_rows(actions, "right")
-    next_prompts = [after_error, after_success, after_success]  # rows 0-2 go on; 3-7: their episodes ended
+    # rows 0-2 go on (3-7: their episodes ended), into states no row of the batch is in
+    next_prompts = [task_first_prompt(task, code, RUNS, "TypeError: another"),
+                    task_first_prompt(task, code, RUNS, None, auc=0.61), task_first_prompt(task, None, FAILS, None, auc=0.62)]
     next_ids, next_mask = m.encode_prompts(next_prompts)
     batch = RolloutBatch(
         prompt_ids=ids, prompt_mask=mask, action_ids=action_ids, action_mask=action_mask,
@@ -166,3 +168,22 @@ def test_generation_from_task_first_prompts_samples_the_same_tokens_with_the_sha
         g = m.generate_from_ids(ids, mask, max_new_tokens=12, temperature=1.0, top_k=0, share_prefix=share)
         out[share] = (g.action_ids, g.action_mask)
     assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
+
+
+def test_the_gradient_steps_leave_the_next_prompts_out_and_compute_the_same():
+    """The critic and policy steps plan the batch without its next prompts (only the targets read their values):
+    fewer positions, the same losses and gradients as with them."""
+    from test_etpo_module import _perturbed_module
+
+    task = DataScienceEnv("breast_cancer", prompt_style="few_shot", n_splits=1).prompt
+    module = _perturbed_module("zero", prefix_sharing=True, alphabet=None, td_lambda=1.0, trace_correction=False)
+    batch, _ = _layout_batch(module, task)
+    with_next, without = module.plan(batch), module.plan(batch, next_prompts=False)
+    assert without.tokens_computed < with_next.tokens_computed
+    t = module.compute_targets(batch, with_next)
+    m = module.model
+    for loss, params in ((module.critic_loss, m.critic_parameters()), (module.policy_loss, m.policy_parameters())):
+        a, b = loss(batch, with_next, t)[0], loss(batch, without, t)[0]
+        assert a.item() == pytest.approx(b.item(), rel=1e-5, abs=1e-7)
+        for g1, g2 in zip(torch.autograd.grad(a, params), torch.autograd.grad(b, params)):
+            torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-5)
