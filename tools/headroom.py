@@ -275,9 +275,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table-only", action="store_true", help="measure nothing; write the table from --out-dir")
     p.add_argument("--min-gap", type=float, default=0.02, help="gap that counts as headroom (default: 0.02)")
     p.add_argument("--force", action="store_true", help="measure again datasets already in --out-dir")
+    p.add_argument("--samples", action="append", default=[], metavar="NAME=FILE",
+                   help="summarise the untrained model from an earlier tools/base_rate.py samples file (JSONL, .gz "
+                        "too) of dataset NAME instead of sampling anew; its task prompt must be today's (checked)")
     p.add_argument("--source", default="smollm2", help="BackboneConfig.source (default: smollm2; tests: tiny)")
     p.add_argument("--gguf-cache-dir", default=str(REPO / "runs" / ".model_cache"))
     return p
+
+
+def _read_samples(path: str, prompt: str, n: int) -> list[dict]:
+    """The first ``n`` first attempts of an earlier samples file, after checking they were drawn from ``prompt``."""
+    import gzip
+
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as fh:
+        records = [json.loads(line) for line in fh if line.strip()]
+    firsts = [r for r in records if r.get("attempt", 1) == 1][:n]
+    digest = base_rate.prompt_digest(prompt)
+    if not firsts or any(r.get("prompt_sha256") != digest for r in firsts):
+        raise SystemExit(f"--samples {path}: its first attempts were not sampled from today's task prompt "
+                         f"(sha256 {digest}); sample anew instead")
+    return firsts
 
 
 def _datasets(spec: str) -> list[str]:
@@ -300,6 +318,7 @@ def main(argv: Sequence[str] | None = None, backbone=None) -> list[dict]:
         from envs.datascience import DataScienceEnv
         from envs.datascience.datasets import DatasetNotFoundError
 
+        reuse = dict(item.split("=", 1) for item in args.samples)
         generation = GenerationConfig(max_new_tokens=128, temperature=0.5, top_k=50, top_p=1.0,
                                       stop_strings=list(base_rate.QUICKSTART_STOP_STRINGS))
         for name in names:
@@ -307,7 +326,9 @@ def main(argv: Sequence[str] | None = None, backbone=None) -> list[dict]:
             old = json.loads(path.read_text()) if path.is_file() and not args.force else None
             need_untrained = not args.references_only and (old is None or old.get("untrained") is None) \
                 and not (old or {}).get("unavailable")
-            if old is not None and not need_untrained:
+            missing_refs = old is not None and not old.get("unavailable") and \
+                any(r.name not in (old.get("references") or {}) for r in REFERENCES)
+            if old is not None and not need_untrained and not missing_refs:
                 results.append(old)
                 continue
             env_kwargs = dict(dataset=name, data_dir=args.data_dir, prompt_style=args.prompt_style, max_steps=1,
@@ -323,11 +344,17 @@ def main(argv: Sequence[str] | None = None, backbone=None) -> list[dict]:
             ds = env.dataset
             res = old or {"dataset": name, "shape": {"rows": ds.n_rows, "features": ds.n_features,
                                                      "classes": ds.n_classes}}
-            if "references" not in res:
+            todo = [r for r in REFERENCES if r.name not in (res.get("references") or {})]
+            if todo:  # new reference pipelines are added to a stored result
                 say(f"{name}: {ds.n_rows} rows x {ds.n_features} features, {ds.n_classes} classes: references")
-                res["references"] = score_references(env, progress=say)
+                res["references"] = {**(res.get("references") or {}), **score_references(env, todo, progress=say)}
                 path.write_text(json.dumps(res, indent=1))
-            if need_untrained:
+            if need_untrained and name in reuse:
+                records = _read_samples(reuse[name], env.prompt, args.n)
+                res["untrained"] = untrained_summary(records)
+                res["untrained"].update(seed=None, prompt_style=args.prompt_style, samples=reuse[name])
+                path.write_text(json.dumps(res, indent=1))
+            elif need_untrained:
                 if agent is None:
                     from modules.reflection import ReflectionModule
                     from modules.shared_base import BackboneConfig
