@@ -74,7 +74,7 @@ class ScriptedPolicy:
         self.rng_states.append(torch.random.get_rng_state())
         texts = []
         for prompt in prompts:
-            reflection = "# Fix the problem" in prompt
+            reflection = "# A fixed build_model" in prompt
             texts.append(self.second if reflection else self.first[self.calls % len(self.first)])
             self.calls += not reflection
         b = len(prompts)
@@ -107,7 +107,7 @@ def test_counts_are_the_environment_results_with_a_scripted_policy(pool):
     assert [r["status"] for r in firsts] == ["ok", "error", "invalid-output"] * 2 + ["ok"]
     # exactly the failed first attempts get a second attempt, from the env's reflection prompt
     assert sorted(r["sample"] for r in seconds) == [1, 2, 4, 5] and all(r["status"] == "ok" for r in seconds)
-    reflection_prompts = [p for batch in policy.prompts for p in batch if "# Fix the problem" in p]
+    reflection_prompts = [p for batch in policy.prompts for p in batch if "# A fixed build_model" in p]
     assert len(reflection_prompts) == 4 and any("max_iter" in p for p in reflection_prompts)
     # every record agrees with a fresh evaluation by the environment itself
     env = make_env(pool)

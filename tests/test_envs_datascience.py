@@ -122,13 +122,13 @@ def test_failure_gives_reflection_then_truncation(pool):
     assert obs.startswith(obs0)
     rest = obs[len(obs0):]
     assert rest.startswith("\n    import numpy as np\n    raise RuntimeError('deliberate failure 123')")
-    assert "# RuntimeError: deliberate failure 123" in rest
-    assert obs.endswith('    """') and not obs.endswith("\n")
+    assert "# build_model above failed: RuntimeError: deliberate failure 123" in rest
+    assert obs.endswith('return a fitted scikit-learn classifier."""') and not obs.endswith("\n")
     assert rest.count("\ndef build_model") == 1
     obs, reward, terminated, truncated, info = env.step("this is not code at all")
     assert info["status"] == "invalid-output" and reward == -1.0
     assert truncated is True and terminated is False and info["steps"] == 2
-    assert obs[len(obs0):].startswith("\nthis is not code at all\n") and "is not a usable build_model" in obs
+    assert obs[len(obs0):].startswith("\nthis is not code at all\n") and "# A fixed build_model" in obs
     # the earlier layout, feedback first, stays available
     old = make_env("iris", max_steps=2, n_splits=2, reflection_layout="feedback_first")
     old.reset()

@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_backbone
 from datamodules.batch import GenerationConfig, RolloutBatch, RolloutMetrics, pad_rows
 from envs.datascience import DataScienceEnv
-from envs.datascience.prompts import error_hint, open_stub, reflection_prompt, task_block, task_first_prompt
+from envs.datascience.prompts import error_hint, reflection_prompt, short_stub, task_first_prompt
 
 RUNS = ("\n    from sklearn.linear_model import LogisticRegression\n    clf = LogisticRegression()\n"
         "    clf.fit(x_train, y_train)\n    return clf\n\ndef ")
@@ -26,38 +26,47 @@ def test_task_first_prompt_is_task_then_attempt_then_feedback_then_the_open_stub
     code = ("import numpy as np\n\n\ndef build_model(x_train: np.ndarray, y_train: np.ndarray):\n"
             "    from sklearn.ensemble import RandomForestClassifier\n    clf = RandomForestClassifier(max_iter=9)\n"
             "    clf.fit(x_train, y_train)\n    return clf\n")
-    error = "TypeError: RandomForestClassifier.__init__() got an unexpected keyword argument 'max_iter'"
-    obs = task_first_prompt(task, code, "unused", error)
+    answer = ("\n    from sklearn.ensemble import RandomForestClassifier\n    clf = RandomForestClassifier(max_iter=9)\n"
+              "    clf.fit(x_train, y_train)\n    return clf\n\n\ndef ")
+    error = ('  File "<generated>", line 6, in build_model\n    clf = RandomForestClassifier(max_iter=9)\n'
+             "TypeError: RandomForestClassifier.__init__() got an unexpected keyword argument 'max_iter'")
+    obs = task_first_prompt(task, code, answer, error)
     assert obs.startswith(task)  # the whole task prompt first: every row of a batch shares it
     rest = obs[len(task):]
     body, feedback_and_stub = rest.split("\n\n\n", 1)
-    assert body == ("\n    from sklearn.ensemble import RandomForestClassifier\n    clf = RandomForestClassifier(max_iter=9)"
-                    "\n    clf.fit(x_train, y_train)\n    return clf")  # the body of the code that ran, under the task
-    block = task_block(task)
-    assert block.startswith('"""Dataset: breast_cancer.') and block.endswith(open_stub(task))
-    assert feedback_and_stub.endswith("\n\n" + block) and obs.endswith('"""')  # ends inside the open function again
-    feedback = feedback_and_stub[: -len(block)]
-    assert all(line.startswith("#") for line in feedback.strip("\n").splitlines())
-    assert "# " + error in feedback and f"# Hint: {error_hint(error)}" in feedback
-    assert feedback.rstrip("\n").endswith("# Fix the problem and write build_model again.")
+    # the answer as it was sampled (its tokens are the row's), cut where the next top-level block began
+    assert body == answer.split("\n\n\ndef ")[0]
+    stub = short_stub(task)
+    assert stub == ('def build_model(x_train: np.ndarray, y_train: np.ndarray):\n'
+                    '    """Fit a scikit-learn classifier on x_train, y_train and return it."""')
+    assert feedback_and_stub.endswith(stub) and obs.endswith('"""')  # ends inside the open function again
+    feedback = feedback_and_stub[: -len(stub)]
+    assert feedback == ("# build_model above failed: TypeError: RandomForestClassifier.__init__() got an unexpected "
+                        "keyword argument 'max_iter'\n"
+                        f"# Hint: {error_hint(error)}\n# A fixed build_model:\n")
+    # an answer that wrote a whole function of its own: the body of the code that ran is shown
+    whole = "\ndef build_model(x_train, y_train):\n    return 1\n"
+    assert task_first_prompt(task, code, whole, error)[len(task):].startswith(
+        "\n    from sklearn.ensemble import RandomForestClassifier")
 
 
 def test_task_first_prompt_after_code_that_ran_shows_its_auc_and_asks_for_better(task):
     obs = reflection_prompt(task, None, RUNS, None, auc=0.912345, layout="task_first")
     rest = obs[len(task):]
-    assert obs.startswith(task) and obs.endswith(task_block(task))
-    assert "# Result: build_model above ran; its mean validation ROC AUC is 0.9123." in rest
-    assert "Write a better build_model" in rest and "Error" not in rest
+    assert obs.startswith(task) and obs.endswith(short_stub(task))
+    assert "\n\n\n# build_model above ran: validation ROC AUC 0.9123. A better build_model:\ndef build_model(" in rest
+    assert "failed" not in rest
     # the raw answer stops where the next top-level block began (the stop string kept in the action)
-    assert "\ndef \n" not in rest and rest.count("def build_model(") == 1 and rest.count('"""Dataset:') == 1
+    assert "\ndef \n" not in rest and rest.count("def build_model(") == 1
 
 
 def test_a_runaway_or_unclosed_answer_is_cut_and_cannot_swallow_the_feedback(task):
     runaway = "\n" + "\n".join(f"    import module_{i}" for i in range(40)) + '\n    x = """never closed'
     obs = task_first_prompt(task, None, runaway, "build_model never returns a model")
-    rest = obs[len(task): -len(task_block(task))]
+    rest = obs[len(task): -len(short_stub(task))]
     assert rest.count("import module_") == 12 and "# [...]" in rest
-    assert '"""' not in rest  # only the task block's own docstrings follow the task
+    assert '"""' not in rest  # only the stub's own docstring quotes follow the task
+    assert "# Hint: end build_model with a return of the fitted classifier." in rest
     with pytest.raises(ValueError, match="feedback_first layout shows errors only"):
         reflection_prompt(task, None, RUNS, None, auc=0.9, layout="feedback_first")
     with pytest.raises(ValueError, match="reflection layout must be one of"):
@@ -69,9 +78,9 @@ def test_episodes_go_on_after_success_with_the_auc_as_feedback_and_end_at_t(pool
     first, _ = env.reset()
     obs, reward, terminated, truncated, info = env.step(RUNS)
     assert info["status"] == "ok" and reward == pytest.approx(info["auc"]) and not terminated and not truncated
-    assert obs.startswith(first) and f"ROC AUC is {reward:.4f}" in obs
+    assert obs.startswith(first) and f"ROC AUC {reward:.4f}" in obs
     obs, reward, terminated, truncated, info = env.step(FAILS)
-    assert reward == -1.0 and not terminated and not truncated and "# Error" in obs and obs.startswith(first)
+    assert reward == -1.0 and not terminated and not truncated and "failed: TypeError" in obs and obs.startswith(first)
     obs, reward, terminated, truncated, info = env.step(RUNS)
     assert info["status"] == "ok" and not terminated and truncated  # the step limit ends it, a success does not
     # the paper's episode: the first success ends it
@@ -87,7 +96,7 @@ def test_episodes_go_on_after_success_with_the_auc_as_feedback_and_end_at_t(pool
                            reflection=False, pool=pool)
     first, _ = quiet.reset()
     assert quiet.step(FAILS)[0] == first
-    assert "ROC AUC is" in quiet.step(RUNS)[0]
+    assert "ROC AUC" in quiet.step(RUNS)[0]
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ import textwrap
 from dataclasses import dataclass
 
 __all__ = [
-    "task_prompt", "reflection_prompt", "task_first_prompt", "feedback_first_prompt", "open_stub", "task_block", "REFLECTION_LAYOUTS",
+    "task_prompt", "reflection_prompt", "task_first_prompt", "feedback_first_prompt", "open_stub", "task_block", "short_stub", "REFLECTION_LAYOUTS",
     "stub", "clean_description", "error_hint", "WorkedExample", "PromptStyle",
     "STYLES", "PROMPT_STYLES", "FEW_SHOT_EXAMPLES", "FUNCTION_DOCS",
 ]
@@ -291,18 +291,19 @@ def task_block(task: str) -> str:
 
 
 def _previous_body(previous_code: str | None, previous_answer: str) -> str:
-    """The previous attempt as the continuation of the task's open function: the body of the program that was run
-    (the lines after its ``def build_model`` line), else the raw answer; at most :data:`SHOWN_LINES` lines."""
-    if previous_code is not None and "def build_model" in previous_code:
+    """The previous attempt as the continuation of the task's open function: the answer as it was generated, up to
+    where a new top-level block began (the rollout's stop strings) -- so its tokens are the ones the row sampled and
+    the next state shares them with it -- at most :data:`SHOWN_LINES` lines; the body of the program that ran when the
+    answer wrote a whole function of its own."""
+    lines = []
+    for line in (previous_answer or "").splitlines():
+        # never show an unclosed string either: it would swallow the feedback below it
+        if line.startswith(("def ", "class ", "if __name__")) or line.strip().startswith(('"""', "'''")):
+            break
+        lines.append(line.replace('"""', "'''"))
+    if not any(line.startswith((" ", "\t")) and line.strip() for line in lines) and previous_code is not None \
+            and "def build_model" in previous_code:
         lines = previous_code.split("def build_model", 1)[1].splitlines()[1:]
-    else:
-        lines = []
-        for line in (previous_answer or "").splitlines():
-            # the answer ended where a new top-level block began (the rollout's stop strings): drop that block, and
-            # never show an unclosed string, which would swallow the feedback below it
-            if line.startswith(("def ", "class ", "if __name__")) or line.strip().startswith(('"""', "'''")):
-                break
-            lines.append(line.replace('"""', "'''"))
     while lines and not lines[0].strip():
         lines = lines[1:]
     lines = [line.rstrip() for line in lines]
@@ -313,32 +314,42 @@ def _previous_body(previous_code: str | None, previous_answer: str) -> str:
     return "\n" + "\n".join(lines) if lines else "\n    pass"
 
 
+def short_stub(task: str) -> str:
+    """The task's open function with the first line of its docstring only (the header and one sentence)."""
+    header, _, doc = open_stub(task).partition("\n")
+    quotes = '"""'
+    first = doc.strip().removeprefix(quotes).splitlines()[0].strip().removesuffix(quotes) if doc.strip() else ""
+    return f"{header}\n    {quotes}{first}{quotes}" if first else header
+
+
 def task_first_prompt(task: str, previous_code: str | None, previous_answer: str, error: str | None = None,
                       auc: float | None = None) -> str:
     """The paper's reflection state laid out task-first: the task prompt unchanged, the previous attempt as the
-    body of its open function, the feedback as comments, then the task's block again (:func:`task_block`: its
-    module docstring and the open stub).
+    body of its open function, one or two lines of feedback as comments, then the open function again with the first
+    sentence of its docstring (:func:`short_stub`).
 
-    The feedback is the error (as the env summarised it, with the :func:`error_hint` of known errors) and a request
-    to fix it, or -- after code that ran (episodes that go on after a success) -- its mean validation ROC AUC with a
-    request to improve on it. Every reflection prompt starts with the whole task prompt, which is also every first
-    attempt's prompt: a batch's rows share it as one prefix, computed once (generation and update), so the
-    reflection costs only the previous attempt, the feedback and the task block of each row.
+    The feedback is the error's last line (the exception, as the env summarised it) with the :func:`error_hint` of
+    known errors and a request for a fixed version, or -- after code that ran (episodes that go on after a success)
+    -- its mean validation ROC AUC with a request for a better one. Every reflection prompt starts with the whole task
+    prompt, which is also every first attempt's prompt: a batch's rows share it as one prefix, computed once
+    (generation and update); and the previous attempt is shown as it was sampled, so the row that sampled it and its
+    next state share that part too. A reflection costs each row its feedback and the short stub (~40 tokens).
 
-    Why the task block again, not only the stub: with SmolLM2-135M and 32 replayed first attempts on pharyngitis
-    (docs/results/headroom.md), a second attempt after code that ran ran in 13 of 18 cases with the block and in
-    8 of 18 with the bare stub (the rest: runaway import lists); after a failure 0 of 14 ran either way (the
-    failed attempt is copied back; hiding its code gave 1 of 14)."""
+    Why so short (docs/results/reflection_layout.md; SmolLM2-135M, 32 replayed first attempts on pharyngitis, one
+    second attempt each): after code that ran, the second attempt ran in 8 of 18 cases with the whole stub after a
+    two-line request, in 13 of 18 with the task's whole block (docstring and stub) again, and in about half with
+    this layout, which is 130-160 tokens shorter per row than the block; after a failure almost never (0-1 of 14
+    in every layout: the small model copies the failed attempt back)."""
     body = _previous_body(previous_code, previous_answer)
     if auc is not None:
-        feedback = (f"# Result: build_model above ran; its mean validation ROC AUC is {auc:.4f}.\n"
-                    "# Write a better build_model: try another classifier, other settings or preprocessing.\n")
+        feedback = f"# build_model above ran: validation ROC AUC {auc:.4f}. A better build_model:\n"
     else:
-        what = "failed" if previous_code is not None else "is not a usable build_model function"
+        lines = [line.strip() for line in (error or "").strip().splitlines() if line.strip()]
+        last = (lines[-1] if lines else "unknown error")[:200]
         hint = error_hint(error or "")
-        feedback = (f"# Error: build_model above {what}:\n{_as_comment(error or '', max_lines=8)}\n"
-                    + (f"# Hint: {hint}\n" if hint else "") + "# Fix the problem and write build_model again.\n")
-    return f"{task}{body}\n\n\n{feedback}\n\n{task_block(task)}"
+        feedback = (f"# build_model above failed: {last}\n" + (f"# Hint: {hint}\n" if hint else "")
+                    + "# A fixed build_model:\n")
+    return f"{task}{body}\n\n\n{feedback}{short_stub(task)}"
 
 
 def reflection_prompt(task: str, previous_code: str | None, previous_answer: str, error: str | None,
