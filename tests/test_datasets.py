@@ -94,7 +94,26 @@ def test_categorical_columns_are_integer_codes(shared_datasets):
     assert set(np.unique(ttt.X).tolist()) == {0.0, 1.0, 2.0}  # b, o, x
 
 
-@pytest.mark.parametrize("name", ["balance_scale", "breast_w", "diabetes"])
+@pytest.mark.parametrize("name, file", [("tic_tac_toe", "tic_tac_toe.csv"), ("tic_tac_toe", "tic_tac_toe.arff"),
+                                        ("balance_scale", "balance_scale.csv"), ("balance_scale", "balance_scale.arff")])
+def test_generated_tables_are_openmls_rows_in_openmls_order(shared_datasets, tmp_path, name, file):
+    """tic_tac_toe and balance_scale are computed from their rules, offline on any machine: the same preprocessed
+    table, row for row, as the OpenML files of ../shared/datasets (read by the file loader)."""
+    from envs.datascience.datasets import _SPECS, _preprocess, _read_table
+
+    path = shared_datasets / name / file
+    if not path.is_file():
+        pytest.skip(f"{path} absent")
+    from_file = _preprocess(_read_table(path), name, _SPECS[name], None, "random", 0, "", str(path))
+    generated = load_dataset(name, data_dir=tmp_path, max_rows=None, download=False)  # no file there: computed
+    assert generated.source.startswith("generated")
+    np.testing.assert_array_equal(generated.X, from_file.X)
+    np.testing.assert_array_equal(generated.y, from_file.y)
+    assert generated.feature_names == from_file.feature_names and generated.class_names == from_file.class_names
+    assert generated.description and "three in a row" in load_dataset("tic_tac_toe").description
+
+
+@pytest.mark.parametrize("name", ["breast_w", "diabetes"])
 def test_arff_variant_gives_the_same_table(shared_datasets, tmp_path, name):
     src = shared_datasets / name / f"{name}.arff"
     if not src.is_file():

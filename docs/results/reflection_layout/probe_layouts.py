@@ -31,6 +31,25 @@ def patched(task, previous_code, previous_answer, error=None, auc=None):
         if auc is None:
             return f"{task}\n    pass\n\n\n{fb.replace('build_model above', 'the previous build_model')}\n\n{header_of_task(task)}"
         return f"{task}{body}\n\n\n{fb}\n\n{header_of_task(task)}"
+    if name in ("E", "E2"):  # the raw answer (cut where a new block began), one feedback line, a bare header
+        lines = []
+        for line in (previous_answer or "").splitlines():
+            if line.startswith(("def ", "class ", "if __name__")) or line.strip().startswith('"""'):
+                break
+            lines.append(line)
+        while lines and not lines[-1].strip():
+            lines.pop()
+        raw = "\n".join(lines[:13])
+        if auc is not None:
+            fb = f"# build_model above ran: validation ROC AUC {auc:.4f}. A better build_model:\n"
+        else:
+            hint = P.error_hint(error or "")
+            last = (error or "").strip().splitlines()[-1][:160] if error else ""
+            fb = f"# build_model above failed: {last}\n" + (f"# Hint: {hint}\n" if hint else "") + "# A fixed build_model:\n"
+        header = "def build_model(x_train: np.ndarray, y_train: np.ndarray):"
+        if name == "E2":
+            header += '\n    """Fit a scikit-learn classifier on x_train, y_train and return it."""'
+        return f"{task}{raw}\n\n\n{fb}{header}"
     if name == "C":  # the whole task block again after the feedback
         return f"{task}{body}\n\n\n{fb}\n\n{header_of_task(task)}"
     raise SystemExit(name)
