@@ -6,9 +6,10 @@ Builds two rollout batches of 8 rows from real untrained answers of SmolLM2 on t
 docs/results/headroom/<dataset>_samples.jsonl.gz), each row's state and next state as the env makes them:
 
 * **first attempts** -- every row the task prompt (the CPU setting without feedback: after a failure the task again);
-* **task-first reflection** -- every row a second attempt: the task prompt, an earlier answer as sampled, one line of
-  feedback (its AUC, or its error and a hint) and the short stub; every episode goes on, so every row has a next
-  state of the same kind (``stop_on_success: false``).
+* **attempts with feedback** -- every row a later attempt of an episode that goes on (``stop_on_success: false``):
+  after an earlier answer that ran, the task prompt, that answer as sampled, one line with its AUC and the short stub;
+  after one that failed, the task prompt again (the quickstart's ``reflection: false``; ``--reflection``: its error
+  and a hint instead); every row has a next state of the same kind.
 
 For each it times, in one process and alternately (the machines are noisy; medians), the update as it is (the critic
 and policy steps plan the batch without the next prompts, which only the targets read) and as it was before (those
@@ -39,7 +40,7 @@ def _samples(dataset: str) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def build_batches(module, dataset: str):
+def build_batches(module, dataset: str, reflection: bool = False):
     from datamodules.batch import GenerationConfig, RolloutBatch, RolloutMetrics, pad_rows
     from envs.datascience import DataScienceEnv
     from envs.datascience.prompts import task_first_prompt
@@ -50,6 +51,8 @@ def build_batches(module, dataset: str):
 
     def state(rec):  # the state after answer `rec`, as the env builds it
         auc = rec["reward"] if rec["status"] == "ok" else None
+        if auc is None and not reflection:
+            return task
         return task_first_prompt(task, rec.get("code"), rec["text"], None if auc is not None else rec["error"], auc)
 
     answers = recs[:8]                 # the actions of the batch
@@ -61,7 +64,7 @@ def build_batches(module, dataset: str):
         ids, mask = module.model.encode_actions([rec["text"]])
         actions.append(ids[0][mask[0].bool()].tolist()[:96])
     batches = {}
-    for name, prompts in (("first attempts", [task] * 8), ("task-first reflection", [state(r) for r in earlier])):
+    for name, prompts in (("first attempts", [task] * 8), ("attempts with feedback", [state(r) for r in earlier])):
         nexts = [state(r) for r in answers]
         if name == "first attempts":  # no feedback: the next state of a failure is the task, of a success the end
             nexts = [task for _ in answers]
@@ -85,6 +88,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset", default="balance_scale")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--reflection", action="store_true", help="failed answers' states show the error (default: the task)")
+    ap.add_argument("--only", default=None, help="time one batch kind only: 'first' or 'feedback'")
     args = ap.parse_args(argv)
     from modules.etpo import ETPOModule
     from modules.shared_base import BackboneConfig
@@ -103,7 +108,9 @@ def main(argv=None) -> None:
     before = Before(**kw)
     before.model = now.model  # one model: the two differ only in how the gradient steps plan the batch
     now.model.train()
-    batches = build_batches(now, args.dataset)
+    batches = build_batches(now, args.dataset, args.reflection)
+    if args.only:
+        batches = {k: v for k, v in batches.items() if args.only in k}
     print(f"dataset {args.dataset}; torch threads {torch.get_num_threads()}")
     print(f"{'batch':<24}{'positions: targets':>20}{'gradient steps':>16}{'before':>10}{'now':>10}{'ratio':>8}")
     for name, batch in batches.items():
