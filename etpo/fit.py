@@ -216,6 +216,17 @@ class _Checkpoint(ModelCheckpoint):
             super().on_train_batch_end(*args, **kwargs)
 
 
+def _peak_rss_gb() -> float | None:
+    """The trainer process's peak resident memory so far (GiB; the sandbox's workers are separate processes with
+    their own limit), or None where the platform does not say."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux (bytes on macOS)
+    return round(kib / (2 ** 30 if sys.platform == "darwin" else 2 ** 20), 3)
+
+
 class RunArtifacts(Callback):
     """Writes what a researcher wants next to the TensorBoard events: one ``history.jsonl`` line per rollout batch,
     the batch's actions with their reward, status and error in ``samples.jsonl`` (one line per action, tagged with
@@ -249,6 +260,7 @@ class RunArtifacts(Callback):
             "best_code": stats.best_code,
             "runnable_fraction": float(sum(runnable) / len(runnable)) if runnable else None,
             "wall_time_s": stats.wall_time_s,
+            "peak_rss_gb": _peak_rss_gb(),
             "finished": finished,
             "best_within": [list(x) for x in stats.best_within],
             "batch_avg_reward": list(stats.batch_avg_reward),

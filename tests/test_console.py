@@ -107,7 +107,7 @@ def test_a_run_starts_with_one_line_per_fact(tmp_path, sandbox):
     assert sum("bubblewrap" in ln for ln in lines) <= 1, out  # the fallback's advice: in the sandbox line only
     for message in CHATTER:
         assert message not in out, f"{message!r} in the output:\n{out}"
-    assert re.search(r"^etpo\.fit: etpo on breast_cancer: .*\(2 environment steps, 1 updates", out, re.M), out
+    assert re.search(r"^etpo\.fit: etpo on tic_tac_toe: .*\(2 environment steps, 1 updates", out, re.M), out
 
 
 def _cuda_available() -> bool:

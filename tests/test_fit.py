@@ -298,10 +298,11 @@ def test_the_quickstart_shrunk_onto_a_tiny_model_runs_its_own_settings(tmp_path)
           "--data.env.init_args.n_splits=1", "--trainer.enable_progress_bar=false"])
     config = (run / "config.yaml").read_text()
     for setting in ("q_parameterisation: zero", "td_lambda: 1.0", "trace_correction: false", "critic_steps: 2",
-                    "reflection: false", "dataset: breast_cancer"):
+                    "reflection: false", "dataset: tic_tac_toe", "stop_on_success: false", "max_steps: 5"):
         assert setting in config, setting
     summary = json.loads((run / "summary.json").read_text())
     assert summary["finished"] is True and summary["env_steps"] == 4 and summary["updates"] == 2
+    assert 0.1 < summary["peak_rss_gb"] < 24  # the trainer's own peak memory (torch alone takes a few hundred MB)
     samples = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 and all(s["reward"] == -1.0 and s["status"] != "ok" for s in samples)  # random text
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)

@@ -22,7 +22,8 @@ from conftest import REPO
 
 OURS = ("envs", "etpo", "modules", "datamodules")
 LOSSES = "modules.losses"
-REPORT = ("etpo.report", "etpo.report.runs", "etpo.report.tables", "etpo.report.plots", "etpo.report.__main__")
+REPORT = ("etpo.report", "etpo.report.runs", "etpo.report.tables", "etpo.report.plots", "etpo.report.compare",
+          "etpo.report.__main__")
 ENTRY_POINTS = ("etpo.fit", "etpo.benchmark", *REPORT, "etpo.console", "etpo.credit", "etpo.perplexity")
 ETPO_HELPERS = ("etpo.hardware", "etpo.malloc")  # below the entry points, inside the application floor
 

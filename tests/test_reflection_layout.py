@@ -67,6 +67,12 @@ def test_a_runaway_or_unclosed_answer_is_cut_and_cannot_swallow_the_feedback(tas
     assert rest.count("import module_") == 12 and "# [...]" in rest
     assert '"""' not in rest  # only the stub's own docstring quotes follow the task
     assert "# Hint: end build_model with a return of the fitted classifier." in rest
+    # a very long line (a runaway string, megabytes of text) ends what is shown: the next state stays short
+    for long_answer in ("\n    x = 1\n    s = '" + "a" * 5_000_000 + "'\n" + RUNS, "a" * 5_000_000):
+        obs = task_first_prompt(task, None, long_answer, "SyntaxError: unterminated string literal")
+        assert len(obs) < len(task) + 600, len(obs)
+    shown = task_first_prompt(task, None, "\n    x = 1\n    s = '" + "a" * 300 + "'\n" + RUNS, "err")[len(task):]
+    assert shown.startswith("\n    x = 1\n    # [...]\n\n\n# build_model above failed: err")
     with pytest.raises(ValueError, match="feedback_first layout shows errors only"):
         reflection_prompt(task, None, RUNS, None, auc=0.9, layout="feedback_first")
     with pytest.raises(ValueError, match="reflection layout must be one of"):

@@ -273,6 +273,8 @@ REFLECTION_LAYOUTS: tuple[str, ...] = ("task_first", "feedback_first")
 
 #: lines of the previous attempt a reflection prompt shows (enough for a short body; a runaway answer is cut)
 SHOWN_LINES = 12
+#: longest line of the previous attempt shown; a longer one (a runaway string, a flood) ends what is shown there
+SHOWN_LINE_CHARS = 240
 
 
 def open_stub(task: str) -> str:
@@ -294,7 +296,8 @@ def _previous_body(previous_code: str | None, previous_answer: str) -> str:
     """The previous attempt as the continuation of the task's open function: the answer as it was generated, up to
     where a new top-level block began (the rollout's stop strings) -- so its tokens are the ones the row sampled and
     the next state shares them with it -- at most :data:`SHOWN_LINES` lines; the body of the program that ran when the
-    answer wrote a whole function of its own."""
+    answer wrote a whole function of its own. A line over :data:`SHOWN_LINE_CHARS` characters ends it, so the next
+    state stays short whatever the answer was."""
     lines = []
     for line in (previous_answer or "").splitlines():
         # never show an unclosed string either: it would swallow the feedback below it
@@ -309,8 +312,13 @@ def _previous_body(previous_code: str | None, previous_answer: str) -> str:
     lines = [line.rstrip() for line in lines]
     while lines and not lines[-1]:
         lines.pop()
-    if len(lines) > SHOWN_LINES:
-        lines = lines[:SHOWN_LINES] + ["    # [...]"]
+    for i, line in enumerate(lines[:SHOWN_LINES]):
+        if len(line) > SHOWN_LINE_CHARS:
+            lines = lines[:i] + ["    # [...]"]
+            break
+    else:
+        if len(lines) > SHOWN_LINES:
+            lines = lines[:SHOWN_LINES] + ["    # [...]"]
     return "\n" + "\n".join(lines) if lines else "\n    pass"
 
 
@@ -337,9 +345,9 @@ def task_first_prompt(task: str, previous_code: str | None, previous_answer: str
 
     Why so short (docs/results/reflection_layout.md; SmolLM2-135M, 32 replayed first attempts on pharyngitis, one
     second attempt each): after code that ran, the second attempt ran in 8 of 18 cases with the whole stub after a
-    two-line request, in 13 of 18 with the task's whole block (docstring and stub) again, and in about half with
-    this layout, which is 130-160 tokens shorter per row than the block; after a failure almost never (0-1 of 14
-    in every layout: the small model copies the failed attempt back)."""
+    two-line request, in 13 of 18 with the task's whole block (docstring and stub) again, and in 6 of 18 with this
+    layout, which is 130 tokens shorter per row than the block; after a failure almost never (0-2 of 14 in every
+    layout: the small model copies the failed attempt back)."""
     body = _previous_body(previous_code, previous_answer)
     if auc is not None:
         feedback = f"# build_model above ran: validation ROC AUC {auc:.4f}. A better build_model:\n"
