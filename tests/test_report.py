@@ -392,8 +392,37 @@ def test_paired_differences_and_bootstrap_interval(runs_root):
     change = [hand_values(1, 0, s)["last_quality"] - hand_values(1, 0, s)["first_quality"] for s in SEEDS]
     learned = comp.learning["breast_w"]
     assert learned.improved == sum(x > 0 for x in change) and learned.change.mean == pytest.approx(np.mean(change))
-    assert (f"exceeds the first batch's in {learned.improved} of 3 seeds; mean (last − first) = "
-            f"{np.mean(change):+.4f}") in md
+    assert learned.lost == 0
+    assert (f"exceeds the first batch's in {learned.improved} of 3 seeds; mean (last − first) over the 3 with "
+            f"runnable answers in both = {np.mean(change):+.4f}") in md
+
+
+def test_a_run_with_no_runnable_answer_at_the_end_counts_as_not_improved(tmp_path):
+    """A run whose last batches have no runnable answer has no last-quarter AUC: the learning line counts it among
+    the runs that did not improve (and names it) instead of leaving it out of the count."""
+    import json as _json
+    root = tmp_path / "runs"
+    for s in (0, 1, 2):
+        path = write_summary(root, "etpo", "cmc", s, 0.8) / "summary.json"
+        summary = _json.loads(path.read_text())
+        summary["batch_runnable_fraction"][0], summary["batch_runnable_reward"][0] = 0.5, 0.7  # all start runnable
+        if s == 2:  # ... and the last one ends with none
+            summary["batch_runnable_fraction"][-2:] = [0.0, 0.0]
+            summary["batch_runnable_reward"][-2:] = [None, None]
+            collapsed = path
+        path.write_text(_json.dumps(summary))
+    runs = report.load_runs(root)
+    learned = report.comparison(runs, n_boot=100).learning["cmc"]
+    assert learned.lost == 1 and learned.change.n == 2
+    md = report.comparison_markdown(runs, n_boot=100)
+    assert (f"exceeds the first batch's in {learned.improved} of 3 seeds (1 with no runnable answer in the last "
+            "25%); mean (last − first) over the 2 with runnable answers in both") in md
+    # only collapsed runs: still a learning line, 0 of 1
+    only = tmp_path / "only"
+    (only / "etpo" / "cmc" / "seed2").mkdir(parents=True)
+    (only / "etpo" / "cmc" / "seed2" / "summary.json").write_text(collapsed.read_text())
+    md = report.comparison_markdown(report.load_runs(only), n_boot=100)
+    assert "exceeds the first batch's in 0 of 1 seeds (1 with no runnable answer in the last 25%).\n" in md
 
 
 def test_a_single_pair_has_no_standard_error_nor_interval(tmp_path):

@@ -98,6 +98,9 @@ class Learning:
 
     improved: int
     change: Estimate
+    #: runs with runnable answers in their first batch but none in the last fraction: they did not improve either,
+    #: and ``change`` (which needs both) leaves them out
+    lost: int = 0
 
 
 @dataclass
@@ -234,11 +237,15 @@ def comparison(
         both = [(d, s) for (c, d, s) in last if c == reference and (scope == ALL_DATASETS or d == scope)
                 and d in datasets and (c, d, s) in first]
         both.sort(key=lambda p: (datasets.index(p[0]), p[1]))
+        lost = sum(1 for (c, d, s) in first if c == reference and (scope == ALL_DATASETS or d == scope)
+                   and d in datasets and (c, d, s) not in last)
         if both:
             change = [last[(reference, d, s)] - first[(reference, d, s)] for d, s in both]
             mean, se = mean_se(change)
             comp.learning[scope] = Learning(sum(x > 0 for x in change),
-                                            Estimate(change, [s for _, s in both], mean, se))
+                                            Estimate(change, [s for _, s in both], mean, se), lost)
+        elif lost:
+            comp.learning[scope] = Learning(0, Estimate([], [], math.nan, math.nan), lost)
     return comp
 
 
@@ -314,9 +321,11 @@ def comparison_markdown(
             unit = "runs" if scope == ALL_DATASETS else "seeds"
             change = learned.change
             se = f" ± {_num(change.se, digits)}" if not math.isnan(change.se) else ""
+            lost = (f" ({learned.lost} with no runnable answer in the last {frac})" if learned.lost else "")
+            mean = (f"; mean (last − first) over the {change.n} with runnable answers in both = "
+                    f"{_num(change.mean, digits, True)}{se}" if change.n else "")
             lines += [f"Learning ({reference}): the last {frac} mean AUC of runnable answers exceeds the first "
-                      f"batch's in {learned.improved} of {change.n} {unit}; mean (last − first) = "
-                      f"{_num(change.mean, digits, True)}{se}.", ""]
+                      f"batch's in {learned.improved} of {change.n + learned.lost} {unit}{lost}{mean}.", ""]
     if not comp.has_reference:
         lines += [f"No runs of the reference `{reference}`: no paired differences.", ""]
     best = (f"within {within} environment steps (at batch granularity)" if within is not None
