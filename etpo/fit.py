@@ -221,7 +221,7 @@ def _peak_rss_gb() -> float | None:
     their own limit), or None where the platform does not say."""
     try:
         import resource
-    except ImportError:  # not on Windows
+    except ImportError:  # Windows has no resource module
         return None
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux (bytes on macOS)
     return round(kib / (2 ** 30 if sys.platform == "darwin" else 2 ** 20), 3)

@@ -83,7 +83,7 @@ _ONE_HOT = (
     "return clf",
 )
 
-def _tuned(what: str, imports: tuple[str, ...], make: str, grid: str) -> tuple[str, ...]:
+def _tuned(imports: tuple[str, ...], make: str, grid: str) -> tuple[str, ...]:
     """A body that picks the settings of ``make`` (a format string over one grid point ``p``) by 3-fold
     cross-validated ROC AUC on the training split alone, then fits the winner on all of it (GridSearchCV is banned
     in this env, so the loop is written out; the validation split is never seen)."""
@@ -147,16 +147,16 @@ REFERENCES: tuple[Reference, ...] = (
     # tuned on the training split by inner 3-fold CV (slower: scored with --reference-timeout)
     Reference("rf_cv", "RandomForestClassifier(300 trees), min_samples_leaf in {1, 3, 10} x max_features in "
                        "{sqrt, 0.5} by inner CV", _body(*_tuned(
-        "rf", ("from sklearn.ensemble import RandomForestClassifier",),
+        ("from sklearn.ensemble import RandomForestClassifier",),
         "RandomForestClassifier(n_estimators=300, min_samples_leaf=p[0], max_features=p[1], random_state=0)",
         "[(1, 'sqrt'), (3, 'sqrt'), (10, 'sqrt'), (1, 0.5), (3, 0.5), (10, 0.5)]"))),
     Reference("hgb_cv", "HistGradientBoostingClassifier, learning_rate in {0.03, 0.1} x max_leaf_nodes in {8, 31} "
                         "x max_iter in {100, 300} by inner CV", _body(*_tuned(
-        "hgb", ("from sklearn.ensemble import HistGradientBoostingClassifier",),
+        ("from sklearn.ensemble import HistGradientBoostingClassifier",),
         "HistGradientBoostingClassifier(learning_rate=p[0], max_leaf_nodes=p[1], max_iter=p[2], random_state=0)",
         "[(a, b, c) for a in (0.03, 0.1) for b in (8, 31) for c in (100, 300)]"))),
     Reference("lr_onehot_cv", "lr_onehot with C in {0.01, 0.1, 1, 10} by inner CV", _body(*_tuned(
-        "lr", _ONE_HOT[:7],
+        _ONE_HOT[:7],
         "make_pipeline(prep, LogisticRegression(C=p, max_iter=2000))", "[0.01, 0.1, 1.0, 10.0]"))),
 )
 

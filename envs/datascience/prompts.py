@@ -45,7 +45,7 @@ import textwrap
 from dataclasses import dataclass
 
 __all__ = [
-    "task_prompt", "reflection_prompt", "task_first_prompt", "feedback_first_prompt", "open_stub", "task_block", "short_stub", "REFLECTION_LAYOUTS",
+    "task_prompt", "reflection_prompt", "task_first_prompt", "feedback_first_prompt", "open_stub", "short_stub", "REFLECTION_LAYOUTS",
     "stub", "clean_description", "error_hint", "WorkedExample", "PromptStyle",
     "STYLES", "PROMPT_STYLES", "FEW_SHOT_EXAMPLES", "FUNCTION_DOCS",
 ]
@@ -285,13 +285,6 @@ def open_stub(task: str) -> str:
     return task[at:]
 
 
-def task_block(task: str) -> str:
-    """The task's own block at the end of a task prompt -- its module docstring (``\"\"\"Dataset: ...``), ``import
-    numpy as np`` and the open stub -- without the worked examples before it."""
-    at = task.rfind('"""Dataset: ')
-    return task[at:] if at >= 0 else open_stub(task)
-
-
 def _previous_body(previous_code: str | None, previous_answer: str) -> str:
     """The previous attempt as the continuation of the task's open function: the answer as it was generated, up to
     where a new top-level block began (the rollout's stop strings) -- so its tokens are the ones the row sampled and
@@ -312,13 +305,9 @@ def _previous_body(previous_code: str | None, previous_answer: str) -> str:
     lines = [line.rstrip() for line in lines]
     while lines and not lines[-1]:
         lines.pop()
-    for i, line in enumerate(lines[:SHOWN_LINES]):
-        if len(line) > SHOWN_LINE_CHARS:
-            lines = lines[:i] + ["    # [...]"]
-            break
-    else:
-        if len(lines) > SHOWN_LINES:
-            lines = lines[:SHOWN_LINES] + ["    # [...]"]
+    keep = next((i for i, line in enumerate(lines[:SHOWN_LINES]) if len(line) > SHOWN_LINE_CHARS), SHOWN_LINES)
+    if keep < len(lines):
+        lines = lines[:keep] + ["    # [...]"]
     return "\n" + "\n".join(lines) if lines else "\n    pass"
 
 

@@ -234,11 +234,10 @@ def comparison(
                 comp.differences[(ALL_DATASETS, c, metric)] = _paired(per_run, reference, c, pooled, n_boot, seed)
     first, last = values["first_quality"], values["last_quality"]
     for scope in comp.scopes:
-        both = [(d, s) for (c, d, s) in last if c == reference and (scope == ALL_DATASETS or d == scope)
-                and d in datasets and (c, d, s) in first]
-        both.sort(key=lambda p: (datasets.index(p[0]), p[1]))
-        lost = sum(1 for (c, d, s) in first if c == reference and (scope == ALL_DATASETS or d == scope)
-                   and d in datasets and (c, d, s) not in last)
+        started = [(d, s) for (c, d, s) in first if c == reference and (scope == ALL_DATASETS or d == scope)
+                   and d in datasets]
+        both = sorted((p for p in started if (reference, *p) in last), key=lambda p: (datasets.index(p[0]), p[1]))
+        lost = len(started) - len(both)
         if both:
             change = [last[(reference, d, s)] - first[(reference, d, s)] for d, s in both]
             mean, se = mean_se(change)
