@@ -162,6 +162,34 @@ def test_error_summary_keeps_generated_frames_and_exception(pool):
     assert summarize_error("x" * 2000, max_chars=100).startswith("[...]")
 
 
+def test_error_text_does_not_depend_on_where_python_and_the_project_live(pool):
+    # The same ImportError raised from two installations reads the same (the prompt must not depend on the clone).
+    def import_error(prefix):
+        return (
+            "Traceback (most recent call last):\n  File \"<generated>\", line 5, in build_model\n"
+            "    from sklearn.ensemble import XgbClassifier\nImportError: cannot import name 'XgbClassifier' from "
+            f"'sklearn.ensemble' ({prefix}/lib/python3.11/site-packages/sklearn/ensemble/__init__.py)"
+        )
+    one = summarize_error(import_error("/work/main/.venv"))
+    other = summarize_error(import_error("/tmp/other-clone/.venv"))
+    assert one == other and one.endswith("'sklearn.ensemble' (site-packages/sklearn/ensemble/__init__.py)")
+    assert summarize_error('  File "/usr/lib/python3.12/json/decoder.py", line 3\nValueError: v') == (
+        '  File "python3.12/json/decoder.py", line 3\nValueError: v'
+    )
+    # a relative path or a word that merely contains the names is left as it is
+    assert summarize_error("ValueError: data/python3.11/x and my-site-packages/y") == (
+        "ValueError: data/python3.11/x and my-site-packages/y"
+    )
+    # and in a real step: the error names no installation directory of this machine
+    import sys
+    env = make_env("iris", n_splits=1)
+    env.reset()
+    _, _, _, _, info = env.step("\n    from sklearn.ensemble import XgbClassifier\n    return XgbClassifier()")
+    assert info["status"] == "error" and "cannot import name 'XgbClassifier'" in info["error"]
+    assert "site-packages/sklearn/ensemble/__init__.py" in info["error"]
+    assert sys.prefix not in info["error"] and sys.base_prefix not in info["error"]
+
+
 def test_no_reflection_mode_repeats_the_task_prompt(pool):
     env = make_env("iris", max_steps=1, reflection=False, n_splits=1)
     obs0, _ = env.reset()
