@@ -6,7 +6,7 @@ The algorithm, top to bottom, in :meth:`ETPOModule.learn` (one fresh on-policy r
 1. **targets** (no gradient): one forward each of the *reference*, *target* and *policy* views; per token the exact
    soft value ``V(ctx) = sum_w pi (Qbar - beta log(pi / pi_bar))``, the target's Q of the taken token and -- for
    TD(lambda) with a sampling temperature -- the trace ``min(1, pi / mu)``; the values of the next states; then
-   the targets ``y`` (Eq. 6, or their TD(lambda) form);
+   the targets ``y`` (Eq. 6, or their TD(lambda) form; the rewards less ``reward_baseline`` when it is on);
 2. **critic step** (``critic_steps`` times; ``critic_warmup_steps`` in the first ``critic_warmup`` batches): the
    *critic* view's Q of the taken tokens regressed on ``y`` -- with ``replay_rows`` past transitions besides the
    fresh ones when the critic replay is on (:mod:`modules.replay`: their targets recomputed now, Retrace-cut traces);
@@ -92,6 +92,11 @@ class ETPOModule(AgentModule):
             batch on and the warm-up only adds critic steps.
         replay_capacity: past transitions kept for the critic (0: no replay, the paper's on-policy update).
         replay_rows: past transitions added to every critic step (:mod:`modules.replay`; the policy never sees them).
+        reward_baseline: ``null`` (the paper): the critic regresses on the rewards as they are. A number ``b`` or
+            ``running`` (``b`` = the mean reward of every transition so far, this batch's included): on ``r - b``
+            (docs/method.md, section 7b). Episodes of a fixed number of steps leave the optimal policy unchanged
+            under the shift; what it changes is where an untried token stands -- with ``zero`` Q, at the average
+            reward instead of at 0. Episodes of different lengths are refused (the shift would change the task).
         train_policy: set False to freeze the policy for good (an ablation; the learning test uses it as a control).
         token_chunk_size: action tokens per chunk when evaluating vocabulary-sized tensors.
     """
@@ -122,6 +127,7 @@ class ETPOModule(AgentModule):
         warmup_freezes_policy: bool = True,
         replay_capacity: int = 0,
         replay_rows: int = 0,
+        reward_baseline: float | str | None = None,
         train_policy: bool = True,
         token_chunk_size: int = 64,
     ):
@@ -139,7 +145,12 @@ class ETPOModule(AgentModule):
         if replay_capacity < 0 or replay_rows < 0 or (replay_rows > 0) != (replay_capacity > 0):
             raise ValueError("replay_capacity and replay_rows must both be > 0 (critic replay) or both 0, got "
                              f"{replay_capacity} and {replay_rows}")
+        if isinstance(reward_baseline, str) and reward_baseline != "running":
+            raise ValueError(f"reward_baseline must be null, a number or 'running', got {reward_baseline!r}")
         self.save_hyperparameters(ignore=["backbone", "policy_lr_scheduler", "critic_lr_scheduler"])
+        # `running` baseline: sum and count of every transition's reward so far; the episode length seen (kept in
+        # checkpoints)
+        self.reward_sum, self.reward_count, self.episode_length = 0.0, 0, None
         self.replay = TransitionReplay(replay_capacity)
         self.policy_lr_scheduler = policy_lr_scheduler
         self.critic_lr_scheduler = critic_lr_scheduler
@@ -184,6 +195,7 @@ class ETPOModule(AgentModule):
         # share little) are left out of their forwards and backwards -- the same states, exactly
         train_plan = self.plan(batch, next_prompts=False) if batch.next_needed.numel() else plan
         optimizers = self.optimizers_by_name()
+        self.update_reward_baseline(batch)
         replaying = len(self.replay) > 0
         targets = self.run_forward(self.compute_targets, batch, plan, None, hp.replay_capacity > 0)  # 1.
         replayed = self.run_forward(self.replayed_targets, batch) if replaying else None
@@ -199,6 +211,37 @@ class ETPOModule(AgentModule):
         if hp.replay_capacity:
             self.replay.add_batch(batch, targets.behaviour_log_probs, self.policy_version)
         return charts
+
+    def update_reward_baseline(self, batch: RolloutBatch) -> None:
+        """Count a fresh batch's rewards into the ``running`` baseline (summed over processes, so that every rank
+        shifts by the same ``b``); refuse episodes of different lengths when a baseline is on."""
+        if self.hparams.reward_baseline is None:
+            return
+        lengths = {int(n) for n in batch.episode_step[batch.dones.bool()]}
+        lengths |= {self.episode_length} if self.episode_length is not None else set()
+        if len(lengths) > 1:
+            raise ValueError(
+                "reward_baseline shifts every reward by the same b, which leaves the task unchanged only when every "
+                f"episode has the same number of steps, but episodes ended after {sorted(lengths)} steps. Use an "
+                "environment whose episodes all run to their step limit (the data-science env: stop_on_success: "
+                "false) or set model.init_args.reward_baseline: null.")
+        self.episode_length = min(lengths) if lengths else None
+        totals = torch.tensor([float(batch.rewards.double().sum()), float(len(batch))], dtype=torch.float64,
+                              device=batch.rewards.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(totals)
+        self.reward_sum += float(totals[0])
+        self.reward_count += int(totals[1])
+
+    @property
+    def reward_shift(self) -> float:
+        """``b``, subtracted from every reward in the critic's targets (0 without a baseline)."""
+        b = self.hparams.reward_baseline
+        if b is None:
+            return 0.0
+        if b == "running":
+            return self.reward_sum / self.reward_count if self.reward_count else 0.0
+        return float(b)
 
     def replayed_targets(self, batch: RolloutBatch) -> Optional[tuple]:
         """``replay_rows`` past transitions (drawn with a seed fixed by the batch count, so a resumed run draws the
@@ -251,7 +294,8 @@ class ETPOModule(AgentModule):
             traces = trace_coefficients(log_pi, replayed.to(log_pi.device))
         else:
             traces = trace_coefficients(log_pi, log_mu if correct else None)
-        targets = trace_targets(values, target_q_taken, traces, mask, batch.rewards.float(), batch.dones,
+        rewards = batch.rewards.float() - self.reward_shift  # section 7b (0 without a baseline)
+        targets = trace_targets(values, target_q_taken, traces, mask, rewards, batch.dones,
                                 next_values, hp.gamma, hp.td_lambda, hp.discount_within_action)
         n = float(mask.sum().clamp(min=1))
         charts = {"charts/kl": kl_sum / n, "charts/entropy": ent_sum / n,
@@ -263,6 +307,8 @@ class ETPOModule(AgentModule):
                   "timing/positions_plain": float(plan.sequence_tokens)}
         if correct or replayed is not None:
             charts["charts/trace_mean"] = float((traces * mask).sum()) / n
+        if hp.reward_baseline is not None:
+            charts["charts/reward_baseline"] = self.reward_shift
         return _Targets(targets=targets, ref_taken=ref_taken, ref_hidden=h_ref.detach(), values=values,
                         target_q_taken=target_q_taken, traces=traces, charts=charts,
                         behaviour_log_probs=log_mu if record else None)
@@ -326,16 +372,23 @@ class ETPOModule(AgentModule):
         loss = m.chunked_head_loss(h_policy, chunk_loss, hp.token_chunk_size)
         return loss, {"losses/policy": float(loss.detach())}
 
-    # ---- checkpoints: the replay survives a resume ----------------------------------------------------------------
+    # ---- checkpoints: the replay and the running reward baseline survive a resume -----------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         if self.hparams.replay_capacity:
             checkpoint["replay"] = self.replay.state_dict()
+        if self.hparams.reward_baseline is not None:
+            checkpoint["reward_baseline"] = {"sum": self.reward_sum, "count": self.reward_count,
+                                             "episode_length": self.episode_length}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         if "replay" in checkpoint:
             self.replay.load_state_dict(checkpoint["replay"])
+        if "reward_baseline" in checkpoint:
+            self.reward_sum = float(checkpoint["reward_baseline"]["sum"])
+            self.reward_count = int(checkpoint["reward_baseline"]["count"])
+            self.episode_length = checkpoint["reward_baseline"]["episode_length"]
 
     # ---- token-level credit ------------------------------------------------------------------------------------
     @torch.no_grad()
