@@ -225,9 +225,10 @@ class ETPOModule(AgentModule):
                 f"episode has the same number of steps, but episodes ended after {sorted(lengths)} steps. Use an "
                 "environment whose episodes all run to their step limit (the data-science env: stop_on_success: "
                 "false) or set model.init_args.reward_baseline: null.")
-        self.episode_length = min(lengths) if lengths else None
+        self.episode_length = next(iter(lengths), None)  # the one length seen so far, if any
         totals = torch.tensor([float(batch.rewards.double().sum()), float(len(batch))], dtype=torch.float64,
                               device=batch.rewards.device)
+        # torch.distributed, not the Trainer's strategy: `without_trainer` runs (raw FSDP) have no strategy
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(totals)
         self.reward_sum += float(totals[0])
