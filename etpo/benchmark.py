@@ -37,7 +37,13 @@ setting. With ``env_override: file`` the dataset and split are passed instead as
 which jsonargparse cannot override key by key).
 
 Resumable: a run whose ``summary.json`` says ``finished`` is skipped; a run directory holding checkpoints is
-resumed with ``--ckpt_path last``; anything else starts afresh. stdout/stderr of every run go to
+resumed with ``--ckpt_path last``; anything else starts afresh. A finished or resumable run is first checked against
+the settings the sweep now asks for (its saved ``config.yaml`` against the config files and overrides of its command,
+``etpo/run_settings.py``): when a config or an override has changed since the run was made, the run is *stale* and
+the sweep stops before anything runs, naming each stale run and what differs -- unless ``--stale rerun`` (move the
+stale runs to ``<out>/stale/<contender>/<dataset>/seed<k>-<time>/`` with a ``stale.json`` saying why, where
+``etpo.report`` does not count them, and run them afresh) or ``--stale keep`` (count them as they are, with a
+warning). stdout/stderr of every run go to
 ``<run_dir>/fit.log`` (appended, one header line per attempt). A failed run (non-zero exit, timeout, no finished
 summary, or a summary whose dataset / seed differ from the requested ones -- an override that did not take effect)
 is reported and listed at the end; the sweep goes on. ``<out>/benchmark_status.json`` records every run's status.
@@ -239,6 +245,7 @@ class RunSpec:
     command: list[str]
     state: str                      # finished | resume | new
     env_file: Optional[dict] = None  # env_override=file: the YAML to write into the run dir before starting
+    stale: list[str] = field(default_factory=list)  # what differs from the settings asked now (finished / resume)
 
     @property
     def name(self) -> str:
@@ -303,9 +310,10 @@ def build_command(cfg: BenchmarkConfig, contender: Contender, dataset: str, seed
 
 
 def plan(cfg: BenchmarkConfig, fit_cmd: Optional[Sequence[str]] = None, only: Optional[Sequence[str]] = None,
-         with_env_files: bool = True) -> list[RunSpec]:
+         with_env_files: bool = True, check_settings: bool = True) -> list[RunSpec]:
     """Every run of the sweep in execution order -- seed-major (all contenders and datasets of seed 0 first, so
-    that whole repetitions complete early) -- with its state and command."""
+    that whole repetitions complete early) -- with its state and command, and (``check_settings``) for a finished or
+    resumable run what differs between its saved config and the settings its command asks for now."""
     contenders = [c for c in cfg.contenders if not only or c.name in only]
     if only and len(contenders) != len(set(only)):
         missing = sorted(set(only) - {c.name for c in cfg.contenders})
@@ -318,10 +326,67 @@ def plan(cfg: BenchmarkConfig, fit_cmd: Optional[Sequence[str]] = None, only: Op
                 state = run_state(run_dir)
                 cmd = build_command(cfg, c, dataset, seed, run_dir, resume=state == "resume", fit_cmd=fit_cmd)
                 env_file = None
-                if cfg.env_override == "file" and state != "finished" and with_env_files:
+                if cfg.env_override == "file" and (state != "finished" or check_settings):
                     env_file = _env_spec_with(cfg.config_files(c), dataset, seed)
-                specs.append(RunSpec(c.name, dataset, seed, run_dir, cmd, state, env_file))
+                stale = []
+                if check_settings and state != "new":
+                    stale = _settings_differences(cmd, len(fit_cmd or cfg.fit_cmd or DEFAULT_FIT_CMD), env_file)
+                if not with_env_files or state == "finished":
+                    env_file = None
+                specs.append(RunSpec(c.name, dataset, seed, run_dir, cmd, state, env_file, stale))
     return specs
+
+
+def _settings_differences(cmd: list[str], program_len: int, env_file: Optional[dict]) -> list[str]:
+    """What differs between the run in the command's --run_dir and the command's settings (etpo/run_settings.py);
+    with env_override: file the composed data.env stands in for the benchmark_env.yaml the run was given."""
+    from etpo.run_settings import run_differences
+
+    args = cmd[program_len:]
+    run_dir = Path(args[args.index("--run_dir") + 1])
+    replace = None
+    if env_file is not None:  # the run's benchmark_env.yaml is rewritten before a run: compare with what it will say
+        env_yaml = str(run_dir / "benchmark_env.yaml")
+        at = next(i for i in range(len(args) - 1) if args[i] == "--config" and args[i + 1] == env_yaml)
+        args, replace = args[:at] + args[at + 2:], {"data.env": env_file["data"]["env"]}
+    try:
+        return run_differences(run_dir, args, replace=replace) or []
+    except (OSError, ValueError) as err:  # a config that cannot be read: say so rather than call the run current
+        return [f"the settings could not be compared ({err})"]
+
+
+_STALE_CHOICES = ("stop", "rerun", "keep")
+
+
+def _set_stale_aside(cfg: BenchmarkConfig, spec: RunSpec, fit_cmd: Optional[Sequence[str]]) -> RunSpec:
+    """Move a stale run to <out>/stale/<contender>/<dataset>/seed<k>-<time>/ with a stale.json saying why (nothing is
+    deleted; etpo.report skips it) and return the spec of a fresh run in its place."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = Path(cfg.out) / "stale" / spec.contender / spec.dataset / f"seed{spec.seed}-{stamp}"
+    k = 1
+    while dest.exists():
+        k += 1
+        dest = dest.with_name(f"seed{spec.seed}-{stamp}-{k}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    spec.run_dir.rename(dest)
+    (dest / "stale.json").write_text(json.dumps({
+        "moved_from": str(spec.run_dir), "moved_at": time.strftime("%Y-%m-%d %H:%M:%S"), "state": spec.state,
+        "differences": spec.stale, "rerun_with": spec.command}, indent=2))
+    contender = next(c for c in cfg.contenders if c.name == spec.contender)
+    cmd = build_command(cfg, contender, spec.dataset, spec.seed, spec.run_dir, resume=False, fit_cmd=fit_cmd)
+    env_file = _env_spec_with(cfg.config_files(contender), spec.dataset, spec.seed) \
+        if cfg.env_override == "file" else None
+    return RunSpec(spec.contender, spec.dataset, spec.seed, spec.run_dir, cmd, "new", env_file)
+
+
+def _stale_message(stale: Sequence[RunSpec], limit: int = 8) -> str:
+    lines = [f"{len(stale)} run(s) in the folder were made with other settings than the sweep now asks for:"]
+    for spec in stale[:limit]:
+        more = f" (+{len(spec.stale) - 3} more)" if len(spec.stale) > 3 else ""
+        lines.append(f"  {spec.name} ({spec.state}): " + "; ".join(spec.stale[:3]) + more)
+    if len(stale) > limit:
+        lines.append(f"  ... and {len(stale) - limit} more")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -576,20 +641,37 @@ def preflight(specs: Sequence[RunSpec], timeout_s: float = 600) -> list[str]:
 
 def run_benchmark(cfg: BenchmarkConfig, fit_cmd: Optional[Sequence[str]] = None, dry_run: bool = False,
                   report: bool = True, only: Optional[Sequence[str]] = None, show_progress: bool = True,
-                  poll_s: float = 0.5) -> list[RunResult]:
-    """Plan, run (unless ``dry_run``: print the commands) and report. Returns the run results (empty when dry)."""
-    specs = plan(cfg, fit_cmd, only, with_env_files=not dry_run)
+                  poll_s: float = 0.5, stale: str = "stop") -> list[RunResult]:
+    """Plan, run (unless ``dry_run``: print the commands) and report. Returns the run results (empty when dry).
+    ``stale``: what to do with finished or resumable runs made with other settings (module docstring)."""
+    if stale not in _STALE_CHOICES:
+        raise ValueError(f"stale must be one of {_STALE_CHOICES}, got {stale!r}")
     missing = sorted({path for c in cfg.contenders if not only or c.name in only
                       for path in cfg.config_files(c) if not Path(path).is_file()})
+    specs = plan(cfg, fit_cmd, only, with_env_files=not dry_run, check_settings=not missing)
     if dry_run:
         for s in specs:
             note = {"finished": "# finished, skipped: ", "resume": "# resume: ", "new": ""}[s.state]
+            if s.stale:
+                note = f"# STALE ({s.state}; {'; '.join(s.stale)}) -- --stale {stale}: "
             print(note + shlex.join(s.command))
         if missing:
             print(f"# warning: configs not found: {missing}", file=sys.stderr)
         return []
     if missing:
         raise FileNotFoundError(f"benchmark configs not found (base or contender): {missing}")
+    stale_specs = [s for s in specs if s.stale]
+    if stale_specs and stale == "stop":
+        raise ValueError(_stale_message(stale_specs) + "\nNothing was run. Run them afresh with --stale rerun (the old "
+                         f"runs move to {Path(cfg.out) / 'stale'}/, nothing is deleted), or count them as they are "
+                         "with --stale keep.")
+    if stale_specs and stale == "keep":
+        print("etpo.benchmark: warning: " + _stale_message(stale_specs) + "\n  counted as they are (--stale keep)",
+              file=sys.stderr)
+    if stale_specs and stale == "rerun":
+        print("etpo.benchmark: " + _stale_message(stale_specs) + f"\n  moved to {Path(cfg.out) / 'stale'}/ and "
+              "run afresh (--stale rerun)", file=sys.stderr)
+        specs = [_set_stale_aside(cfg, s, fit_cmd) if s.stale else s for s in specs]
     check = cfg.preflight == "true" or (cfg.preflight == "auto" and not fit_cmd and not cfg.fit_cmd)
     if check:
         problems = preflight(specs)
@@ -630,6 +712,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--fit_cmd", default=None, help='replaces "python -m etpo.fit" (shell-split)')
     parser.add_argument("--only", default=None, help="comma-separated contenders to run")
     parser.add_argument("--no_progress", action="store_true", help="plain log lines instead of progress bars")
+    parser.add_argument("--stale", choices=_STALE_CHOICES, default="stop",
+                        help="finished or resumable runs made with other settings than asked now: stop before "
+                             "running (default), rerun them afresh (the old ones are moved aside), or keep them")
     args, rest = parser.parse_known_args(argv)
     only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
     try:
@@ -638,7 +723,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             write_benchmark_report(cfg, only)
             return 0
         fit_cmd = shlex.split(args.fit_cmd) if args.fit_cmd else None
-        results = run_benchmark(cfg, fit_cmd, args.dry_run, only=only, show_progress=not args.no_progress)
+        results = run_benchmark(cfg, fit_cmd, args.dry_run, only=only, show_progress=not args.no_progress,
+                                stale=args.stale)
     except (ValueError, FileNotFoundError) as err:
         print(f"etpo.benchmark: error: {err}", file=sys.stderr)
         return 2

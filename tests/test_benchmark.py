@@ -60,6 +60,24 @@ STUB = textwrap.dedent(r'''
                "batch_avg_reward": [-0.5 + 0.05 * j for j in range(len(curve))]}
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "summary.json").write_text(json.dumps(summary))
+    if os.environ.get("STUB_WRITE_CONFIG"):  # as LightningCLI saves it: the config files, then the arguments
+        import yaml
+
+        def merge(a, b):
+            if isinstance(a, dict) and isinstance(b, dict):
+                return {**a, **{k: merge(a[k], v) if k in a else v for k, v in b.items()}}
+            return b
+
+        config = {}
+        for path in opts.get("--config", []):
+            config = merge(config, yaml.safe_load(open(path)) or {})
+        for k, v in opts.items():
+            if k.startswith("--") and k not in ("--run_dir", "--ckpt_path", "--config"):
+                node = yaml.safe_load(v)
+                for part in reversed(k[2:].split(".")):
+                    node = {part: node}
+                config = merge(config, node)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump({**config, "run_dir": str(run_dir)}))
 ''')
 
 
@@ -266,7 +284,8 @@ def test_contenders_compose_the_base_and_their_overlay(tmp_path):
         make_config(tmp_path, contenders={"etpo": None})
 
 
-def test_env_override_file_composes_base_and_overlay(tmp_path, stub):
+def test_env_override_file_composes_base_and_overlay(tmp_path, stub, monkeypatch):
+    monkeypatch.setenv("STUB_WRITE_CONFIG", "1")
     _base_and_overlays(tmp_path)
     cfg = make_config(tmp_path, base=str(tmp_path / "base.yaml"), env_override="file", seeds=[4], datasets=["pc1"],
                       contenders={"one_step": str(tmp_path / "one_step.yaml"), "toy": str(tmp_path / "toy_env.yaml")})
@@ -286,6 +305,12 @@ def test_env_override_file_composes_base_and_overlay(tmp_path, stub):
     configs = [one_step_call[i + 1] for i, a in enumerate(one_step_call) if a == "--config"]
     assert configs == [str(tmp_path / "base.yaml"), str(tmp_path / "one_step.yaml"),
                        str(cfg.runs_dir / "one_step" / "pc1" / "seed4" / "benchmark_env.yaml")]
+    # the settings check compares the env the file will hold with the run's: current now, stale after an edit
+    assert [(s.state, s.stale) for s in benchmark.plan(cfg, stub["cmd"])] == [("finished", [])] * 2
+    (tmp_path / "toy_env.yaml").write_text("data:\n  env:\n    class_path: envs.toy.TargetCharsEnv\n"
+                                           "    init_args: {target_chars: abc}\n")
+    assert [s.stale for s in benchmark.plan(cfg, stub["cmd"])] == \
+        [[], ["data.env.init_args.target_chars: the run has 'ab', the command asks 'abc'"]]
 
 
 def test_a_missing_base_is_reported_before_anything_runs(tmp_path, stub):
@@ -316,3 +341,52 @@ def test_report_options_reach_write_report(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="n_boot"):
         make_config(tmp_path, report={"n_bootstrap": 5})
 
+
+
+def test_runs_made_with_other_settings_are_stale(tmp_path, stub, monkeypatch, capsys):
+    """A finished run whose saved config no longer matches what the sweep asks for stops the sweep before anything
+    runs (naming the run and the setting); --stale keep counts it, --stale rerun moves it aside (stale.json, not
+    counted by etpo.report) and runs it afresh."""
+    from etpo.report.runs import load_runs
+
+    monkeypatch.setenv("STUB_WRITE_CONFIG", "1")
+    cfg = make_config(tmp_path, datasets=["breast_w"])
+    run = dict(show_progress=False, poll_s=0.02, report=False)
+    assert [r.status for r in benchmark.run_benchmark(cfg, stub["cmd"], **run)] == ["ok"] * 4
+    assert all(s.stale == [] and s.state == "finished" for s in benchmark.plan(cfg, stub["cmd"]))
+
+    # the etpo contender's overlay now asks for 3 attempts per episode
+    (tmp_path / "b.yaml").write_text("data:\n  env:\n    class_path: envs.datascience.DataScienceEnv\n"
+                                     "    init_args: {dataset: breast_w, max_steps: 3, split_seed: 0}\n")
+    specs = benchmark.plan(cfg, stub["cmd"])
+    assert {s.name: s.stale for s in specs} == {
+        f"{c}/breast_w/seed{k}": ([] if c == "reflection" else
+                                  ["data.env.init_args.max_steps: the run has 5, the command asks 3"])
+        for c in ("reflection", "etpo") for k in (0, 1)}
+    with pytest.raises(ValueError, match=r"(?s)2 run\(s\).*etpo/breast_w/seed0.*max_steps.*--stale rerun"):
+        benchmark.run_benchmark(cfg, stub["cmd"], **run)
+    assert len(stub["calls"]()) == 4  # nothing ran
+    bench_yaml = tmp_path / "bench.yaml"
+    import yaml
+    bench_yaml.write_text(yaml.safe_dump({"out": cfg.out, "budget": 32, "seeds": 2, "datasets": ["breast_w"],
+                                          "contenders": {"etpo": str(tmp_path / "b.yaml")}}))
+    fit = " ".join(stub["cmd"])
+    assert benchmark.main(["--config", str(bench_yaml), "--fit_cmd", fit, "--no_progress"]) == 2
+    assert "--stale rerun" in capsys.readouterr().err
+
+    kept = benchmark.run_benchmark(cfg, stub["cmd"], stale="keep", **run)
+    assert [r.status for r in kept] == ["skipped"] * 4 and len(stub["calls"]()) == 4
+
+    rerun = benchmark.run_benchmark(cfg, stub["cmd"], stale="rerun", **run)
+    assert {r.name: r.status for r in rerun} == {"reflection/breast_w/seed0": "skipped", "etpo/breast_w/seed0": "ok",
+                                                 "reflection/breast_w/seed1": "skipped", "etpo/breast_w/seed1": "ok"}
+    assert len(stub["calls"]()) == 6 and not any("--ckpt_path" in c for c in stub["calls"]()[4:])
+    set_aside = sorted((Path(cfg.out) / "stale" / "etpo" / "breast_w").iterdir())
+    assert [p.name.split("-")[0] for p in set_aside] == ["seed0", "seed1"]
+    note = json.loads((set_aside[0] / "stale.json").read_text())
+    assert note["differences"] == ["data.env.init_args.max_steps: the run has 5, the command asks 3"]
+    assert note["moved_from"] == str(cfg.runs_dir / "etpo" / "breast_w" / "seed0")
+    assert (set_aside[0] / "summary.json").exists()  # nothing of the old run is lost
+    assert all(s.stale == [] for s in benchmark.plan(cfg, stub["cmd"]))  # the fresh runs are current
+    assert len(load_runs(cfg.out)) == 4  # the report counts the fresh runs, not the ones set aside
+    assert "not counting 2 run(s) set aside as stale" in capsys.readouterr().err

@@ -96,12 +96,17 @@ class RunRecord:
 
 
 def load_runs(folder: str | Path) -> list[RunRecord]:
-    """Every ``summary.json`` below ``folder`` (sorted by path); unreadable files are skipped with a warning."""
+    """Every ``summary.json`` below ``folder`` (sorted by path); unreadable files are skipped with a warning, and so
+    are runs that etpo.benchmark set aside as stale (a ``stale.json`` beside them: made with settings since
+    changed)."""
     folder = Path(folder)
     if not folder.exists():
         raise FileNotFoundError(f"no such folder: {folder}")
-    runs = []
+    runs, stale = [], 0
     for path in sorted(folder.rglob("summary.json")):
+        if (path.parent / "stale.json").exists():
+            stale += 1
+            continue
         try:
             summary = json.loads(path.read_text())
         except (OSError, ValueError) as err:
@@ -116,6 +121,8 @@ def load_runs(folder: str | Path) -> list[RunRecord]:
             dataset = str(summary.get("dataset") or "unknown")
             seed = int(summary.get("seed") if summary.get("seed") is not None else 0)
         runs.append(RunRecord(contender, dataset, seed, run_dir, summary))
+    if stale:
+        print(f"etpo.report: not counting {stale} run(s) set aside as stale (stale.json beside them)", file=sys.stderr)
     return runs
 
 
