@@ -24,6 +24,7 @@ states of its chunks (``sum(h * dL/dh)``: the exact gradient, one backward).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -219,17 +220,26 @@ class ETPOModule(AgentModule):
             return
         lengths = {int(n) for n in batch.episode_step[batch.dones.bool()]}
         lengths |= {self.episode_length} if self.episode_length is not None else set()
-        if len(lengths) > 1:
+        device = batch.rewards.device
+        # shortest and longest episode on any rank (MIN of [shortest, -longest]; none ended: +-inf): every rank then
+        # sees the same lengths and raises together -- a rank raising alone would leave the others waiting below
+        extremes = torch.tensor([min(lengths, default=math.inf), -max(lengths, default=-math.inf)],
+                                dtype=torch.float64, device=device)
+        totals = torch.tensor([float(batch.rewards.double().sum()), float(len(batch))], dtype=torch.float64,
+                              device=device)
+        # torch.distributed, not the Trainer's strategy: `without_trainer` runs (raw FSDP) have no strategy
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed:
+            torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MIN)
+        shortest, longest = float(extremes[0]), -float(extremes[1])
+        if shortest < longest:
             raise ValueError(
                 "reward_baseline shifts every reward by the same b, which leaves the task unchanged only when every "
-                f"episode has the same number of steps, but episodes ended after {sorted(lengths)} steps. Use an "
-                "environment whose episodes all run to their step limit (the data-science env: stop_on_success: "
-                "false) or set model.init_args.reward_baseline: null.")
-        self.episode_length = next(iter(lengths), None)  # the one length seen so far, if any
-        totals = torch.tensor([float(batch.rewards.double().sum()), float(len(batch))], dtype=torch.float64,
-                              device=batch.rewards.device)
-        # torch.distributed, not the Trainer's strategy: `without_trainer` runs (raw FSDP) have no strategy
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+                f"episode has the same number of steps, but episodes ended after {int(shortest)} to {int(longest)} "
+                "steps. Use an environment whose episodes all run to their step limit (the data-science env: "
+                "stop_on_success: false) or set model.init_args.reward_baseline: null.")
+        self.episode_length = int(shortest) if math.isfinite(shortest) else None  # the one length seen, if any
+        if distributed:
             torch.distributed.all_reduce(totals)
         self.reward_sum += float(totals[0])
         self.reward_count += int(totals[1])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -123,3 +124,71 @@ def test_episodes_of_different_lengths_are_refused_with_a_baseline():
     with pytest.raises(ValueError, match="reward_baseline must be"):
         ETPOModule(backbone=tiny_backbone(), reward_baseline="mean")
     assert ETPOModule(backbone=tiny_backbone(), reward_baseline=-0.5).reward_shift == -0.5  # a fixed b as given
+
+
+# -- two processes (gloo): every rank shifts by the same b and refuses the same lengths ------------------------------
+
+def _ended_batch(rewards: list[float], steps: list[int]):
+    """A batch whose transitions all end their episodes, after ``steps`` steps, with ``rewards``."""
+    from datamodules.batch import GenerationConfig, RolloutBatch, RolloutMetrics
+
+    B, P, L = len(rewards), 3, 2
+    return RolloutBatch(
+        prompt_ids=torch.full((B, P), 5), prompt_mask=torch.ones(B, P, dtype=torch.long),
+        action_ids=torch.full((B, L), 6), action_mask=torch.ones(B, L, dtype=torch.long),
+        rewards=torch.tensor(rewards), terminated=torch.ones(B, dtype=torch.bool),
+        truncated=torch.zeros(B, dtype=torch.bool), next_index=torch.full((B,), -1),
+        next_needed=torch.zeros(0, dtype=torch.long), env_index=torch.arange(B),
+        episode_step=torch.tensor(steps), runnable=torch.ones(B, dtype=torch.bool), policy_version=0,
+        sampling=GenerationConfig(temperature=1.0, top_k=0), metrics=RolloutMetrics(0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+        next_prompt_ids=torch.zeros(0, P, dtype=torch.long), next_prompt_mask=torch.zeros(0, P, dtype=torch.long))
+
+
+def _baseline_worker(rank: int, world: int, port: int, out: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    res: dict = {}
+    try:
+        module = ETPOModule(backbone=tiny_backbone(), reward_baseline="running")
+        module.update_reward_baseline(_ended_batch([1.0, -1.0, 1.0] if rank == 0 else [0.5, -1.0], [5] * (3 - rank)))
+        res["shift"], res["count"] = module.reward_shift, module.reward_count
+        cases = {"lengths differ across ranks": ([5, 5], [4, 4]), "one rank mixes lengths": ([5, 5], [5, 4])}
+        for name, steps in cases.items():
+            fresh = ETPOModule(backbone=tiny_backbone(), reward_baseline="running")
+            try:
+                fresh.update_reward_baseline(_ended_batch([0.0, 0.0], steps[rank]))
+                res[name] = "accepted"
+            except ValueError as err:
+                res[name] = "raised" if "4 to 5 steps" in str(err) else str(err)
+        dist.barrier()  # every rank got here: none was left waiting in a collective
+    finally:
+        (Path(out) / f"rank{rank}.json").write_text(json.dumps(res))
+        dist.destroy_process_group()
+
+
+def test_every_rank_shifts_by_the_same_mean_and_refuses_the_same_lengths(tmp_path):
+    """With 2 processes the running mean is over both ranks' rewards (the same b everywhere), and episodes of
+    different lengths -- on different ranks, or on one rank only -- make every rank raise together, not one rank
+    raise while the other waits for it in the all-reduce."""
+    import json
+    import time
+
+    import torch.multiprocessing as mp
+    from test_scale import _free_port
+
+    world = 2
+    ctx = mp.spawn(_baseline_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=False)
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the ranks did not finish: one is waiting for the other in a collective")
+    for rank in range(world):
+        res = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert res["shift"] == pytest.approx((1.0 - 1.0 + 1.0 + 0.5 - 1.0) / 5) and res["count"] == 5
+        assert res["lengths differ across ranks"] == res["one rank mixes lengths"] == "raised", res
