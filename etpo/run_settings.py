@@ -195,12 +195,15 @@ def _same_class(asked: Any, saved: Any) -> bool:
     return a is not None and a is b
 
 
-def settings_differences(asked: dict, saved: dict, where: str = "", owner: Optional[str] = None) -> list[str]:
+def settings_differences(asked: dict, saved: dict, where: str = "", owner: Optional[str] = None,
+                         names: tuple[str, str] = ("the command asks", "the run has")) -> list[str]:
     """One line per setting of ``asked`` that ``saved`` (a run's resolved config) does not match (module docstring).
-    ``owner``: the class whose parameters ``asked``'s keys are (None: not known)."""
+    ``owner``: the class whose parameters ``asked``'s keys are (None: not known); ``names``: how the lines introduce
+    the value of each side (``asked``'s, ``saved``'s)."""
     out: list[str] = []
+    want_side, have_side = names
     if "class_path" in asked and "class_path" in saved and not _same_class(asked["class_path"], saved["class_path"]):
-        return [f"{where}class_path: the run has {saved['class_path']}, the command asks {asked['class_path']}"]
+        return [f"{where}class_path: {have_side} {saved['class_path']}, {want_side} {asked['class_path']}"]
     for key, want in asked.items():
         name = f"{where}{key}"
         if key == "class_path":
@@ -220,12 +223,12 @@ def settings_differences(asked: dict, saved: dict, where: str = "", owner: Optio
             if params is not None and _same(want, params[key]):
                 continue  # added after the run was made, asked at its default: the run had the same
             default = f"; it had the default {_short(params[key])}" if params is not None else ""
-            out.append(f"{name}: not in the run's config (the run predates the setting{default}), the command asks "
-                       f"{_short(want)}")
+            out.append(f"{name}: {have_side} no such key (made before the setting existed{default}), "
+                       f"{want_side} {_short(want)}")
         elif isinstance(want, dict) and isinstance(have, dict):
-            out += settings_differences(want, have, f"{name}.", child_owner)
+            out += settings_differences(want, have, f"{name}.", child_owner, names)
         elif not _same(want, have):
-            out.append(f"{name}: the run has {_short(have)}, the command asks {_short(want)}")
+            out.append(f"{name}: {have_side} {_short(have)}, {want_side} {_short(want)}")
     return out
 
 

@@ -201,7 +201,8 @@ def test_cli(runs_root, tmp_path, capsys):
 
 def test_empty_folder(tmp_path):
     written = report.write_report(tmp_path, tmp_path / "out")
-    assert set(written) == {"table.md", "table.csv", "runs.csv", "learning.md", "comparison.md"}  # no plot
+    assert set(written) == {"table.md", "table.csv", "runs.csv", "learning.md", "comparison.md",
+                            "settings.md"}  # no plot
     assert "No run counts" in (tmp_path / "out" / "comparison.md").read_text()
 
 
@@ -447,8 +448,8 @@ def test_old_summaries_without_the_new_series(tmp_path):
         for s in SEEDS:
             write_summary(root, contender, "cmc", s, final_best(c, 1, s), avg_offset=0.1 * c, new_keys=False)
     written = report.write_report(root, tmp_path / "out", n_boot=200)
-    assert set(written) == {"table.md", "table.csv", "runs.csv", "learning.md", "comparison.md", "best_within.png",
-                            "best_within_per_dataset.png", "batch_reward.png", "batch_runnable.png"}
+    assert set(written) == {"table.md", "table.csv", "runs.csv", "learning.md", "comparison.md", "settings.md",
+                            "best_within.png", "best_within_per_dataset.png", "batch_reward.png", "batch_runnable.png"}
     rows = _rows(tmp_path / "out" / "runs.csv")
     assert len(rows) == 6
     assert all(r[k] == "" for r in rows for k in ("first_quality", "last_quality", "generation_s",
@@ -481,3 +482,56 @@ def test_runs_csv_timing_and_quality_curves(runs_root, tmp_path):
     np.testing.assert_allclose(cv["mean"], np.nanmean(want, axis=0), atol=1e-12)
     assert report.plot_batch_quality(runs, tmp_path / "q.png", contenders=CONTENDERS) == tmp_path / "q.png"
     assert report.plot_timing(runs, tmp_path / "t.png") == tmp_path / "t.png"
+
+
+# ----------------------------------------------------------------------------- settings.md
+
+
+def _write_config(root: Path, contender: str, dataset: str, seed: int, **model_args) -> None:
+    """A run's config.yaml as etpo.fit saves it (only the keys that matter here), the varying ones set per run."""
+    import yaml
+
+    run_dir = root / contender / dataset / f"seed{seed}"
+    config = {"seed_everything": seed, "run_dir": str(run_dir),
+              "trainer": {"logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                                     "init_args": {"save_dir": str(run_dir)}}},
+              "model": {"class_path": "modules.etpo.ETPOModule", "init_args": {"beta": 0.05, **model_args}},
+              "data": {"seed": seed, "budget": 64,
+                       "env": {"class_path": "envs.datascience.DataScienceEnv",
+                               "init_args": {"dataset": dataset, "split_seed": seed, "max_steps": 5}}}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def test_settings_md_names_the_runs_of_a_contender_made_with_other_settings(tmp_path, capsys):
+    root = tmp_path / "runs"
+    for c, contender in enumerate(["same", "mixed", "older", "bare"]):
+        for d, dataset in enumerate(["breast_w", "cmc"]):
+            for seed in (0, 1):
+                write_summary(root, contender, dataset, seed, final_best(c, d, seed))
+                if contender == "same":  # only dataset, split, seeds and location vary
+                    _write_config(root, contender, dataset, seed, reward_baseline=None)
+                elif contender == "mixed":  # one run with another beta
+                    _write_config(root, contender, dataset, seed,
+                                  **({"beta": 0.2} if (dataset, seed) == ("cmc", 1) else {}))
+                elif contender == "older":  # the first run predates reward_baseline; the others ask it
+                    _write_config(root, contender, dataset, seed,
+                                  **({} if (dataset, seed) == ("breast_w", 0) else {"reward_baseline": "running"}))
+    found = report.settings_mismatches(report.load_runs(root))
+    assert found["same"] == (4, []) and found["bare"] == (0, [])
+    assert found["mixed"] == (4, ["model.init_args.beta: cmc/seed1 has 0.2, breast_w/seed0 has 0.05"])
+    n, lines = found["older"]
+    assert n == 4 and len(lines) == 3 and all(
+        line.startswith("model.init_args.reward_baseline: breast_w/seed0 has no such key") and "'running'" in line
+        for line in lines)
+    # a run that lacks a key it would have had at its default is not a difference
+    _write_config(root, "older", "breast_w", 0, reward_baseline=None)
+    _write_config(root, "same", "cmc", 1)  # reward_baseline left out: the class default (None) == null
+    found = report.settings_mismatches(report.load_runs(root))
+    assert len(found["older"][1]) == 3 and found["same"] == (4, [])
+
+    written = report.write_report(root, tmp_path / "out")
+    md = written["settings.md"].read_text()
+    assert "| same | 4 | the same |" in md and "| bare | 0 | — (no config.yaml) |" in md
+    assert "| mixed | 4 | **differ**: model.init_args.beta: cmc/seed1 has 0.2, breast_w/seed0 has 0.05 |" in md
+    err = capsys.readouterr().err
+    assert "warning: the runs of mixed were made with different settings" in err and "runs of same" not in err

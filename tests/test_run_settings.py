@@ -82,7 +82,7 @@ def test_a_run_older_than_an_option():
     assert settings_differences(command_settings(quickstart_args()), older) == []  # asked at its default (null)
     found = settings_differences(command_settings(quickstart_args("--model.init_args.reward_baseline=running")),
                                  older)
-    assert len(found) == 1 and found[0].startswith("model.init_args.reward_baseline: not in the run's config") \
+    assert len(found) == 1 and found[0].startswith("model.init_args.reward_baseline: the run has no such key") \
         and "'running'" in found[0] and "None" in found[0]
     del older["data"]["env"]["init_args"]["max_steps"]  # a parameter the env takes, asked at its default (5): current
     assert settings_differences(command_settings(quickstart_args()), older) == []

@@ -13,6 +13,9 @@ Reads every ``summary.json`` below ``<folder>`` (format: docs/architecture.md, "
   the best reward within N, the last-fraction average reward and mean AUC of runnable answers as mean ± s.e. over
   seeds, then the paired differences ETPO − contender (runs paired by (dataset, seed)) with their s.e. and a 95 %
   paired bootstrap interval (``--n_boot`` resamples, scipy);
+* ``settings.md`` -- whether each contender's runs share their settings (:mod:`etpo.report.settings`: every run's
+  saved ``config.yaml`` against the contender's first run's, apart from dataset, split, seeds and run location); a
+  contender whose runs differ is also named on stderr;
 * ``best_within.png`` -- Figure 3: best reward explored within n steps vs. n, one line per contender (mean over
   seeds of the per-seed average over datasets, band = ± one std over seeds); ``best_within_per_dataset.png``
   the same curve per dataset (mean ± std over seeds);
@@ -78,6 +81,7 @@ from etpo.report.plots import (
     plot_timing,
 )
 from etpo.report.runs import RunRecord, load_runs
+from etpo.report.settings import settings_markdown, settings_mismatches
 from etpo.report.tables import (
     LEARNING_COLUMNS,
     PAPER_TABLE2,
@@ -97,7 +101,8 @@ __all__ = [
     "write_runs_csv", "plot_best_within", "plot_best_within_per_dataset", "plot_batch_rewards", "write_report",
     "main", "plot_batch_runnable", "best_within_curves", "batch_reward_curves", "LEARNING_COLUMNS", "learning_table",
     "learning_markdown", "plot_batch_quality", "plot_timing", "Comparison", "Estimate", "PairedDifference",
-    "comparison", "comparison_markdown", "paired_difference", "run_metrics",
+    "comparison", "comparison_markdown", "paired_difference", "run_metrics", "settings_mismatches",
+    "settings_markdown",
 ]
 
 
@@ -122,8 +127,9 @@ def write_report(
 ) -> dict[str, Path]:
     """Write table.md, table.csv, runs.csv, learning.md (:func:`learning_markdown` over the last ``last_fraction``
     of the batches), comparison.md (:func:`comparison_markdown`: ``reference`` against each contender, ``n_boot``
-    bootstrap resamples) and the PNGs into ``out``; returns ``{name: path}`` of what was written (plots are skipped
-    when no run counts, batch_quality.png / timing.png when no run has their series)."""
+    bootstrap resamples), settings.md (:func:`settings_markdown`) and the PNGs into ``out``; returns ``{name:
+    path}`` of what was written (plots are skipped when no run counts, batch_quality.png / timing.png when no run has
+    their series)."""
     runs = list(runs) if runs is not None else load_runs(folder)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -143,6 +149,14 @@ def write_report(
         runs, reference, within, last_fraction, n_boot, digits=digits, contenders=contenders, datasets=datasets,
         include_unfinished=include_unfinished))
     written["comparison.md"] = out / "comparison.md"
+    chosen = [r for r in runs if (not datasets or r.dataset in datasets)]
+    mismatches = settings_mismatches(chosen, contenders)
+    (out / "settings.md").write_text(settings_markdown(mismatches))
+    written["settings.md"] = out / "settings.md"
+    for contender, (_, found) in mismatches.items():
+        if found:
+            print(f"etpo.report: warning: the runs of {contender} were made with different settings ({len(found)} "
+                  f"difference(s), e.g. {found[0]}): see {out / 'settings.md'}", file=sys.stderr)
     kw = dict(ddof=ddof, include_unfinished=include_unfinished, contenders=contenders)
     for name, fn, extra in (
         ("best_within.png", plot_best_within, {"within": within, "datasets": datasets}),
