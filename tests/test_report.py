@@ -196,6 +196,11 @@ def test_cli(runs_root, tmp_path, capsys):
     comparison = (tmp_path / "o" / "comparison.md").read_text()
     assert "200 resamples" in comparison and "best reward within 48 steps" in comparison
     assert "last 50%: mean AUC of runnable" in comparison
+    assert comparison.startswith("## etpo against each contender")
+    assert report.main([str(runs_root), "--out", str(tmp_path / "r"), "--n_boot", "200", "--reference",
+                        "reflection"]) == 0  # an ablation's variant against the base, say: reference − contender
+    comparison = (tmp_path / "r" / "comparison.md").read_text()
+    assert comparison.startswith("## reflection against each contender") and "| reflection − contender |" in comparison
     assert report.main([str(tmp_path / "missing")]) == 2
 
 

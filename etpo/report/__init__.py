@@ -193,12 +193,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "run's batches")
     parser.add_argument("--n_boot", type=int, default=10000,
                         help="bootstrap resamples of the paired intervals in comparison.md")
+    parser.add_argument("--reference", default="etpo",
+                        help="the contender comparison.md sets against each other one (reference - contender; "
+                        "default etpo; e.g. an ablation's variant against etpo)")
     args = parser.parse_args(argv)
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
     try:
         written = write_report(args.folder, args.out or args.folder, args.within, args.ddof, split(args.contenders),
                                split(args.datasets), args.include_unfinished, args.paper, args.digits,
-                               last_fraction=args.last_fraction, n_boot=args.n_boot)
+                               last_fraction=args.last_fraction, n_boot=args.n_boot, reference=args.reference)
     except FileNotFoundError as err:
         print(f"etpo.report: error: {err}", file=sys.stderr)
         return 2
