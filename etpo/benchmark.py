@@ -67,6 +67,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from etpo.run_settings import dotlist
+
 __all__ = ["Contender", "BenchmarkConfig", "RunSpec", "load_config", "run_state", "build_command", "plan",
            "run_benchmark", "main"]
 
@@ -142,26 +144,6 @@ def _seeds(value: Any) -> list[int]:
     raise ValueError(f"seeds must be a positive int or a non-empty list, got {value!r}")
 
 
-def _normalise_cli(tokens: Sequence[str]) -> list[str]:
-    """``--key=value`` / ``--key value`` / ``key=value`` -> omegaconf dotlist entries ``key=value``."""
-    out, i = [], 0
-    tokens = list(tokens)
-    while i < len(tokens):
-        tok = tokens[i]
-        if tok.startswith("--"):
-            tok = tok[2:]
-            if "=" not in tok:
-                if i + 1 >= len(tokens):
-                    raise ValueError(f"--{tok} needs a value")
-                tok = f"{tok}={tokens[i + 1]}"
-                i += 1
-        if "=" not in tok:
-            raise ValueError(f"cannot read the override {tokens[i]!r}: use key=value or --key=value")
-        out.append(tok)
-        i += 1
-    return out
-
-
 def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = (),
                 data: Optional[dict] = None) -> BenchmarkConfig:
     """Read a benchmark YAML (or the mapping ``data``) and apply dotlist ``overrides`` (``key=value``)."""
@@ -173,7 +155,7 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
             raise FileNotFoundError(f"benchmark config not found: {path}")
         base = OmegaConf.merge(base, OmegaConf.load(str(path)))
     if overrides:
-        base = OmegaConf.merge(base, OmegaConf.from_dotlist(_normalise_cli(overrides)))
+        base = OmegaConf.merge(base, OmegaConf.from_dotlist(dotlist(overrides)))
     raw = OmegaConf.to_container(base, resolve=True)
     known = {f for f in BenchmarkConfig.__dataclass_fields__}
     unknown = sorted(set(raw) - known)
@@ -325,14 +307,13 @@ def plan(cfg: BenchmarkConfig, fit_cmd: Optional[Sequence[str]] = None, only: Op
                 run_dir = cfg.runs_dir / c.name / dataset / f"seed{seed}"
                 state = run_state(run_dir)
                 cmd = build_command(cfg, c, dataset, seed, run_dir, resume=state == "resume", fit_cmd=fit_cmd)
-                env_file = None
-                if cfg.env_override == "file" and (state != "finished" or check_settings):
-                    env_file = _env_spec_with(cfg.config_files(c), dataset, seed)
-                stale = []
-                if check_settings and state != "new":
-                    stale = _settings_differences(cmd, len(fit_cmd or cfg.fit_cmd or DEFAULT_FIT_CMD), env_file)
-                if not with_env_files or state == "finished":
-                    env_file = None
+                check = check_settings and state != "new"
+                composed_env = None  # env_override=file: the data.env a run is (or was) given
+                if cfg.env_override == "file" and (check or (with_env_files and state != "finished")):
+                    composed_env = _env_spec_with(cfg.config_files(c), dataset, seed)
+                stale = _settings_differences(cmd, len(fit_cmd or cfg.fit_cmd or DEFAULT_FIT_CMD), composed_env) \
+                    if check else []
+                env_file = composed_env if with_env_files and state != "finished" else None
                 specs.append(RunSpec(c.name, dataset, seed, run_dir, cmd, state, env_file, stale))
     return specs
 

@@ -33,10 +33,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ["command_settings", "settings_differences", "run_differences"]
+__all__ = ["dotlist", "command_settings", "settings_differences", "run_differences"]
 
 # arguments that locate or continue a run, not settings of it
-_NOT_SETTINGS = ("run_dir", "ckpt_path", "print_config")
+_NOT_SETTINGS = ("run_dir", "ckpt_path")
 # the classes behind the top-level sections that have no class_path of their own (etpo.fit's LightningCLI)
 _SECTION_CLASSES = {"data": "datamodules.rollout.RolloutDataModule", "trainer": "lightning.pytorch.Trainer"}
 _MISSING = object()
@@ -87,32 +87,40 @@ def _set_dotted(tree: dict, key: str, value: Any) -> dict:
     return _merge(tree, node)
 
 
+def dotlist(tokens: Sequence[str]) -> list[str]:
+    """``--key=value`` / ``--key value`` / ``key=value`` -> omegaconf dotlist entries ``key=value``."""
+    out, i = [], 0
+    tokens = list(tokens)
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok.startswith("--"):
+            tok = tok[2:]
+            if "=" not in tok:
+                if i + 1 >= len(tokens):
+                    raise ValueError(f"--{tok} needs a value")
+                tok = f"{tok}={tokens[i + 1]}"
+                i += 1
+        if "=" not in tok:
+            raise ValueError(f"cannot read the override {tokens[i]!r}: use key=value or --key=value")
+        out.append(tok)
+        i += 1
+    return out
+
+
 def command_settings(args: Sequence[str], cwd: str | Path = ".") -> dict:
     """The settings an ``etpo.fit`` argument list states (without the program itself): its ``--config`` files and
     ``--key=value`` / ``--key value`` arguments, in order, as one nested mapping."""
     import yaml
 
+    from etpo.config_paths import resolve_config_path
+
     settings: dict = {}
-    args = list(args)
-    i = 0
-    while i < len(args):
-        tok = args[i]
-        if not tok.startswith("--"):
-            i += 1
-            continue
-        key, eq, value = tok[2:].partition("=")
-        if not eq:
-            takes_value = key not in ("print_config",) and i + 1 < len(args) and not args[i + 1].startswith("--")
-            value = args[i + 1] if takes_value else "true"
-            i += 1 if takes_value else 0
-        i += 1
+    for entry in dotlist([a for a in args if a != "--print_config"]):  # the one option that takes no value
+        key, _, value = entry.partition("=")
         if key in _NOT_SETTINGS:
             continue
         if key == "config":
-            path = Path(cwd) / value if not Path(value).is_absolute() else Path(value)
-            from etpo.config_paths import resolve_config_path
-
-            found = str(path) if path.is_file() else resolve_config_path(value, str(cwd))
+            found = resolve_config_path(value, str(cwd))
             if found is None:
                 raise FileNotFoundError(f"config file not found: {value}")
             settings = _merge(settings, _expand_config_paths(_load_yaml(found), str(Path(found).parent)))
