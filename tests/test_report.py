@@ -431,6 +431,34 @@ def test_a_run_with_no_runnable_answer_at_the_end_counts_as_not_improved(tmp_pat
     assert "exceeds the first batch's in 0 of 1 seeds (1 with no runnable answer in the last 25%).\n" in md
 
 
+def test_a_run_with_no_runnable_first_batch_is_named_not_dropped(tmp_path):
+    """A run whose first batch has no runnable answer has nothing its last quarter could exceed: the learning line
+    says how many such runs there were instead of leaving them out of the count without a word."""
+    import json as _json
+    root = tmp_path / "runs"
+    for s in (0, 1, 2):
+        path = write_summary(root, "etpo", "cmc", s, 0.8) / "summary.json"
+        summary = _json.loads(path.read_text())
+        summary["batch_runnable_fraction"][0], summary["batch_runnable_reward"][0] = 0.5, 0.7
+        if s == 2:  # this one starts with nothing runnable (and learns to run later)
+            summary["batch_runnable_fraction"][0], summary["batch_runnable_reward"][0] = 0.0, None
+        path.write_text(_json.dumps(summary))
+    runs = report.load_runs(root)
+    learned = report.comparison(runs, n_boot=100).learning["cmc"]
+    assert learned.no_start == 1 and learned.change.n == 2 and learned.lost == 0
+    md = report.comparison_markdown(runs, n_boot=100)
+    assert (f"exceeds the first batch's in {learned.improved} of 2 seeds; mean (last − first) over the 2 with "
+            "runnable answers in both") in md
+    assert "1 more seed had no runnable answer in the first batch, so nothing to compare with." in md
+    # only such runs: the line says so, with no "0 of 0"
+    only = tmp_path / "only"
+    (only / "etpo" / "cmc" / "seed2").mkdir(parents=True)
+    (only / "etpo" / "cmc" / "seed2" / "summary.json").write_text(path.read_text())
+    md = report.comparison_markdown(report.load_runs(only), n_boot=100)
+    assert "Learning (etpo): 1 seed had no runnable answer in the first batch, so nothing to compare with." in md
+    assert "0 of 0" not in md
+
+
 def test_a_single_pair_has_no_standard_error_nor_interval(tmp_path):
     root = tmp_path / "runs"
     for s in (0, 1):

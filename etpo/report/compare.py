@@ -101,6 +101,9 @@ class Learning:
     #: runs with runnable answers in their first batch but none in the last fraction: they did not improve either,
     #: and ``change`` (which needs both) leaves them out
     lost: int = 0
+    #: runs with no runnable answer in their first batch: there is nothing to exceed, so they are neither counted
+    #: nor left out silently (the line names them)
+    no_start: int = 0
 
 
 @dataclass
@@ -233,18 +236,23 @@ def comparison(
             if pooled:
                 comp.differences[(ALL_DATASETS, c, metric)] = _paired(per_run, reference, c, pooled, n_boot, seed)
     first, last = values["first_quality"], values["last_quality"]
+    # runs whose first batch ran nothing (not older summaries without the quality series: those say nothing)
+    unstarted = [(r.dataset, r.seed) for r in _select(runs, None, include_unfinished)
+                 if r.contender == reference and r.dataset in datasets
+                 and _learning_values(r, last_fraction)["first_runnable"] == 0.0]
     for scope in comp.scopes:
         started = [(d, s) for (c, d, s) in first if c == reference and (scope == ALL_DATASETS or d == scope)
                    and d in datasets]
         both = sorted((p for p in started if (reference, *p) in last), key=lambda p: (datasets.index(p[0]), p[1]))
         lost = len(started) - len(both)
+        no_start = sum(1 for d, s in unstarted if scope == ALL_DATASETS or d == scope)
         if both:
             change = [last[(reference, d, s)] - first[(reference, d, s)] for d, s in both]
             mean, se = mean_se(change)
             comp.learning[scope] = Learning(sum(x > 0 for x in change),
-                                            Estimate(change, [s for _, s in both], mean, se), lost)
-        elif lost:
-            comp.learning[scope] = Learning(0, Estimate([], [], math.nan, math.nan), lost)
+                                            Estimate(change, [s for _, s in both], mean, se), lost, no_start)
+        elif lost or no_start:
+            comp.learning[scope] = Learning(0, Estimate([], [], math.nan, math.nan), lost, no_start)
     return comp
 
 
@@ -323,8 +331,18 @@ def comparison_markdown(
             lost = (f" ({learned.lost} with no runnable answer in the last {frac})" if learned.lost else "")
             mean = (f"; mean (last − first) over the {change.n} with runnable answers in both = "
                     f"{_num(change.mean, digits, True)}{se}" if change.n else "")
-            lines += [f"Learning ({reference}): the last {frac} mean AUC of runnable answers exceeds the first "
-                      f"batch's in {learned.improved} of {change.n + learned.lost} {unit}{lost}{mean}.", ""]
+            counted = change.n + learned.lost
+            one = unit[:-1]
+            unstarted = (f"{learned.no_start} {'more ' if counted else ''}{unit if learned.no_start > 1 else one} "
+                         f"had no runnable answer in the first batch, so nothing to compare with."
+                         if learned.no_start else "")
+            line = f"Learning ({reference}): "
+            if counted:
+                line += (f"the last {frac} mean AUC of runnable answers exceeds the first batch's in "
+                         f"{learned.improved} of {counted} {unit}{lost}{mean}." + (" " + unstarted if unstarted else ""))
+            else:
+                line += unstarted
+            lines += [line, ""]
     if not comp.has_reference:
         lines += [f"No runs of the reference `{reference}`: no paired differences.", ""]
     best = (f"within {within} environment steps (at batch granularity)" if within is not None
