@@ -1,4 +1,4 @@
-# best reward 0.903404 at environment step 17
+# best reward 0.903454 at environment step 17
 import numpy as np
 
 

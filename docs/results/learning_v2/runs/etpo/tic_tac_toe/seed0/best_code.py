@@ -1,4 +1,4 @@
-# best reward 0.984705 at environment step 1
+# best reward 0.983818 at environment step 1
 import numpy as np
 
 
