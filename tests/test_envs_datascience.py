@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
@@ -81,6 +82,43 @@ def test_reward_equals_independent_roc_auc_binary(pool):
     assert info["aucs"] == pytest.approx(aucs, abs=1e-9)
     assert info["auc"] == pytest.approx(reward)
     assert "def build_model" in info["code"]
+
+
+FOREST_BODY = (
+    "\n    from sklearn.ensemble import RandomForestClassifier\n"
+    "    model = RandomForestClassifier(n_estimators=10)\n"
+    "    model.fit(x_train, y_train)\n"
+    "    return model"
+)
+
+
+def test_unseeded_estimator_scores_the_same_every_call(pool):
+    """A forest without random_state draws from numpy's global generator; the env seeds it with the split's own seed
+    before the code runs on that split, so the reward is a function of (code, splits) -- equal to a forest fitted here
+    after np.random.seed(split seed) -- on every call, whichever worker runs it."""
+    env = make_env("breast_cancer", n_splits=2, split_seed=3, stop_on_success=False, max_steps=3)
+    env.reset()
+    rewards = [env.step(FOREST_BODY)[1] for _ in range(3)]
+    assert rewards[0] == rewards[1] == rewards[2]
+    ds = load_dataset("breast_cancer")
+    expected = []
+    for seed in (3, 4):
+        xt, xv, yt, yv = train_test_split(ds.X, ds.y, test_size=0.5, random_state=seed, stratify=ds.y)
+        np.random.seed(seed)
+        proba = RandomForestClassifier(n_estimators=10).fit(xt, yt).predict_proba(xv)
+        expected.append(roc_auc_score(yv, proba[:, 1]))
+    assert rewards[0] == pytest.approx(np.mean(expected), abs=1e-12)
+    # with the seeding off, a forest fitted from another state of the generator scores differently (10 trees on
+    # breast_cancer: the AUC moves in the third decimal); the seeded reward is not what every state gives
+    np.random.seed(12345)
+    other = []
+    for seed in (3, 4):
+        xt, xv, yt, yv = train_test_split(ds.X, ds.y, test_size=0.5, random_state=seed, stratify=ds.y)
+        other.append(roc_auc_score(yv, RandomForestClassifier(n_estimators=10).fit(xt, yt).predict_proba(xv)[:, 1]))
+    assert np.mean(other) != pytest.approx(rewards[0], abs=1e-12)
+    unseeded = make_env("breast_cancer", n_splits=2, split_seed=3, seed_estimators=False)
+    unseeded.reset()
+    assert unseeded.step(FOREST_BODY)[4]["status"] == "ok"
 
 
 @pytest.mark.parametrize("name", ["iris", "wine"])

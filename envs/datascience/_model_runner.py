@@ -15,9 +15,21 @@ GENERATED = "<generated>"
 
 
 def run(code: str, inputs: dict, params: dict):
-    """Execute ``code``, call ``params['function']`` (default ``build_model``) and return its ``predict_proba``."""
+    """Execute ``code``, call ``params['function']`` (default ``build_model``) and return its ``predict_proba``.
+
+    ``params['seed']`` (an int, or absent/None): seeds numpy's global generator and Python's ``random`` before the
+    code runs, so that an estimator whose ``random_state`` is left unset (``RandomForestClassifier()`` draws from
+    numpy's global generator) draws the same numbers on every call: the same code scores the same AUC on the same
+    split (docs/method.md, section 13). Generators the code seeds itself, or creates from OS entropy
+    (``np.random.default_rng()``), are its own business."""
+    import random
+
     import numpy as np
 
+    seed = params.get("seed")
+    if seed is not None:
+        np.random.seed(int(seed) % 2**32)
+        random.seed(int(seed))
     linecache.cache[GENERATED] = (len(code), None, code.splitlines(True), GENERATED)
     namespace = {"__name__": "__generated__", "__builtins__": __builtins__, "np": np}
     exec(compile(code, GENERATED, "exec"), namespace)

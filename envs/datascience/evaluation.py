@@ -167,15 +167,18 @@ class ModelSandbox(SandboxPool):
         timeout: float | None = None,
         memory_limit_mb: int | None = None,
         function: str = "build_model",
+        seed: int | None = None,
     ) -> EvaluationResult:
         """``model = build_model(x_train, y_train)`` in a worker; return ``model.predict_proba(x_val)``.
 
         With ``n_classes`` the output is checked by :func:`validate_proba` (status ``"error"`` if unusable).
-        Thread-safe; blocks until a worker is free. Never raises for anything the code does.
+        ``seed`` seeds the global random generators the code can draw from (numpy's, Python's) before it runs:
+        an estimator left without a ``random_state`` then gives the same result every call. Thread-safe; blocks until a worker is free. Never raises for anything the code does.
         """
         n_val = int(np.asarray(x_val).shape[0])
         res = self.run(
-            code, {"x_train": x_train, "y_train": y_train, "x_val": x_val}, params={"function": function},
+            code, {"x_train": x_train, "y_train": y_train, "x_val": x_val},
+            params={"function": function, "seed": seed},
             timeout=timeout, memory_limit_mb=memory_limit_mb, max_result_values=n_val * (n_classes or 64) * 4,
         )
         result = EvaluationResult(**vars(res))
