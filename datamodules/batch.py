@@ -72,6 +72,8 @@ class RolloutMetrics:
     generation_s: float = 0.0  # seconds spent sampling the batch's actions
     environment_s: float = 0.0  # seconds spent stepping the environments (running the generated code)
     generated_tokens: int = 0  # action tokens sampled for the batch
+    # {class: {"n", "runnable", "mean_reward"}} where the environment names its answers' classes (None: it does not)
+    answer_classes: Optional[dict] = None
 
     @property
     def generated_tokens_per_s(self) -> float:

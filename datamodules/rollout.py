@@ -120,6 +120,9 @@ class RolloutStats:
     # the last batch's actions as the environments judged them ({env_index, episode_step, reward, status, error,
     # text}): written to the run's samples.jsonl, so a batch's failures can be read afterwards
     batch_samples: list = field(default_factory=list)
+    # the answer classes of every batch, where the environment reports one (``info["answer_class"]``; the data-science
+    # env: the estimator the code builds): {class: {"n", "runnable", "mean_reward"}} -- what a run learns to prefer
+    batch_classes: list = field(default_factory=list)
 
     def record_update_time(self, seconds: float) -> None:
         """The update's share of the last batch's time (called by the module after ``learn``)."""
@@ -196,7 +199,8 @@ class RolloutCollector:
                 self.stats.batch_samples.append({
                     "env_index": i, "episode_step": int(infos[i].get("steps", 0)), "reward": float(rewards[i]),
                     "status": str(infos[i].get("status", "ok")), "error": None if error is None else str(error),
-                    "text": gen.texts[i]})
+                    "text": gen.texts[i],
+                    **({"answer_class": str(infos[i]["answer_class"])} if "answer_class" in infos[i] else {})})
             self.stats.env_steps += self.num_envs
             done = [i for i in range(self.num_envs) if terminated[i] or truncated[i]]
             for i in done:
@@ -227,6 +231,8 @@ class RolloutCollector:
         self.stats.batch_runnable_reward.append(runnable_reward)
         self.stats.batch_max_reward.append(float(max(rewards)))
         self.stats.batch_timing.append(dict(timing))
+        classes = answer_class_counts(self.stats.batch_samples)
+        self.stats.batch_classes.append(classes)
         self.stats.best_within.append((self.stats.env_steps, self.stats.best_reward))
         # Next-state prompts are needed only where the episode goes on (neither terminated nor truncated: the step
         # limit ends an episode, as in the paper) and the next state is not already the prompt of a later
@@ -262,6 +268,7 @@ class RolloutCollector:
                 generation_s=float(timing["generation_s"]),
                 environment_s=float(timing["environment_s"]),
                 generated_tokens=int(timing["generated_tokens"]),
+                answer_classes=classes or None,
             ),
             next_prompt_ids=next_prompt_ids, next_prompt_mask=next_prompt_mask,
         )
@@ -287,6 +294,18 @@ class RolloutCollector:
 
     def close(self) -> None:
         self.vec.close()
+
+
+def answer_class_counts(samples: Sequence[dict]) -> dict:
+    """``{class: {"n", "runnable", "mean_reward"}}`` over the samples that carry an ``answer_class`` (most frequent
+    first); empty when the environment reports none."""
+    groups: dict[str, list[dict]] = {}
+    for sample in samples:
+        if "answer_class" in sample:
+            groups.setdefault(sample["answer_class"], []).append(sample)
+    ordered = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    return {name: {"n": len(group), "runnable": sum(s["status"] == "ok" for s in group),
+                   "mean_reward": float(np.mean([s["reward"] for s in group]))} for name, group in ordered}
 
 
 def _unpad_rows(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:

@@ -325,6 +325,8 @@ class RunArtifacts(Callback):
                 "best_reward": stats.best_reward, "runnable_fraction": stats.batch_runnable[-1],
                 "runnable_reward": stats.batch_runnable_reward[-1], "batch_best_reward": stats.batch_max_reward[-1],
                 "global_step": trainer.global_step, "timing": timing}
+        if getattr(stats, "batch_classes", None) and stats.batch_classes[-1]:
+            line["classes"] = stats.batch_classes[-1]  # {answer class: n, runnable, mean_reward}
         with open(self.run_dir / "history.jsonl", "a") as fh:
             fh.write(json.dumps(line) + "\n")
         with open(self.run_dir / "samples.jsonl", "a") as fh:

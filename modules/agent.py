@@ -260,8 +260,10 @@ class AgentModule(L.LightningModule, metaclass=ABCMeta):
     # ---- logging -----------------------------------------------------------------------------------------------
     def log_rollout(self, batch: RolloutBatch, update_s: Optional[float] = None) -> None:
         """The rollout charts every contender logs under the same keys: rewards under ``charts/`` (the mean reward of
-        the runnable answers and the batch's best besides the average and the runnable fraction), and where the
-        batch's time went under ``timing/`` (sampling, the environments, the update; generated tokens per second)."""
+        the runnable answers and the batch's best besides the average and the runnable fraction), where the batch's
+        time went under ``timing/`` (sampling, the environments, the update; generated tokens per second), and --
+        where the environment names its answers' classes -- each runnable class's share of the batch and mean reward
+        under ``classes/`` (``classes/share/(failed)``: the answers that did not run)."""
         metrics = batch.metrics
         size = len(batch)
         for key in ("avg_reward", "best_reward", "runnable_fraction", "env_steps", "sps"):
@@ -277,6 +279,14 @@ class AgentModule(L.LightningModule, metaclass=ABCMeta):
         for key, value in timing.items():
             self.log(f"timing/{key}", float(value), on_step=True, prog_bar=True, batch_size=size)
         self.log("timing/generated_tokens_per_s", float(metrics.generated_tokens_per_s), on_step=True, batch_size=size)
+        if metrics.answer_classes:  # what the batch wrote: each runnable class's share and mean reward, and failures
+            failed = 0
+            for name, c in metrics.answer_classes.items():
+                failed += c["n"] - c["runnable"]
+                if c["runnable"]:
+                    self.log(f"classes/share/{name}", c["n"] / size, on_step=True, batch_size=size)
+                    self.log(f"classes/reward/{name}", float(c["mean_reward"]), on_step=True, batch_size=size)
+            self.log("classes/share/(failed)", failed / size, on_step=True, batch_size=size)
         stats = getattr(self.trainer.datamodule, "stats", None)
         if stats is not None and update_s is not None and hasattr(stats, "record_update_time"):
             stats.record_update_time(update_s)

@@ -299,3 +299,20 @@ def test_benchmark_dataset_env(pool, shared_datasets):
     assert "Dataset: breast_w" in obs and "Bare_Nuclei" in obs
     _, reward, terminated, _, info = env.step(LR_BODY)
     assert info["status"] == "ok" and reward > 0.95
+
+
+def test_answer_class_counts_per_batch():
+    """The rollout's per-batch class table: count, runnable count and mean reward per class, most frequent first;
+    samples without a class (an environment that names none) are left out."""
+    from datamodules.rollout import answer_class_counts
+
+    samples = [{"answer_class": "RandomForestClassifier", "status": "ok", "reward": 0.8},
+               {"answer_class": "LogisticRegression", "status": "ok", "reward": 0.95},
+               {"answer_class": "RandomForestClassifier", "status": "error", "reward": -1.0},
+               {"answer_class": "RandomForestClassifier", "status": "ok", "reward": 0.82},
+               {"status": "ok", "reward": 0.5}]
+    counts = answer_class_counts(samples)
+    assert list(counts) == ["RandomForestClassifier", "LogisticRegression"]
+    assert counts["RandomForestClassifier"] == {"n": 3, "runnable": 2, "mean_reward": pytest.approx((0.8 - 1 + 0.82) / 3)}
+    assert counts["LogisticRegression"] == {"n": 1, "runnable": 1, "mean_reward": 0.95}
+    assert answer_class_counts([{"status": "ok", "reward": 1.0}]) == {}

@@ -6,7 +6,7 @@ import ast
 
 import pytest
 
-from envs.datascience.extract import extract_function, find_banned
+from envs.datascience.extract import NO_CODE, UNKNOWN_CLASS, answer_class, extract_function, find_banned
 
 LR_BODY = [
     "from sklearn.linear_model import LogisticRegression",
@@ -125,3 +125,39 @@ def test_huge_action_is_bounded_in_time():
     t0 = time.monotonic()
     ex = extract_function(text)
     assert ex.ok and time.monotonic() - t0 < 2.0
+
+
+@pytest.mark.parametrize("body, expected", [
+    (["from sklearn.ensemble import RandomForestClassifier", "clf = RandomForestClassifier()", "clf.fit(x_train, y_train)",
+      "return clf"], "RandomForestClassifier"),
+    (LR_BODY, "LogisticRegression"),
+    (["from sklearn import linear_model", "return linear_model.LogisticRegression().fit(x_train, y_train)"],
+     "LogisticRegression"),
+    (["from sklearn.pipeline import make_pipeline", "from sklearn.preprocessing import StandardScaler",
+      "from sklearn.svm import SVC", "m = make_pipeline(StandardScaler(), SVC(probability=True))",
+      "m.fit(x_train, y_train)", "return m"], "SVC"),
+    (["from sklearn.pipeline import Pipeline", "from sklearn.preprocessing import StandardScaler",
+      "from sklearn.neighbors import KNeighborsClassifier",
+      "pipe = Pipeline(steps=[('s', StandardScaler()), ('knn', KNeighborsClassifier())])",
+      "return pipe.fit(x_train, y_train)"], "KNeighborsClassifier"),
+    (["from sklearn.tree import DecisionTreeClassifier", "from sklearn.ensemble import RandomForestClassifier",
+      "if len(x_train) > 100:", "    model = RandomForestClassifier()", "else:", "    model = DecisionTreeClassifier()",
+      "model.fit(x_train, y_train)", "return model"], "DecisionTreeClassifier"),
+    (["from sklearn.calibration import CalibratedClassifierCV", "from sklearn.svm import LinearSVC",
+      "model = CalibratedClassifierCV(LinearSVC())", "model.fit(x_train, y_train)", "return model"],
+     "CalibratedClassifierCV"),
+    (["return models[0]"], UNKNOWN_CLASS),
+])
+def test_answer_class_is_the_returned_estimator(body, expected):
+    """The class of an answer is the estimator its build_model returns: followed through assignments, fit (which
+    returns the estimator), make_pipeline / Pipeline (the last step); the last assignment in source order wins."""
+    ex = extract_function("\n    " + "\n    ".join(body))
+    assert ex.ok, ex.error
+    assert answer_class(ex.code) == expected
+
+
+def test_answer_class_of_answers_without_code():
+    assert answer_class(extract_function("I cannot help with that.").code) == NO_CODE
+    assert answer_class(None) == NO_CODE
+    assert answer_class("def build_model(x_train, y_train):\n    return (\n") == UNKNOWN_CLASS  # does not parse
+    assert answer_class("def other(x, y):\n    return 1\n") == UNKNOWN_CLASS

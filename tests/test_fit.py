@@ -305,6 +305,9 @@ def test_the_quickstart_shrunk_onto_a_tiny_model_runs_its_own_settings(tmp_path)
     assert 0.1 < summary["peak_rss_gb"] < 24  # the trainer's own peak memory (torch alone takes a few hundred MB)
     samples = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 and all(s["reward"] == -1.0 and s["status"] != "ok" for s in samples)  # random text
+    assert {s["answer_class"] for s in samples} == {"(no code)"}  # the env names each answer's class
+    history = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
+    assert [h["classes"] for h in history] == [{"(no code)": {"n": 2, "runnable": 0, "mean_reward": -1.0}}] * 2
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] == 2 * 3  # per batch: two critic steps and one policy step
     assert (run / "reward_curve.png").is_file()

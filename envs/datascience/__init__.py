@@ -10,7 +10,7 @@ from .datasets import (
 )
 from .env import DataScienceEnv
 from .evaluation import ModelSandbox, make_splits, roc_auc, validate_proba
-from .extract import Extraction, extract_function, find_banned
+from .extract import Extraction, answer_class, extract_function, find_banned
 
 __all__ = [
     "DataScienceEnv",
@@ -27,4 +27,5 @@ __all__ = [
     "Extraction",
     "extract_function",
     "find_banned",
+    "answer_class",
 ]

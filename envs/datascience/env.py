@@ -23,7 +23,9 @@ shares the task prompt as its prefix) or ``feedback_first`` (the earlier layout,
 
 ``info`` of every step: ``status`` (``ok`` / ``error`` / ``timeout`` / ``refused`` / ``invalid-output``),
 ``error`` (str or None), ``auc`` (mean AUC or None), ``aucs`` (per split), ``code`` (the program that was run,
-or None), ``steps``, ``stdout`` (tail of the code's output), ``duration`` (s), ``dataset``.
+or None), ``steps``, ``stdout`` (tail of the code's output), ``duration`` (s), ``dataset``, ``answer_class`` (the
+estimator the code builds, :func:`envs.datascience.extract.answer_class`; any environment may report one, and the
+rollout counts the classes of every batch).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from ..base import EpisodeOverError, TextEnv
 from .datasets import TabularDataset, load_dataset
 from ..isolation import resolve_isolation
 from .evaluation import get_default_pool, make_splits, roc_auc
-from .extract import extract_function, find_banned
+from .extract import NO_CODE, answer_class, extract_function, find_banned
 from .prompts import REFLECTION_LAYOUTS, clean_description, reflection_prompt, task_prompt
 
 __all__ = ["DataScienceEnv", "make_splits", "roc_auc", "summarize_error", "FAILURE_REWARD"]
@@ -278,13 +280,15 @@ class DataScienceEnv(TextEnv):
 
     def evaluate(self, action: str) -> dict:
         """Score one action without touching the episode state; returns the ``info`` fields of a step."""
-        info = {"status": "ok", "error": None, "auc": None, "aucs": [], "code": None, "stdout": ""}
+        info = {"status": "ok", "error": None, "auc": None, "aucs": [], "code": None, "stdout": "",
+                "answer_class": NO_CODE}
         extraction = extract_function(action)
         if not extraction.ok:
             info.update(status="invalid-output", error=extraction.error)
             return info
         code = extraction.code
         info["code"] = code
+        info["answer_class"] = answer_class(code)  # the estimator it builds: what a run's class shares count
         bad = find_banned(code, self.banned)
         if bad is not None:
             info.update(status="refused", error=f"{bad} is not allowed in this task; fit a single model instead")

@@ -27,7 +27,8 @@ import re
 import textwrap
 from dataclasses import dataclass
 
-__all__ = ["Extraction", "extract_function", "find_banned", "FUNCTION_NAME", "HEADER"]
+__all__ = ["Extraction", "extract_function", "find_banned", "answer_class", "FUNCTION_NAME", "HEADER", "NO_CODE",
+           "UNKNOWN_CLASS"]
 
 FUNCTION_NAME = "build_model"
 HEADER = "def build_model(x_train: np.ndarray, y_train: np.ndarray):"
@@ -261,3 +262,69 @@ def find_banned(code: str, banned: tuple[str, ...] | list[str]) -> str | None:
                 if b in word:
                     return b
     return None
+
+
+NO_CODE = "(no code)"  # the answer held no usable build_model
+UNKNOWN_CLASS = "(unknown)"  # a build_model whose returned estimator could not be read off the source
+# Calls that return one of their arguments' estimators: the class is that estimator's
+_PIPELINES = ("make_pipeline", "Pipeline")
+
+
+def _called_name(func: ast.expr) -> str | None:
+    if isinstance(func, ast.Name):
+        return func.id
+    if isinstance(func, ast.Attribute):
+        return func.attr
+    return None
+
+
+def _estimator_of(expr: ast.expr | None, assigned: dict[str, ast.expr], depth: int = 0) -> str | None:
+    """The class name an expression builds: ``RandomForestClassifier(...)`` -> ``RandomForestClassifier``; a name
+    is followed to what was assigned to it, ``x.fit(...)`` to ``x`` (fit returns the estimator), a pipeline to its
+    last step."""
+    if expr is None or depth > 8:
+        return None
+    if isinstance(expr, ast.Name):
+        return _estimator_of(assigned.get(expr.id), assigned, depth + 1) if expr.id in assigned else None
+    if not isinstance(expr, ast.Call):
+        return None
+    name = _called_name(expr.func)
+    if name == "fit" and isinstance(expr.func, ast.Attribute):
+        return _estimator_of(expr.func.value, assigned, depth + 1)
+    if name == "make_pipeline" and expr.args:
+        return _estimator_of(expr.args[-1], assigned, depth + 1)
+    if name == "Pipeline":
+        steps = expr.args[0] if expr.args else next((k.value for k in expr.keywords if k.arg == "steps"), None)
+        if isinstance(steps, (ast.List, ast.Tuple)) and steps.elts:
+            last = steps.elts[-1]
+            if isinstance(last, ast.Tuple) and len(last.elts) == 2:
+                return _estimator_of(last.elts[1], assigned, depth + 1)
+        return None
+    return name
+
+
+def answer_class(code: str | None) -> str:
+    """The class of an answer: the name of the estimator its ``build_model`` returns, read off the source
+    (``RandomForestClassifier``, ``LogisticRegression`` -- a pipeline counts as its last step, a wrapper such as
+    ``CalibratedClassifierCV`` as itself). :data:`NO_CODE` when there is no program (``code`` None, as
+    :func:`extract_function` gives for an unusable answer), :data:`UNKNOWN_CLASS` when the returned value cannot be
+    traced to a constructor. Answers of one class choose the same model and differ in details (arguments,
+    preprocessing): what a run learns to prefer shows as the classes' shares over its batches."""
+    if code is None:
+        return NO_CODE
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return UNKNOWN_CLASS
+    func = next((n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == FUNCTION_NAME), None)
+    if func is None:
+        return UNKNOWN_CLASS
+    assigned: dict[str, ast.expr] = {}
+    nodes = sorted((n for n in ast.walk(func) if isinstance(n, (ast.Assign, ast.Return))), key=lambda n: n.lineno)
+    for node in nodes:  # in source order: the last assignment to a name before the return wins
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            assigned[node.targets[0].id] = node.value
+        elif isinstance(node, ast.Return) and node.value is not None:
+            found = _estimator_of(node.value, assigned)
+            return found if found is not None else UNKNOWN_CLASS
+    return UNKNOWN_CLASS
