@@ -42,6 +42,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from modules.shared_base.fsdp import save_adapters_sharded
 from etpo.hardware import apply_hardware_fallback
+from etpo.probe import AnswerClassProbe
 
 __all__ = ["ETPOCLI", "RunArtifacts", "RunInterrupted", "main", "contender_name", "sandbox_summary"]
 
@@ -327,6 +328,9 @@ class RunArtifacts(Callback):
                 "global_step": trainer.global_step, "timing": timing}
         if getattr(stats, "batch_classes", None) and stats.batch_classes[-1]:
             line["classes"] = stats.batch_classes[-1]  # {answer class: n, runnable, mean_reward}
+        probe = next((c for c in trainer.callbacks if isinstance(c, AnswerClassProbe)), None)
+        if probe is not None and probe.latest is not None and probe.latest["batch"] == stats.updates:
+            line["choice"] = probe.latest  # where the classes part, as every view reads it (etpo/probe.py)
         with open(self.run_dir / "history.jsonl", "a") as fh:
             fh.write(json.dumps(line) + "\n")
         with open(self.run_dir / "samples.jsonl", "a") as fh:
@@ -421,6 +425,7 @@ class ETPOCLI(LightningCLI):
             _StartLines(run_dir),
             _Checkpoint(dirpath=os.path.join(run_dir, "checkpoints"), monitor="charts/best_reward", mode="max",
                             save_top_k=1, save_last=True, filename="best-{step}", every_n_train_steps=1),
+            AnswerClassProbe(),  # before RunArtifacts: its readings go into the batch's history line
             RunArtifacts(run_dir),
             # which tokens the contender credits: HTML under <run_dir>/credit/, a summary in TensorBoard
             TokenCreditCallback(every_n_steps=10, max_examples=4),

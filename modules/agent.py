@@ -86,6 +86,7 @@ class AgentModule(L.LightningModule, metaclass=ABCMeta):
         self._pending_call: Optional[tuple] = None
         self._pending_rng: Optional[torch.Tensor] = None
         self._standalone: Optional[dict] = None
+        self.last_batch: Optional[RolloutBatch] = None  # the batch just learned from (diagnostics read it)
 
     # ---- the contract ------------------------------------------------------------------------------------------
     def act(self, prompts: list[str], generation: GenerationConfig):
@@ -129,6 +130,7 @@ class AgentModule(L.LightningModule, metaclass=ABCMeta):
         charts = dict(self.learn(batch))
         update_s = time.perf_counter() - started
         self.policy_version += 1
+        self.last_batch = batch
         size = len(batch)
         for key, value in charts.items():
             self.log(key, float(value), on_step=True, prog_bar=key.startswith("losses/"), batch_size=size)
@@ -296,6 +298,25 @@ class AgentModule(L.LightningModule, metaclass=ABCMeta):
             if hasattr(experiment, "add_text"):
                 text = f"best reward {self._logged_best:.4f}\n\n```python\n{stats.best_code}\n```"
                 experiment.add_text("charts/best_code", text, self.global_step)
+
+    # ---- diagnostics: what the views say about given answers ---------------------------------------------------
+    @torch.no_grad()
+    def token_readings(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, action_ids: torch.Tensor,
+                       action_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per taken action token ``[B, L]`` (zero on padding): ``logp_policy`` = log pi_theta(w|ctx) and
+        ``logp_reference`` = log pi_bar(w|ctx). Contenders with a soft Q add theirs (ETPO: ``q`` and ``logp_optimal``,
+        log pi*). Read by the answer-class probe (:mod:`etpo.probe`) at the tokens where answers part."""
+        m = self.model
+        plan = m.plan(prompt_ids, prompt_mask, action_ids, action_mask)
+        return {f"logp_{name}": self._taken_log_probs(m.plan_hidden(view, plan)[0], action_ids, action_mask)
+                for name, view in (("policy", "policy"), ("reference", "reference"))}
+
+    def _taken_log_probs(self, hidden: torch.Tensor, action_ids: torch.Tensor, action_mask: torch.Tensor,
+                         chunk_size: int = 64) -> torch.Tensor:
+        out = torch.zeros(action_ids.shape, dtype=torch.float32, device=hidden.device)
+        for sl, logits in self.model.head_chunks(hidden, chunk_size):
+            out[:, sl] = torch.log_softmax(logits, -1).gather(-1, action_ids[:, sl].unsqueeze(-1).long()).squeeze(-1)
+        return out * action_mask.to(out)
 
     # ---- token-level credit helpers ----------------------------------------------------------------------------
     def credit_rows(self, batch: RolloutBatch, max_examples: Optional[int]) -> tuple[RolloutBatch, list[list[str]]]:

@@ -38,6 +38,7 @@ from modules.losses.etpo import (
     Q_PARAMETERISATIONS,
     behaviour_log_probs,
     entropy,
+    optimal_policy_logits,
     policy_loss,
     q_from_critic,
     soft_q_regression,
@@ -400,6 +401,28 @@ class ETPOModule(AgentModule):
             self.reward_sum = float(checkpoint["reward_baseline"]["sum"])
             self.reward_count = int(checkpoint["reward_baseline"]["count"])
             self.episode_length = checkpoint["reward_baseline"]["episode_length"]
+
+    @torch.no_grad()
+    def token_readings(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, action_ids: torch.Tensor,
+                       action_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`AgentModule.token_readings` plus, per taken token, the critic's soft ``q`` and ``logp_optimal`` =
+        log pi*(w|ctx), pi* = pi_bar exp(Q / beta) / Z (docs/method.md, section 6): where the policy step is heading."""
+        m, beta = self.model, self.hparams.beta
+        plan = m.plan(prompt_ids, prompt_mask, action_ids, action_mask)
+        hidden = {view: m.plan_hidden(view, plan)[0] for view in ("policy", "reference", "critic")}
+        names = ("logp_policy", "logp_reference", "q", "logp_optimal")
+        out = {name: torch.zeros(action_ids.shape, device=hidden["policy"].device) for name in names}
+        for sl in token_chunks(action_ids.shape[1], self.hparams.token_chunk_size):
+            taken = action_ids[:, sl].unsqueeze(-1).long()
+            ref_logits = m.head(hidden["reference"][:, sl])
+            q = self._q(m.head(hidden["critic"][:, sl]), ref_logits)
+            rows = {"logp_policy": torch.log_softmax(m.head(hidden["policy"][:, sl]), -1),
+                    "logp_reference": torch.log_softmax(ref_logits, -1), "q": q,
+                    "logp_optimal": optimal_policy_logits(ref_logits, q, beta)}
+            for name, full in rows.items():
+                out[name][:, sl] = full.gather(-1, taken).squeeze(-1)
+        mask = action_mask.to(out["q"])
+        return {name: value * mask for name, value in out.items()}
 
     # ---- token-level credit ------------------------------------------------------------------------------------
     @torch.no_grad()
