@@ -524,3 +524,91 @@ def test_importance_traces_turn_behaviour_samples_into_on_policy_targets(state):
     gap = lambda x: max(abs(x[k] - on_policy[k]) for k in on_policy)  # noqa: E731
     assert gap(importance) < 1e-9
     assert gap(uncut) > 1e-2 and gap(retrace) > 1e-9
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The soft-optimal tree backup (tree_targets, docs/method.md section 4a) against enumeration.
+# ---------------------------------------------------------------------------------------------------------------
+def _tree_inputs(mdp, state, actions):
+    """Per action: its tokens, log pi_bar of each token, and its leaf value r + gamma V*(s') (action level)."""
+    log_ref = []
+    for a in actions:
+        row = []
+        for j, w in enumerate(a):
+            lg = mdp.ref_logits(state, a[:j])
+            row.append(float(lg[w] - np.logaddexp.reduce(lg)))
+        log_ref.append(row)
+    return log_ref, [mdp.q_action(state, a) for a in actions]
+
+
+@pytest.mark.parametrize("beta", [0.5, 0.1])
+def test_tree_targets_on_every_answer_are_the_optimal_soft_q(beta):
+    """With every action of a state in the tree (every node holds all its continuations) the backup is exact: each
+    target is Q*(ctx_j, w_j) of the per-token optimal soft policy, the root's value is the action-level soft value
+    V*(s) = beta log sum_a pi_bar(a) exp(Q(s, a) / beta), and the product of the per-token pi* built from the targets
+    is the action-level pi*(a) (Appendix A)."""
+    from modules.losses.etpo import tree_targets
+
+    mdp = TinyMDP(beta=beta, gamma=0.9, seed=3)
+    for state in ("s0", "s1_1"):
+        actions = mdp.actions()
+        log_ref, leaves = _tree_inputs(mdp, state, actions)
+        targets = tree_targets([state] * len(actions), actions, log_ref, leaves, beta)
+        v = mdp.v_action(state)
+        for a, row in zip(actions, targets):
+            for j, w in enumerate(a):
+                assert row[j] == pytest.approx(mdp.q_token(state, a[:j], disc=False)[w], abs=1e-9)
+            # pi*(w | ctx) from the targets of the siblings at each node, multiplied along the action
+            log_prob = 0.0
+            for j, w in enumerate(a):
+                q = mdp.q_token(state, a[:j], disc=False)
+                lg = mdp.ref_logits(state, a[:j])
+                z = lg - np.logaddexp.reduce(lg) + q / beta
+                log_prob += z[w] - np.logaddexp.reduce(z)
+            assert math.exp(log_prob) == pytest.approx(
+                math.exp(mdp.log_ref_action(state, a) + (mdp.q_action(state, a) - v) / beta), abs=1e-9)
+        # the root: the soft value of the first token's options (every first token is a child of the root)
+        first = {a[0]: row[0] for a, row in zip(actions, targets)}
+        lg = mdp.ref_logits(state, ())
+        log_ref0 = lg - np.logaddexp.reduce(lg)
+        root = beta * np.logaddexp.reduce([log_ref0[w] + q / beta for w, q in first.items()])
+        assert root == pytest.approx(v, abs=1e-9)
+
+
+def test_tree_targets_on_some_answers_value_unwritten_tokens_at_the_node_value():
+    """With only some actions written, every node's value is the fixed point of the full backup in which each token
+    never written is worth the node's own value: V = beta log(sum_written pi_bar e^(Q/beta) + (1 - pi_bar(written))
+    e^(V/beta)). Rows with the same tokens but another group do not mix; identical rows share their mean leaf."""
+    from modules.losses.etpo import tree_targets
+
+    beta = 0.2
+    mdp = TinyMDP(beta=beta, gamma=0.9, seed=5)
+    rng = np.random.default_rng(0)
+    everything = mdp.actions()
+    written = [everything[i] for i in rng.choice(len(everything), size=7, replace=False)]
+    written.append(written[0])  # a duplicate answer
+    log_ref, leaves = _tree_inputs(mdp, "s0", written)
+    leaves[-1] = leaves[0] + 1.0  # ... whose two rows disagree: the leaf is their mean
+    targets = tree_targets(["s0"] * len(written), written, log_ref, leaves, beta)
+    # the node values, read back from the targets (V(child) is the target of the token into it)
+    value = {}
+    for a, row in zip(written, targets):
+        for j in range(len(a)):
+            value[a[: j + 1]] = row[j]
+    assert value[written[0]] == pytest.approx(leaves[0] + 0.5)
+    nodes = {a[:j] for a in written for j in range(len(a))}
+    for node in nodes:
+        kids = {a[len(node)] for a in written if len(a) > len(node) and a[: len(node)] == node}
+        lg = mdp.ref_logits("s0", node)
+        log_p = lg - np.logaddexp.reduce(lg)
+        v_node = (beta * np.logaddexp.reduce([log_p[w] + value[node + (w,)] / beta for w in kids])
+                  - beta * np.logaddexp.reduce([log_p[w] for w in kids]))
+        unwritten = 1.0 - sum(math.exp(log_p[w]) for w in kids)
+        full = beta * math.log(sum(math.exp(log_p[w] + value[node + (w,)] / beta) for w in kids)
+                               + unwritten * math.exp(v_node / beta))
+        assert full == pytest.approx(v_node, abs=1e-9)
+        if node:  # the node's value is what the token into it was given
+            assert value[node] == pytest.approx(v_node, abs=1e-9)
+    # a single path is worth its own leaf at every token; another group is a tree of its own
+    alone = tree_targets(["other", "s0"], [written[1], written[1]], [log_ref[1]] * 2, [5.0, leaves[1]], beta)
+    assert alone[0] == [5.0] * len(written[1]) and alone[1] == [leaves[1]] * len(written[1])

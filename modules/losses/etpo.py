@@ -17,6 +17,8 @@ action-level soft Bellman equation (Appendix A).
 
 from __future__ import annotations
 
+from typing import Hashable, Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -26,6 +28,7 @@ __all__ = [
     "optimal_policy_logits",
     "targets_from_values",
     "trace_targets",
+    "tree_targets",
     "trace_coefficients",
     "behaviour_log_probs",
     "token_targets",
@@ -179,6 +182,73 @@ def trace_targets(
             step = values[:, j + 1] + correction[:, j + 1] * (targets[:, j + 1] - target_q_taken[:, j + 1].to(dtype))
             targets[:, j] = torch.where(within, within_scale * step, targets[:, j])
     return (targets * mask.to(dtype)).detach()
+
+
+def tree_targets(
+    groups: Sequence[Hashable],
+    actions: Sequence[Sequence[int]],
+    log_ref_taken: Sequence[Sequence[float]],
+    leaf_values: Sequence[float],
+    beta: float,
+) -> list[list[float]]:
+    """Soft-optimal per-token targets over the tree of answers written for one prompt (docs/method.md, section 4a).
+
+    Rows with the same ``groups`` key were written for the same prompt: their actions (token ids) form a prefix tree
+    whose root is the prompt. ``leaf_values[b]`` is the value of finishing row ``b``'s action -- Eq. 6's last-token
+    target ``r + gamma (1 - done) V(s')`` -- and ``log_ref_taken[b][j] = log pi_bar(w_j | ctx_j)``. Bottom up, every
+    node's value is the soft Bellman *optimality* backup over the continuations the tree holds,
+
+        V(node) = beta * log( sum_c pi_bar(c | node) exp(Q(node, c) / beta) / sum_c pi_bar(c | node) ),
+        Q(node, c) = V(child c)                      (no reward, no discount inside an action; Eq. 6)
+
+    -- the value of the optimal soft policy pi* = pi_bar exp(Q / beta) / Z restricted to the written continuations,
+    a token never written being valued at the node's own value (the renormalisation; with every continuation
+    present it is exactly beta log Z, and the root's value is the action-level soft value of Appendix A). Row
+    ``b``'s target at token ``j`` is ``Q(ctx_j, w_j) = V(ctx_{j+1})``: a prefix is worth its best known
+    continuation, not the average of the ones written after it, so a second import line that one answer turned
+    into a logistic regression (0.95) and five into classes that do not exist is worth the former. Identical rows
+    share a leaf (their mean value). Returns one list of targets per row.
+    """
+    if not (len(groups) == len(actions) == len(log_ref_taken) == len(leaf_values)):
+        raise ValueError("groups, actions, log_ref_taken and leaf_values need one entry per row")
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    # a node is (group, prefix); children[node] = {token: log pi_bar}; leaves[node] = values of rows ending there
+    children: dict[tuple, dict[int, float]] = {}
+    leaves: dict[tuple, list[float]] = {}
+    for g, action, log_ref, value in zip(groups, actions, log_ref_taken, leaf_values):
+        action = [int(t) for t in action]
+        if not action:
+            raise ValueError("every action needs at least one token")
+        for j, token in enumerate(action):
+            children.setdefault((g, tuple(action[:j])), {}).setdefault(token, float(log_ref[j]))
+        leaves.setdefault((g, tuple(action)), []).append(float(value))
+    memo: dict[tuple, float] = {}
+
+    def node_value(node: tuple) -> float:
+        if node in memo:
+            return memo[node]
+        options: list[tuple[float, float]] = []  # (log weight, value)
+        g, prefix = node
+        for token, log_w in children.get(node, {}).items():
+            options.append((log_w, node_value((g, prefix + (token,)))))
+        if node in leaves:  # an answer ends here (and, rarely, another goes on): its mean value, weighted as the
+            # likeliest continuation -- ending is one of the options at this node
+            log_w = max((w for w, _ in options), default=0.0)
+            options.append((log_w, sum(leaves[node]) / len(leaves[node])))
+        log_w = torch.tensor([w for w, _ in options], dtype=torch.float64)
+        q = torch.tensor([v for _, v in options], dtype=torch.float64)
+        memo[node] = float(beta * (torch.logsumexp(log_w + q / beta, 0) - torch.logsumexp(log_w, 0)))
+        return memo[node]
+
+    # bottom-up without deep recursion: visit the nodes from the longest prefix down
+    for node in sorted(set(children) | set(leaves), key=lambda n: -len(n[1])):
+        node_value(node)
+    out = []
+    for g, action in zip(groups, actions):
+        action = tuple(int(t) for t in action)
+        out.append([memo[(g, action[: j + 1])] for j in range(len(action))])
+    return out
 
 
 @torch.no_grad()
