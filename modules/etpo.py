@@ -33,7 +33,7 @@ from lightning.pytorch.cli import LRSchedulerCallable
 
 from datamodules.batch import RolloutBatch
 from modules.agent import AgentModule, TokenCredit
-from modules.replay import TransitionReplay
+from modules.replay import AnswerMemory, TransitionReplay, stored_batch, stored_transitions
 from modules.losses.etpo import (
     Q_PARAMETERISATIONS,
     behaviour_log_probs,
@@ -45,12 +45,16 @@ from modules.losses.etpo import (
     soft_value,
     trace_coefficients,
     trace_targets,
+    tree_targets,
 )
 from modules.shared_base import BackboneConfig, adapter_parameters
 from modules.shared_base.fsdp import polyak_update_sharded
 from modules.shared_base.scoring import ScoringPlan, token_chunks
 
-__all__ = ["ETPOModule"]
+__all__ = ["ETPOModule", "TARGET_BACKUPS"]
+
+#: what a token inside an action is worth in the critic's targets (docs/method.md, sections 3, 4 and 4a)
+TARGET_BACKUPS = ("policy", "optimal_tree")
 
 
 @dataclass
@@ -65,6 +69,8 @@ class _Targets:
     traces: torch.Tensor
     charts: dict
     behaviour_log_probs: Optional[torch.Tensor] = None  # log mu of the taken tokens (kept for the replay)
+    log_ref_taken: Optional[torch.Tensor] = None  # log pi_bar of the taken token (the tree backup's weights)
+    leaf_values: Optional[torch.Tensor] = None  # [B] r - b + gamma (1 - done) V(s'): finishing the action
 
 
 class ETPOModule(AgentModule):
@@ -78,6 +84,13 @@ class ETPOModule(AgentModule):
             Q and V start at 0, on the reward's scale, and the optimal soft policy starts at the reference).
         td_lambda: token-level soft TD(lambda) (Retrace form): 0 is Eq. 6 exactly; towards 1 the reward reaches
             every token of an action in one update instead of one token per target refresh.
+        target_backup: what a token inside an action is worth. ``policy`` (the paper, Eq. 6 and its TD(lambda)
+            form): the current policy's soft value of what follows. ``optimal_tree`` (beyond the paper): the soft
+            Bellman optimality backup over the prefix tree of the answers written for the same prompt -- in the batch
+            and, with ``answer_memory``, before it (docs/method.md, section 4a): a prefix is worth its best known
+            continuation. ``td_lambda`` and ``trace_correction`` then play no part.
+        answer_memory: with ``optimal_tree``, the best distinct answers kept per prompt (0: the batch's own answers
+            only). The stored answers of a batch's prompts join its trees, and the critic regresses them too.
         trace_correction: with ``td_lambda > 0``, cut the traces by ``min(1, pi / mu)`` where ``mu`` is the sampling
             distribution (temperature, top-k, top-p), so the fixed point stays the soft Q of pi.
         discount_within_action: the ETPO(Disc.) ablation (Appendix G): within-action targets times gamma.
@@ -88,6 +101,7 @@ class ETPOModule(AgentModule):
             stepped after every step of their optimizer.
         polyak: target update ``phibar <- polyak phibar + (1 - polyak) phi`` after every batch (the paper: 0.995).
         critic_steps: critic optimizer steps per batch (the targets are computed once per batch).
+        policy_steps: policy optimizer steps per batch towards pi* of the updated critic (the paper: 1).
         critic_warmup: batches at the start that are the critic's warm-up.
         critic_warmup_steps: critic steps per batch during the warm-up (None: ``critic_steps``).
         warmup_freezes_policy: no policy step during the warm-up (True); False: the policy learns from the first
@@ -113,6 +127,8 @@ class ETPOModule(AgentModule):
         q_parameterisation: str = "logits",
         td_lambda: float = 0.0,
         trace_correction: bool = True,
+        target_backup: str = "policy",
+        answer_memory: int = 0,
         discount_within_action: bool = False,
         huber_delta: float | None = None,
         policy_lr: float = 1e-4,
@@ -124,6 +140,7 @@ class ETPOModule(AgentModule):
         critic_lr_scheduler: Optional[LRSchedulerCallable] = None,
         polyak: float = 0.995,
         critic_steps: int = 1,
+        policy_steps: int = 1,
         critic_warmup: int = 0,
         critic_warmup_steps: int | None = None,
         warmup_freezes_policy: bool = True,
@@ -140,8 +157,16 @@ class ETPOModule(AgentModule):
             raise ValueError(f"polyak must be in [0, 1], got {polyak}")
         if not 0.0 <= td_lambda <= 1.0:
             raise ValueError(f"td_lambda must be in [0, 1], got {td_lambda}")
-        if critic_steps < 1 or critic_warmup < 0 or token_chunk_size < 1:
-            raise ValueError("critic_steps and token_chunk_size must be >= 1 and critic_warmup >= 0")
+        if critic_steps < 1 or policy_steps < 1 or critic_warmup < 0 or token_chunk_size < 1:
+            raise ValueError("critic_steps, policy_steps and token_chunk_size must be >= 1 and critic_warmup >= 0")
+        if target_backup not in TARGET_BACKUPS:
+            raise ValueError(f"target_backup must be one of {TARGET_BACKUPS}, got {target_backup!r}")
+        if answer_memory < 0 or (answer_memory and target_backup != "optimal_tree"):
+            raise ValueError("answer_memory (>= 0) feeds the optimal_tree backup: set target_backup: optimal_tree or "
+                             f"answer_memory: 0 (got {answer_memory} with {target_backup!r})")
+        if target_backup == "optimal_tree" and replay_capacity:
+            raise ValueError("the optimal_tree backup brings past answers back through answer_memory; set "
+                             "replay_capacity: 0 and replay_rows: 0 (critic replay follows the policy backup)")
         if critic_warmup_steps is not None and critic_warmup_steps < 1:
             raise ValueError(f"critic_warmup_steps must be >= 1 (or null), got {critic_warmup_steps}")
         if replay_capacity < 0 or replay_rows < 0 or (replay_rows > 0) != (replay_capacity > 0):
@@ -154,6 +179,7 @@ class ETPOModule(AgentModule):
         # checkpoints)
         self.reward_sum, self.reward_count, self.episode_length = 0.0, 0, None
         self.replay = TransitionReplay(replay_capacity)
+        self.memory = AnswerMemory(answer_memory)
         self.policy_lr_scheduler = policy_lr_scheduler
         self.critic_lr_scheduler = critic_lr_scheduler
 
@@ -201,6 +227,8 @@ class ETPOModule(AgentModule):
         replaying = len(self.replay) > 0
         targets = self.run_forward(self.compute_targets, batch, plan, None, hp.replay_capacity > 0)  # 1.
         replayed = self.run_forward(self.replayed_targets, batch) if replaying else None
+        if hp.target_backup == "optimal_tree":  # the batch's targets from its trees (and the stored answers')
+            replayed = self.run_forward(self.tree_backup, batch, targets)
         charts = dict(targets.charts)
         warmup = self.policy_version < hp.critic_warmup
         steps = hp.critic_warmup_steps if warmup and hp.critic_warmup_steps is not None else hp.critic_steps
@@ -208,10 +236,14 @@ class ETPOModule(AgentModule):
             charts.update(self.optimizer_step_on(optimizers["critic"], self.critic_loss, batch, train_plan, targets,
                                                  replayed))
         if hp.train_policy and not (warmup and hp.warmup_freezes_policy):  # 3.
-            charts.update(self.optimizer_step_on(optimizers["policy"], self.policy_loss, batch, train_plan, targets))
+            for _ in range(hp.policy_steps):
+                charts.update(self.optimizer_step_on(optimizers["policy"], self.policy_loss, batch, train_plan,
+                                                     targets))
         polyak_update_sharded(self.model, hp.polyak, self.root_model())  # 4.
         if hp.replay_capacity:
             self.replay.add_batch(batch, targets.behaviour_log_probs, self.policy_version)
+        if hp.answer_memory:
+            self.memory.add(stored_transitions(batch, None, self.policy_version))
         return charts
 
     def update_reward_baseline(self, batch: RolloutBatch) -> None:
@@ -267,6 +299,42 @@ class ETPOModule(AgentModule):
         return past, self.plan(past, next_prompts=False), targets
 
     @torch.no_grad()
+    def tree_backup(self, batch: RolloutBatch, t: _Targets) -> Optional[tuple]:
+        """The ``optimal_tree`` targets (docs/method.md, section 4a): the batch's answers and the stored answers for
+        its prompts form one prefix tree per prompt; every token's target becomes the soft-optimal value of its best
+        known continuations (:func:`~modules.losses.etpo.tree_targets`), each answer's leaf its own Eq. 6 last-token
+        target ``r - b + gamma (1 - done) V(s')`` (the stored answers' recomputed now, under the current policy and
+        target network). Rewrites ``t.targets`` in place; returns the stored answers as ``(batch, plan, targets)``
+        for the critic to regress as well, or None when there are none."""
+        recalled = self.memory.recall(batch) if self.hparams.answer_memory else []
+        parts = [(batch, t)]
+        remembered = None
+        if recalled:
+            past = stored_batch(recalled, batch)
+            past_targets = self.compute_targets(past, self.plan(past))
+            parts.append((past, past_targets))
+            remembered = (past, self.plan(past, next_prompts=False), past_targets)
+        groups, actions, log_ref, leaves, where = [], [], [], [], []
+        for k, (b, targets) in enumerate(parts):
+            pm, am = b.prompt_mask.cpu().bool(), b.action_mask.cpu().bool()
+            lengths = am.long().sum(1).tolist()
+            log_ref_rows = targets.log_ref_taken.cpu().tolist()
+            for i, (prompt, m, n) in enumerate(zip(b.prompt_ids.cpu(), pm, lengths)):
+                groups.append(tuple(prompt[m].tolist()))
+                actions.append(b.action_ids[i, :n].cpu().tolist())
+                log_ref.append(log_ref_rows[i][:n])
+                leaves.append(float(targets.leaf_values[i]))
+                where.append((k, i, n))
+        rows = tree_targets(groups, actions, log_ref, leaves, self.hparams.beta)
+        for (k, i, n), row in zip(where, rows):
+            targets = parts[k][1]
+            targets.targets[i, :n] = torch.tensor(row, dtype=targets.targets.dtype, device=targets.targets.device)
+        mask = batch.action_mask.float()
+        t.charts["charts/target_mean"] = float((t.targets * mask).sum()) / float(mask.sum().clamp(min=1))
+        t.charts["charts/remembered_answers"] = float(len(recalled))
+        return remembered
+
+    @torch.no_grad()
     def compute_targets(self, batch: RolloutBatch, plan: ScoringPlan,
                         replayed: Optional[torch.Tensor] = None, record_behaviour: bool = False) -> _Targets:
         """Step 1: per-token soft values under (target Q, current policy, reference), the traces, and the
@@ -281,8 +349,8 @@ class ETPOModule(AgentModule):
         h_target, x_target = m.plan_hidden("target", plan)
         h_policy, x_policy = m.plan_hidden("policy", plan)
         shape = mask.shape
-        values, target_q_taken, ref_taken, log_pi, log_mu = (torch.zeros(shape, device=mask.device)
-                                                             for _ in range(5))
+        values, target_q_taken, ref_taken, log_pi, log_mu, log_ref_taken = (torch.zeros(shape, device=mask.device)
+                                                                            for _ in range(6))
         correct = hp.td_lambda > 0 and hp.trace_correction and not batch.sampling.samples_from_the_policy
         record = correct or record_behaviour
         kl_sum = ent_sum = 0.0
@@ -295,6 +363,7 @@ class ETPOModule(AgentModule):
             values[:, sl] = v
             target_q_taken[:, sl] = q_target.gather(-1, taken).squeeze(-1)
             ref_taken[:, sl] = ref_logits.gather(-1, taken).squeeze(-1)
+            log_ref_taken[:, sl] = torch.log_softmax(ref_logits, -1).gather(-1, taken).squeeze(-1)
             log_pi[:, sl] = torch.log_softmax(pi_logits, -1).gather(-1, taken).squeeze(-1)
             if record:
                 s = batch.sampling
@@ -321,9 +390,11 @@ class ETPOModule(AgentModule):
             charts["charts/trace_mean"] = float((traces * mask).sum()) / n
         if hp.reward_baseline is not None:
             charts["charts/reward_baseline"] = self.reward_shift
+        leaf_values = rewards + hp.gamma * (1.0 - batch.dones.float()) * next_values  # Eq. 6, the last token
         return _Targets(targets=targets, ref_taken=ref_taken, ref_hidden=h_ref.detach(), values=values,
                         target_q_taken=target_q_taken, traces=traces, charts=charts,
-                        behaviour_log_probs=log_mu if record else None)
+                        behaviour_log_probs=log_mu if record else None, log_ref_taken=log_ref_taken,
+                        leaf_values=leaf_values)
 
     def _next_state_values(self, batch: RolloutBatch, first_row_values: torch.Tensor, x_ref, x_target,
                            x_policy) -> torch.Tensor:
@@ -389,6 +460,8 @@ class ETPOModule(AgentModule):
         super().on_save_checkpoint(checkpoint)
         if self.hparams.replay_capacity:
             checkpoint["replay"] = self.replay.state_dict()
+        if self.hparams.answer_memory:
+            checkpoint["answer_memory"] = self.memory.state_dict()
         if self.hparams.reward_baseline is not None:
             checkpoint["reward_baseline"] = {"sum": self.reward_sum, "count": self.reward_count,
                                              "episode_length": self.episode_length}
@@ -397,6 +470,8 @@ class ETPOModule(AgentModule):
         super().on_load_checkpoint(checkpoint)
         if "replay" in checkpoint:
             self.replay.load_state_dict(checkpoint["replay"])
+        if "answer_memory" in checkpoint:
+            self.memory.load_state_dict(checkpoint["answer_memory"])
         if "reward_baseline" in checkpoint:
             self.reward_sum = float(checkpoint["reward_baseline"]["sum"])
             self.reward_count = int(checkpoint["reward_baseline"]["count"])

@@ -28,7 +28,7 @@ import torch
 
 from datamodules.batch import RolloutBatch, RolloutMetrics, pad_rows
 
-__all__ = ["StoredTransition", "TransitionReplay"]
+__all__ = ["AnswerMemory", "StoredTransition", "TransitionReplay", "stored_batch", "stored_transitions"]
 
 
 @dataclass
@@ -60,28 +60,8 @@ class TransitionReplay:
     def add_batch(self, batch: RolloutBatch, behaviour_log_probs: torch.Tensor, policy_version: int) -> None:
         """Store every transition of a fresh batch; ``behaviour_log_probs [B, L]`` are ``log mu`` of its taken tokens
         (the sampling distribution, temperature and top-k included)."""
-        if not self.capacity:
-            return
-        pm, am = batch.prompt_mask.cpu().bool(), batch.action_mask.cpu().bool()
-        prompts = [row[m].tolist() for row, m in zip(batch.prompt_ids.cpu(), pm)]
-        next_rows = {}
-        if batch.next_needed.numel():
-            nm = batch.next_prompt_mask.cpu().bool()
-            for k, b in enumerate(batch.next_needed.cpu().tolist()):
-                next_rows[b] = batch.next_prompt_ids[k].cpu()[nm[k]].tolist()
-        log_mu = behaviour_log_probs.detach().float().cpu()
-        dones = batch.dones.cpu()
-        for b in range(len(batch)):
-            n = int(am[b].sum())
-            nxt = None
-            if not bool(dones[b]):
-                j = int(batch.next_index[b])
-                nxt = prompts[j] if j >= 0 else next_rows.get(b)
-            self.items.append(StoredTransition(
-                prompt=prompts[b], action=batch.action_ids[b, :n].cpu().tolist(),
-                behaviour_log_probs=log_mu[b, :n].tolist(), reward=float(batch.rewards[b]),
-                terminated=bool(batch.terminated[b]), truncated=bool(batch.truncated[b]), next_prompt=nxt,
-                policy_version=int(policy_version)))
+        if self.capacity:
+            self.items.extend(stored_transitions(batch, behaviour_log_probs, policy_version))
 
     def sample(self, n: int, seed: int, like: RolloutBatch) -> Optional[tuple[RolloutBatch, torch.Tensor]]:
         """``n`` stored transitions drawn uniformly without replacement (``random.Random(seed)``: a resumed run draws
@@ -91,26 +71,11 @@ class TransitionReplay:
         if not len(self) or n < 1:
             return None
         picked = random.Random(seed).sample(list(self.items), min(n, len(self.items)))
-        prompt_ids, prompt_mask = pad_rows([t.prompt for t in picked], "left")
-        action_ids, action_mask = pad_rows([t.action for t in picked], "right")
-        log_mu = torch.zeros(action_ids.shape, dtype=torch.float32)
+        batch = stored_batch(picked, like)
+        log_mu = torch.zeros(batch.action_ids.shape, dtype=torch.float32)
         for i, t in enumerate(picked):
             log_mu[i, : len(t.behaviour_log_probs)] = torch.tensor(t.behaviour_log_probs)
-        going_on = [i for i, t in enumerate(picked) if t.next_prompt is not None]
-        next_ids, next_mask = pad_rows([picked[i].next_prompt for i in going_on], "left") if going_on else (None, None)
-        rewards = torch.tensor([t.reward for t in picked], dtype=torch.float32)
-        batch = RolloutBatch(
-            prompt_ids=prompt_ids, prompt_mask=prompt_mask, action_ids=action_ids, action_mask=action_mask,
-            rewards=rewards, terminated=torch.tensor([t.terminated for t in picked]),
-            truncated=torch.tensor([t.truncated for t in picked]),
-            next_index=torch.full((len(picked),), -1, dtype=torch.long),
-            next_needed=torch.tensor(going_on, dtype=torch.long),
-            env_index=torch.full((len(picked),), -1, dtype=torch.long),
-            episode_step=torch.zeros(len(picked), dtype=torch.long),
-            runnable=rewards > -1.0, policy_version=like.policy_version, sampling=like.sampling,
-            metrics=RolloutMetrics(float(rewards.mean()), float(rewards.max()), 0.0, 0.0, 0.0, 0.0),
-            next_prompt_ids=next_ids, next_prompt_mask=next_mask)
-        return batch.to(like.device), log_mu.to(like.device)
+        return batch, log_mu.to(like.device)
 
     def state_dict(self) -> dict:
         return {"capacity": self.capacity, "items": [asdict(t) for t in self.items]}
@@ -119,3 +84,103 @@ class TransitionReplay:
         self.items.clear()
         for item in state.get("items", []):
             self.items.append(StoredTransition(**item))
+
+
+def stored_batch(picked: list[StoredTransition], like: RolloutBatch) -> RolloutBatch:
+    """Stored transitions as a batch of their own -- no links between rows, every next state that goes on as a next
+    prompt -- with the sampling settings, policy version and device of the fresh batch ``like``."""
+    prompt_ids, prompt_mask = pad_rows([t.prompt for t in picked], "left")
+    action_ids, action_mask = pad_rows([t.action for t in picked], "right")
+    going_on = [i for i, t in enumerate(picked) if t.next_prompt is not None]
+    next_ids, next_mask = pad_rows([picked[i].next_prompt for i in going_on], "left") if going_on else (None, None)
+    rewards = torch.tensor([t.reward for t in picked], dtype=torch.float32)
+    batch = RolloutBatch(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask, action_ids=action_ids, action_mask=action_mask,
+        rewards=rewards, terminated=torch.tensor([t.terminated for t in picked]),
+        truncated=torch.tensor([t.truncated for t in picked]),
+        next_index=torch.full((len(picked),), -1, dtype=torch.long),
+        next_needed=torch.tensor(going_on, dtype=torch.long),
+        env_index=torch.full((len(picked),), -1, dtype=torch.long),
+        episode_step=torch.zeros(len(picked), dtype=torch.long),
+        runnable=rewards > -1.0, policy_version=like.policy_version, sampling=like.sampling,
+        metrics=RolloutMetrics(float(rewards.mean()), float(rewards.max()), 0.0, 0.0, 0.0, 0.0),
+        next_prompt_ids=next_ids, next_prompt_mask=next_mask)
+    return batch.to(like.device)
+
+
+def stored_transitions(batch: RolloutBatch, behaviour_log_probs: Optional[torch.Tensor],
+                       policy_version: int) -> list[StoredTransition]:
+    """The transitions of a fresh batch as token ids (``behaviour_log_probs [B, L]``: log mu of the taken tokens,
+    or None to store none)."""
+    pm, am = batch.prompt_mask.cpu().bool(), batch.action_mask.cpu().bool()
+    prompts = [row[m].tolist() for row, m in zip(batch.prompt_ids.cpu(), pm)]
+    next_rows = {}
+    if batch.next_needed.numel():
+        nm = batch.next_prompt_mask.cpu().bool()
+        for k, b in enumerate(batch.next_needed.cpu().tolist()):
+            next_rows[b] = batch.next_prompt_ids[k].cpu()[nm[k]].tolist()
+    log_mu = behaviour_log_probs.detach().float().cpu() if behaviour_log_probs is not None else None
+    dones = batch.dones.cpu()
+    out = []
+    for b in range(len(batch)):
+        n = int(am[b].sum())
+        nxt = None
+        if not bool(dones[b]):
+            j = int(batch.next_index[b])
+            nxt = prompts[j] if j >= 0 else next_rows.get(b)
+        out.append(StoredTransition(
+            prompt=prompts[b], action=batch.action_ids[b, :n].cpu().tolist(),
+            behaviour_log_probs=log_mu[b, :n].tolist() if log_mu is not None else [],
+            reward=float(batch.rewards[b]), terminated=bool(batch.terminated[b]), truncated=bool(batch.truncated[b]),
+            next_prompt=nxt, policy_version=int(policy_version)))
+    return out
+
+
+class AnswerMemory:
+    """The best distinct answers written for each prompt, for the soft-optimal tree backup (docs/method.md, section
+    4a): per prompt at most ``per_prompt`` answers (the highest rewards; an answer written again is kept once), for
+    the ``max_prompts`` prompts seen last. Rewards are a function of the answer (the data-science env's reward is
+    deterministic), so a stored answer's reward stays true; its targets are recomputed whenever it is used.
+    """
+
+    def __init__(self, per_prompt: int, max_prompts: int = 64):
+        if per_prompt < 0 or max_prompts < 1:
+            raise ValueError(f"answer memory: per_prompt must be >= 0 and max_prompts >= 1, got {per_prompt}, "
+                             f"{max_prompts}")
+        self.per_prompt, self.max_prompts = int(per_prompt), int(max_prompts)
+        self.prompts: dict[tuple, list[StoredTransition]] = {}  # insertion order = last seen
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.prompts.values())
+
+    def add(self, transitions: list[StoredTransition]) -> None:
+        if not self.per_prompt:
+            return
+        for t in transitions:
+            key = tuple(t.prompt)
+            kept = self.prompts.pop(key, [])
+            if all(k.action != t.action for k in kept):
+                kept.append(t)
+                kept.sort(key=lambda k: -k.reward)  # stable: the earliest of equal rewards stays first
+                del kept[self.per_prompt:]
+            self.prompts[key] = kept  # re-inserted: most recently seen last
+            while len(self.prompts) > self.max_prompts:
+                self.prompts.pop(next(iter(self.prompts)))
+
+    def recall(self, batch: RolloutBatch) -> list[StoredTransition]:
+        """The stored answers for the prompts of ``batch`` that the batch did not write again itself."""
+        pm, am = batch.prompt_mask.cpu().bool(), batch.action_mask.cpu().bool()
+        fresh: dict[tuple, set] = {}
+        for prompt, action, m, n in zip(batch.prompt_ids.cpu(), batch.action_ids.cpu(), pm, am.long().sum(1)):
+            fresh.setdefault(tuple(prompt[m].tolist()), set()).add(tuple(action[: int(n)].tolist()))
+        return [t for key, written in fresh.items() for t in self.prompts.get(key, [])
+                if tuple(t.action) not in written]
+
+    def state_dict(self) -> dict:
+        return {"per_prompt": self.per_prompt, "items": [asdict(t) for v in self.prompts.values() for t in v]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.prompts.clear()
+        for item in state.get("items", []):
+            t = StoredTransition(**item)
+            self.prompts.setdefault(tuple(t.prompt), []).append(t)

@@ -1,0 +1,103 @@
+"""ETPO's soft-optimal tree backup in the module (target_backup: optimal_tree, answer_memory; docs/method.md 4a):
+the batch's targets are tree_targets of its answers -- with log pi_bar from a plain forward of the reference and
+leaves from the rewards -- the stored answers of its prompts join the trees and the critic's regression, and the
+memory survives a checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_backbone
+from modules.etpo import ETPOModule
+from modules.losses.etpo import tree_targets
+from test_etpo_module import _batch
+
+
+def _module(**kw):
+    torch.manual_seed(0)
+    module = ETPOModule(backbone=tiny_backbone(), beta=0.2, gamma=0.9, q_parameterisation="zero", token_chunk_size=2,
+                        target_backup="optimal_tree", **kw)
+    module.configure_model()
+    with torch.no_grad():
+        for name, p in module.model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return module
+
+
+def _rows(batch):
+    lengths = batch.action_mask.sum(1).tolist()
+    prompts = [tuple(p[m.bool()].tolist()) for p, m in zip(batch.prompt_ids, batch.prompt_mask)]
+    return prompts, [batch.action_ids[i, :n].tolist() for i, n in enumerate(lengths)], lengths
+
+
+def _plain_log_ref(module, batch):
+    m = module.model
+    args = (batch.prompt_ids, batch.prompt_mask, batch.action_ids, batch.action_mask)
+    with torch.no_grad():
+        ref = torch.log_softmax(m.head(m.action_hidden("reference", *args, share_prefixes=False)), -1)
+    return ref.gather(-1, batch.action_ids.unsqueeze(-1)).squeeze(-1)
+
+
+def test_the_batch_targets_are_the_tree_backup_of_its_answers():
+    module = _module()
+    batch = _batch(module)  # toy env: every row answers the same prompt and ends its episode (leaf = its reward)
+    prompts, actions, lengths = _rows(batch)
+    assert len(set(prompts)) == 1 and len({tuple(a) for a in actions}) > 2
+    t = module.compute_targets(batch, module.plan(batch))
+    assert module.tree_backup(batch, t) is None  # no memory: nothing else to regress
+    log_ref = _plain_log_ref(module, batch)
+    want = tree_targets(prompts, actions, [log_ref[i, :n].tolist() for i, n in enumerate(lengths)],
+                        batch.rewards.tolist(), module.hparams.beta)
+    for i, n in enumerate(lengths):
+        assert t.targets[i, :n].tolist() == pytest.approx(want[i], abs=1e-5)
+        assert float(t.targets[i, n - 1]) == pytest.approx(float(batch.rewards[i]), abs=1e-6)  # the last token
+        assert float(t.targets[i, n:].abs().sum()) == 0.0  # padding stays zero
+
+
+def test_stored_answers_join_the_trees_and_the_critic_regression():
+    module = _module(answer_memory=3)
+    first, second = _batch(module, seed=0), _batch(module, seed=1)
+    with module.without_trainer():
+        module.learn(first)
+    _, first_actions, _ = _rows(first)
+    stored = module.memory.prompts[next(iter(module.memory.prompts))]
+    # the three best distinct answers of the first batch, best first
+    best = sorted({tuple(a): float(r) for a, r in zip(first_actions, first.rewards)}.items(), key=lambda kv: -kv[1])
+    assert [s.reward for s in stored] == pytest.approx([r for _, r in best[:3]])
+    t = module.compute_targets(second, module.plan(second))
+    remembered = module.tree_backup(second, t)
+    prompts, actions, lengths = _rows(second)
+    recalled = [s for s in stored if s.action not in actions]
+    assert remembered is not None and len(remembered[0]) == len(recalled) > 0
+    past, _, past_targets = remembered
+    past_log_ref = _plain_log_ref(module, past)
+    log_ref = _plain_log_ref(module, second)
+    rows = ([log_ref[i, :n].tolist() for i, n in enumerate(lengths)]
+            + [past_log_ref[i, : len(s.action)].tolist() for i, s in enumerate(recalled)])
+    want = tree_targets(prompts + [tuple(s.prompt) for s in recalled], actions + [s.action for s in recalled], rows,
+                        second.rewards.tolist() + [s.reward for s in recalled], module.hparams.beta)
+    for i, n in enumerate(lengths):
+        assert t.targets[i, :n].tolist() == pytest.approx(want[i], abs=1e-5)
+    for i, s in enumerate(recalled):
+        assert past_targets.targets[i, : len(s.action)].tolist() == pytest.approx(want[len(lengths) + i], abs=1e-5)
+    # the stored answers are regressed with the fresh ones: one mean over both sets of tokens
+    loss, _ = module.critic_loss(second, module.plan(second, next_prompts=False), t, remembered)
+    fresh_only, _ = module.critic_loss(second, module.plan(second, next_prompts=False), t)
+    assert float(loss.detach()) != pytest.approx(float(fresh_only.detach()))
+    # and the memory is part of a checkpoint
+    state = {}
+    module.on_save_checkpoint(state)
+    restored = _module(answer_memory=3)
+    restored.on_load_checkpoint(state)
+    assert restored.memory.state_dict() == module.memory.state_dict()
+
+
+def test_the_tree_backup_refuses_what_it_does_not_combine_with():
+    with pytest.raises(ValueError, match="answer_memory"):
+        ETPOModule(backbone=tiny_backbone(), answer_memory=4)  # the memory feeds the tree backup only
+    with pytest.raises(ValueError, match="replay_capacity"):
+        ETPOModule(backbone=tiny_backbone(), target_backup="optimal_tree", replay_capacity=8, replay_rows=2)
+    with pytest.raises(ValueError, match="target_backup"):
+        ETPOModule(backbone=tiny_backbone(), target_backup="greedy")
