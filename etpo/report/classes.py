@@ -1,0 +1,236 @@
+"""What a run learns to write: answer classes per batch, and the views' readings where the classes part.
+
+    python -m etpo.report.classes docs/results/learning_v3 --dataset balance_scale --out docs/results/soft_optimal
+
+For every run ``<folder>/runs/<contender>/<dataset>/seed<k>``: the classes of its answers per batch (the estimator
+the code builds; from ``history.jsonl``'s ``classes`` where the run recorded them, else parsed from its
+``samples.jsonl(.gz)`` with :func:`envs.datascience.extract.answer_class`) and, where the answer-class probe ran
+(:mod:`etpo.probe`), the readings at the token where the most frequent class and the best class part. Writes
+
+* ``class_shares_<dataset>.png``: per contender, each class's share of the runnable answers and the failures' share,
+  per batch, pooled over seeds;
+* ``choice_<dataset>.png``: per run with probe readings, pi_theta, pi_bar and pi* of the two sides' tokens at that
+  parting, per batch;
+* ``classes_<dataset>.md``: the shares as a table, and each run's classes in its last quarter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["run_classes", "pooled_shares", "choice_series", "write_class_report", "main"]
+
+FAILED = "(failed)"
+
+
+def _samples(run: Path) -> list[dict]:
+    for name, opener in (("samples.jsonl", open), ("samples.jsonl.gz", gzip.open)):
+        path = run / name
+        if path.is_file():
+            with opener(path, "rt") as fh:
+                return [json.loads(line) for line in fh if line.strip()]
+    return []
+
+
+def _history(run: Path) -> list[dict]:
+    path = run / "history.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_classes(run: Path) -> list[Counter]:
+    """Per batch, a Counter of the run's answers by category: the class of an answer that ran, :data:`FAILED` for
+    one that did not."""
+    history = _history(run)
+    if history and all("classes" in h for h in history):
+        out = []
+        for h in history:
+            c = Counter()
+            for name, entry in h["classes"].items():
+                if entry["runnable"]:
+                    c[name] += entry["runnable"]
+                if entry["n"] - entry["runnable"]:
+                    c[FAILED] += entry["n"] - entry["runnable"]
+            out.append(c)
+        return out
+    from envs.datascience.extract import answer_class, extract_function
+
+    per_batch: dict[int, Counter] = defaultdict(Counter)
+    for s in _samples(run):
+        name = answer_class(extract_function(s.get("text", "")).code) if s.get("status") == "ok" else FAILED
+        per_batch[int(s["batch"])][name] += 1
+    return [per_batch[b] for b in sorted(per_batch)]
+
+
+def pooled_shares(runs: list[Path]) -> tuple[list[str], list[dict[str, float]]]:
+    """Per batch, each category's share of all answers, pooled over ``runs``; the categories ordered by their
+    total count (failures last)."""
+    series = [run_classes(r) for r in runs]
+    total: Counter = Counter()
+    for s in series:
+        for c in s:
+            total.update(c)
+    names = [n for n, _ in total.most_common() if n != FAILED] + ([FAILED] if FAILED in total else [])
+    batches = max((len(s) for s in series), default=0)
+    shares = []
+    for b in range(batches):
+        c = Counter()
+        for s in series:
+            if b < len(s):
+                c.update(s[b])
+        n = sum(c.values())
+        shares.append({name: c[name] / n for name in names} if n else {})
+    return names, shares
+
+
+def choice_series(run: Path) -> Optional[dict]:
+    """The probe's readings at the token where the run's most frequent class of the last batch and its best class
+    part, per batch: ``{"position", "context", "classes": (frequent, best), "tokens", "batches", "pi", "pi_ref",
+    "pi_optimal", "q"}`` with one list per side; None without probe readings or without such a parting."""
+    history = [h for h in _history(run) if h.get("choice")]
+    if not history:
+        return None
+    last = history[-1]["choice"]
+    frequent, best = last["frequent"], last["best"]
+    if frequent == best:  # the run settled on its best class: show where the runner-up parts from it
+        ranked = sorted(last["classes"], key=lambda c: (-last["classes"][c]["runnable"], -last["classes"][c]["reward"]))
+        others = [c for c in ranked if c != best]
+        if not others:
+            return None
+        frequent = others[0]
+    out = {"classes": (frequent, best), "batches": [], "tokens": None, "position": None, "context": None}
+    for key in ("pi", "pi_ref", "pi_optimal", "q"):
+        out[key] = ([], [])
+    for h in history:
+        choice = next((c for c in h["choice"]["choices"]
+                       if frequent in c["options"] and best in c["options"]
+                       and c["options"][frequent]["token"] != c["options"][best]["token"]), None)
+        if choice is None:
+            continue
+        out["batches"].append(h["batch"])
+        out["position"], out["context"] = choice["position"], choice["context"]
+        out["tokens"] = (choice["options"][frequent]["token"], choice["options"][best]["token"])
+        for key in ("pi", "pi_ref", "pi_optimal", "q"):
+            for side, name in enumerate((frequent, best)):
+                out[key][side].append(choice["options"][name].get(key, float("nan")))
+    return out if out["batches"] else None
+
+
+def _runs(folder: Path, dataset: str, contenders: Optional[list[str]]) -> dict[str, list[Path]]:
+    root = folder / "runs"
+    found: dict[str, list[Path]] = {}
+    for run in sorted(root.glob(f"*/{dataset}/seed*")):
+        contender = run.parent.parent.name
+        if contenders is None or contender in contenders:
+            found.setdefault(contender, []).append(run)
+    if contenders is not None:
+        found = {c: found[c] for c in contenders if c in found}
+    return found
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_class_report(folder: Path, dataset: str, out: Path, contenders: Optional[list[str]] = None,
+                       top: int = 4) -> list[Path]:
+    """The class-share figure, the choice figure (where probe readings exist) and the table; returns the paths."""
+    runs = _runs(folder, dataset, contenders)
+    if not runs:
+        raise SystemExit(f"etpo.report.classes: no runs of {dataset} under {folder / 'runs'}")
+    out.mkdir(parents=True, exist_ok=True)
+    plt = _plt()
+    written = []
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.4), sharey=True, squeeze=False)
+    lines = [f"# Answer classes on {dataset}", "",
+             "Share of all answers per batch, pooled over the seeds (a class counts its answers that ran; "
+             f"`{FAILED}`: the answers that did not run).", ""]
+    for ax, (contender, paths) in zip(axes[0], runs.items()):
+        names, shares = pooled_shares(paths)
+        shown = [n for n in names if n != FAILED][:top]
+        batches = list(range(1, len(shares) + 1))
+        stack = [[s.get(n, 0.0) for s in shares] for n in shown]
+        rest = [sum(v for k, v in s.items() if k not in shown and k != FAILED) for s in shares]
+        failed = [s.get(FAILED, 0.0) for s in shares]
+        ax.stackplot(batches, *stack, rest, failed, labels=shown + ["other runnable", "failed"],
+                     colors=[f"C{i}" for i in range(len(shown))] + ["0.75", "0.35"])
+        ax.set_title(f"{contender} ({len(paths)} seeds)")
+        ax.set_xlabel("batch")
+        ax.set_xlim(1, max(batches) if batches else 1)
+        lines += [f"## {contender} ({len(paths)} seeds)", "",
+                  "| batch | " + " | ".join(shown + ["other runnable", "failed"]) + " |",
+                  "|---" * (len(shown) + 3) + "|"]
+        for b, s in enumerate(shares, start=1):
+            row = [s.get(n, 0.0) for n in shown] + [rest[b - 1], failed[b - 1]]
+            lines.append(f"| {b} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+        lines.append("")
+    axes[0][0].set_ylabel("share of the batch's answers")
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    path = out / f"class_shares_{dataset}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+
+    readings = [(c, p, choice_series(p)) for c, paths in runs.items() for p in paths]
+    readings = [r for r in readings if r[2] is not None]
+    if readings:
+        fig, axes = plt.subplots(1, len(readings), figsize=(4.2 * len(readings), 3.4), squeeze=False)
+        lines += ["## Where the classes part (answer-class probe)", "",
+                  "| run | classes (frequent / best) | tokens | batch | pi | pi_ref | pi* | Q |", "|---" * 8 + "|"]
+        for ax, (contender, path, series) in zip(axes[0], readings):
+            for side, style in ((0, "-"), (1, "--")):
+                name, tok = series["classes"][side], series["tokens"][side]
+                ax.plot(series["batches"], series["pi"][side], style, color="C0", label=f"pi   {tok!r} ({name})")
+                ax.plot(series["batches"], series["pi_optimal"][side], style, color="C3",
+                        label=f"pi*  {tok!r} ({name})")
+                ax.plot(series["batches"], series["pi_ref"][side], style, color="0.6", label=f"pi_ref {tok!r}")
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_xlabel("batch")
+            ax.set_title(f"{contender} {path.name}: token {series['position']}", fontsize=9)
+            ax.legend(fontsize=6, loc="best")
+            for k, b in enumerate(series["batches"]):
+                lines.append(
+                    f"| {contender} {path.name} | {series['classes'][0]} / {series['classes'][1]} | "
+                    f"{series['tokens'][0]!r} / {series['tokens'][1]!r} | {b} | "
+                    + " | ".join(f"{series[key][0][k]:.3f} / {series[key][1][k]:.3f}"
+                                 for key in ("pi", "pi_ref", "pi_optimal", "q")) + " |")
+        fig.tight_layout()
+        path = out / f"choice_{dataset}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+        lines.append("")
+    md = out / f"classes_{dataset}.md"
+    md.write_text("\n".join(lines) + "\n")
+    written.append(md)
+    return written
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m etpo.report.classes", description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", type=Path, help="a benchmark folder (its runs/<contender>/<dataset>/seed<k>)")
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--out", type=Path, default=None, help="where to write (default: the folder)")
+    parser.add_argument("--contenders", default=None, help="comma-separated, in this order (default: all)")
+    parser.add_argument("--top", type=int, default=4, help="classes drawn by name (the rest as 'other runnable')")
+    args = parser.parse_args(argv)
+    contenders = args.contenders.split(",") if args.contenders else None
+    for path in write_class_report(args.folder, args.dataset, args.out or args.folder, contenders, args.top):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

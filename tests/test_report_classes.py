@@ -1,0 +1,65 @@
+"""etpo.report.classes: answer-class shares per batch (from history.jsonl, or parsed from samples) pooled over
+seeds, and the probe's readings at the parting token, on a small hand-written benchmark folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from etpo.report.classes import FAILED, choice_series, pooled_shares, run_classes, write_class_report
+
+FOREST = ("\n    from sklearn.ensemble import RandomForestClassifier\n"
+          "    return RandomForestClassifier().fit(x_train, y_train)")
+LOGREG = "\n    from sklearn.linear_model import LogisticRegression\n    return LogisticRegression().fit(x_train, y_train)"
+
+
+def _write(run, history=None, samples=None):
+    run.mkdir(parents=True)
+    if history is not None:
+        (run / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    if samples is not None:
+        (run / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+
+
+def _choice(batch, pi_forest, pi_logreg):
+    def option(tok, pi):
+        return {"token": tok, "pi": pi, "pi_ref": 0.3, "pi_optimal": 1 - pi, "q": pi}
+
+    return {"batch": batch, "frequent": "RandomForestClassifier", "best": "LogisticRegression",
+            "classes": {"RandomForestClassifier": {"runnable": True, "reward": 0.8},
+                        "LogisticRegression": {"runnable": True, "reward": 0.95}},
+            "choices": [{"position": 11, "context": "Classifier\n   ", "options": {
+                "RandomForestClassifier": option(" clf", pi_forest), "LogisticRegression": option(" from", pi_logreg)}}]}
+
+
+def test_class_shares_and_choice_readings(tmp_path):
+    root = tmp_path / "bench" / "runs" / "etpo" / "balance_scale"
+    # seed 0 recorded its classes (and the probe's readings); seed 1 is an older run with samples only
+    _write(root / "seed0", history=[
+        {"batch": 1, "classes": {"RandomForestClassifier": {"n": 2, "runnable": 1, "mean_reward": -0.1},
+                                 "LogisticRegression": {"n": 1, "runnable": 1, "mean_reward": 0.95}},
+         "choice": _choice(1, 0.4, 0.3)},
+        {"batch": 2, "classes": {"RandomForestClassifier": {"n": 3, "runnable": 3, "mean_reward": 0.8}},
+         "choice": _choice(2, 0.7, 0.1)}])
+    _write(root / "seed1", history=[{"batch": 1}, {"batch": 2}], samples=[
+        {"batch": 1, "status": "ok", "text": LOGREG}, {"batch": 1, "status": "error", "text": LOGREG},
+        {"batch": 1, "status": "ok", "text": FOREST}, {"batch": 2, "status": "ok", "text": FOREST},
+        {"batch": 2, "status": "ok", "text": FOREST}, {"batch": 2, "status": "invalid-output", "text": "no"}])
+    assert run_classes(root / "seed1")[0] == {"LogisticRegression": 1, FAILED: 1, "RandomForestClassifier": 1}
+    names, shares = pooled_shares([root / "seed0", root / "seed1"])
+    assert names == ["RandomForestClassifier", "LogisticRegression", FAILED]
+    # batch 1: forest 1 + 1, logistic regression 1 + 1, failed 1 + 1 of 6 answers; batch 2: forest 3 + 2 of 6
+    assert shares[0] == pytest.approx({"RandomForestClassifier": 2 / 6, "LogisticRegression": 2 / 6, FAILED: 2 / 6})
+    assert shares[1] == pytest.approx({"RandomForestClassifier": 5 / 6, "LogisticRegression": 0.0, FAILED: 1 / 6})
+    series = choice_series(root / "seed0")
+    assert series["tokens"] == (" clf", " from") and series["batches"] == [1, 2]
+    assert series["pi"] == ([0.4, 0.7], [0.3, 0.1])
+    assert series["pi_optimal"][0] == pytest.approx([0.6, 0.3])
+    assert series["pi_optimal"][1] == pytest.approx([0.7, 0.9])
+    assert choice_series(root / "seed1") is None
+    written = write_class_report(tmp_path / "bench", "balance_scale", tmp_path / "out")
+    assert [p.name for p in written] == ["class_shares_balance_scale.png", "choice_balance_scale.png",
+                                         "classes_balance_scale.md"]
+    table = (tmp_path / "out" / "classes_balance_scale.md").read_text()
+    assert "| 1 | 0.33 | 0.33 | 0.00 | 0.33 |" in table and "' clf' / ' from' | 2 | 0.700 / 0.100" in table
