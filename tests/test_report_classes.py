@@ -11,7 +11,8 @@ from etpo.report.classes import FAILED, choice_series, pooled_shares, run_classe
 
 FOREST = ("\n    from sklearn.ensemble import RandomForestClassifier\n"
           "    return RandomForestClassifier().fit(x_train, y_train)")
-LOGREG = "\n    from sklearn.linear_model import LogisticRegression\n    return LogisticRegression().fit(x_train, y_train)"
+LOGREG = ("\n    from sklearn.linear_model import LogisticRegression\n"
+          "    return LogisticRegression().fit(x_train, y_train)")
 
 
 def _write(run, history=None, samples=None):
@@ -30,7 +31,8 @@ def _choice(batch, pi_forest, pi_logreg):
             "classes": {"RandomForestClassifier": {"runnable": True, "reward": 0.8},
                         "LogisticRegression": {"runnable": True, "reward": 0.95}},
             "choices": [{"position": 11, "context": "Classifier\n   ", "options": {
-                "RandomForestClassifier": option(" clf", pi_forest), "LogisticRegression": option(" from", pi_logreg)}}]}
+                "RandomForestClassifier": option(" clf", pi_forest),
+                "LogisticRegression": option(" from", pi_logreg)}}]}
 
 
 def test_class_shares_and_choice_readings(tmp_path):
