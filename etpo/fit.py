@@ -6,6 +6,8 @@ Lightning Trainer. Every run gets one directory (``--run_dir``, default ``runs/<
 ``config.yaml``, TensorBoard events, ``checkpoints/`` (``last.ckpt`` and the best by best reward), the adapters in
 peft format, ``history.jsonl``, ``best_code.py`` and ``summary.json``. ``--ckpt_path last`` resumes a run in its
 directory with step counters, optimizer state, target weights, best-reward record and environment budget intact.
+Kills, power losses and full disks leave every file a resume reads whole (etpo/run_files.py); a resume passes over a
+damaged checkpoint to the newest intact one, and a failed write stops the run with one line and exit code 74.
 
 Stopping: Ctrl-C or SIGTERM ends a run within seconds, also in the middle of a long update or while generated code
 runs (Lightning alone would only notice SIGTERM at the next batch boundary): the signal raises an interruption in
@@ -38,11 +40,14 @@ from typing import Any
 
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from modules.shared_base.fsdp import save_adapters_sharded
 from etpo.hardware import apply_hardware_fallback
 from etpo.probe import AnswerClassProbe
+from etpo.run_files import (AtomicCheckpointIO, RunWriteError, append_lines, format_size, inspect_checkpoint,
+                            intact_checkpoints, is_partial_write, read_jsonl, remove_partial_writes, write_atomic,
+                            writing)
 
 __all__ = ["ETPOCLI", "RunArtifacts", "RunInterrupted", "main", "contender_name", "sandbox_summary"]
 
@@ -209,6 +214,18 @@ class _StopCleanly(Callback):
         close_all_pools(final=isinstance(exception, KeyboardInterrupt))
 
 
+class _SaveConfig(SaveConfigCallback):
+    """LightningCLI's ``config.yaml``, written whole or not at all (etpo/run_files.py): etpo.benchmark reads it to
+    decide whether a run it resumes is still the run it asks for."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **{**kwargs, "save_to_log_dir": False})  # save_config below writes it instead
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        config = self.parser.dump(self.config, skip_none=False)
+        write_atomic(Path(self.config["run_dir"]) / self.config_filename, config)
+
+
 class _Checkpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint; a stop signal waits until this step's checkpoint is written."""
 
@@ -275,10 +292,7 @@ class RunArtifacts(Callback):
     def _write_summary(self, trainer: Trainer, finished: bool) -> None:
         if not trainer.is_global_zero or self._stats(trainer) is None:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.run_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(self.summary(trainer, finished), indent=2))
-        tmp.replace(self.run_dir / "summary.json")
+        write_atomic(self.run_dir / "summary.json", json.dumps(self.summary(trainer, finished), indent=2))
 
     def on_train_start(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
@@ -293,17 +307,22 @@ class RunArtifacts(Callback):
 
     def _trim_history(self) -> None:
         """After a crash between a batch's history line and its checkpoint, a resumed run redoes that batch: drop
-        the lines of batches the checkpoint does not contain."""
+        the lines of batches the checkpoint does not contain (all of a later one, when it resumes from an older
+        checkpoint), and a line that a kill cut short, with one notice; the resumed run writes them again."""
         for name in ("history.jsonl", "samples.jsonl"):
             path = self.run_dir / name
             if not path.is_file():
                 continue
-            lines = path.read_text().splitlines()
-            keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("batch", 0) <= self._batches_written]
-            if len(keep) != len(lines):
-                tmp = path.with_suffix(".jsonl.tmp")
-                tmp.write_text("".join(ln + "\n" for ln in keep))
-                tmp.replace(path)
+            records, bad, torn = read_jsonl(path)
+            keep = [text for text, record in records if record.get("batch", 0) <= self._batches_written]
+            if torn:
+                print(f"etpo.fit: {path}: dropped its last line (line {torn}), cut short by a write that did not "
+                      "finish; the resumed run writes its batch again", file=sys.stderr, flush=True)
+            if bad:
+                print(f"etpo.fit: {path}: dropped line{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}, "
+                      "not JSON records", file=sys.stderr, flush=True)
+            if torn or bad or len(keep) != len(records):
+                write_atomic(path, "".join(text + "\n" for text in keep))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         with _STOP.deferred():
@@ -331,15 +350,13 @@ class RunArtifacts(Callback):
         probe = next((c for c in trainer.callbacks if isinstance(c, AnswerClassProbe)), None)
         if probe is not None and probe.latest is not None and probe.latest["batch"] == stats.updates:
             line["choice"] = probe.latest  # where the classes part, as every view reads it (etpo/probe.py)
-        with open(self.run_dir / "history.jsonl", "a") as fh:
-            fh.write(json.dumps(line) + "\n")
-        with open(self.run_dir / "samples.jsonl", "a") as fh:
-            for sample in stats.batch_samples:
-                fh.write(json.dumps({"batch": stats.updates, **sample}) + "\n")
+        append_lines(self.run_dir / "history.jsonl", [json.dumps(line)])
+        append_lines(self.run_dir / "samples.jsonl",
+                     [json.dumps({"batch": stats.updates, **sample}) for sample in stats.batch_samples])
         if stats.best_reward > self._best_written:
             self._best_written = stats.best_reward
-            (self.run_dir / "best_code.py").write_text(
-                f"# best reward {stats.best_reward:.6f} at environment step {stats.best_env_step}\n{stats.best_code}\n")
+            write_atomic(self.run_dir / "best_code.py", f"# best reward {stats.best_reward:.6f} at environment step "
+                                                        f"{stats.best_env_step}\n{stats.best_code}\n")
         self._write_summary(trainer, finished=False)
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -348,14 +365,16 @@ class RunArtifacts(Callback):
 
     def _train_end(self, trainer, pl_module) -> None:
         if getattr(pl_module, "model", None) is not None:  # on every rank: gathering sharded adapters is collective
-            save_adapters_sharded(pl_module.model, self.run_dir / "adapters", trainer.strategy.model,
-                                  is_global_zero=trainer.is_global_zero)
+            with writing(self.run_dir / "adapters"):
+                save_adapters_sharded(pl_module.model, self.run_dir / "adapters", trainer.strategy.model,
+                                      is_global_zero=trainer.is_global_zero)
         self._write_summary(trainer, finished=True)
         if trainer.is_global_zero and self._stats(trainer) is not None:
             from etpo.report import plot_run_curve
 
             summary = self.summary(trainer, finished=True)
-            curve = plot_run_curve(summary, self.run_dir / "reward_curve.png")
+            with writing(self.run_dir / "reward_curve.png"):
+                curve = plot_run_curve(summary, self.run_dir / "reward_curve.png")
             print(self.summary_line(summary), flush=True)
             if curve is not None:
                 print(f"etpo.fit: reward curve: {curve}", flush=True)
@@ -407,20 +426,33 @@ class ETPOCLI(LightningCLI):
         trainer_cfg["default_root_dir"] = run_dir
         resuming = bool(cfg.get("ckpt_path"))
         ckpt_dir = Path(run_dir) / "checkpoints"
-        if not resuming and ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
+        # Refused here, before the Trainer and its logger exist: a refused run leaves the directory as it was
+        if not resuming and ckpt_dir.is_dir() and any(not is_partial_write(p) for p in ckpt_dir.iterdir()):
             raise ValueError(f"run directory {run_dir} already holds checkpoints: pass --ckpt_path last to resume it, "
                              "or --run_dir NEW_DIR for a new run")
+        if resuming:
+            cfg["ckpt_path"] = _checkpoint_to_resume(str(cfg["ckpt_path"]), ckpt_dir)
+        for folder in (Path(run_dir), ckpt_dir):  # what a killed write left is incomplete by construction
+            remove_partial_writes(folder)
         if not resuming:
             for stale in ("history.jsonl", "samples.jsonl", "summary.json", "best_code.py"):
                 (Path(run_dir) / stale).unlink(missing_ok=True)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         from lightning.pytorch.callbacks import ProgressBar
+        from lightning.pytorch.plugins import CheckpointIO
 
         from etpo.console import RolloutProgressBar
         from etpo.credit import TokenCreditCallback
 
         run_dir = self.config["run_dir"]
+        plugins = self.config_init["trainer"].get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        strategy = self.config_init["trainer"].get("strategy")
+        if not any(isinstance(p, CheckpointIO) for p in plugins) and \
+                getattr(strategy, "_checkpoint_io", None) is None:
+            # checkpoints written whole or not at all (a temporary name, fsync, rename): etpo/run_files.py
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         extra = [
             _StartLines(run_dir),
             _Checkpoint(dirpath=os.path.join(run_dir, "checkpoints"), monitor="charts/best_reward", mode="max",
@@ -475,17 +507,23 @@ def main(args: list[str] | None = None) -> ETPOCLI | None:
             # omegaconf, with relative config paths that fall back to the project's configs/ (etpo/config_paths.py)
             parser_kwargs={"parser_mode": register_config_mode(), "exit_on_error": False, "default_env": False,
                            "allow_abbrev": False},
-            save_config_kwargs={"overwrite": True}, trainer_defaults=trainer_defaults, args=argv,
+            save_config_callback=_SaveConfig, save_config_kwargs={"overwrite": True},
+            trainer_defaults=trainer_defaults, args=argv,
             auto_configure_optimizers=False, run=False,
         )
     except (ArgumentError, ValueError, FileNotFoundError, KeyError, TypeError, SandboxError) as err:
         # a config path found nowhere gets its own line, not jsonargparse's ~600-character union error
         _one_line_error(unresolved_config_path(_config_paths(argv), str(err)) or _explain_config_error(err, argv))
     _STOP.install()
+    previous_excepthook, threading.excepthook = threading.excepthook, _quiet_writer_threads(threading.excepthook)
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
-    except FileNotFoundError as err:  # e.g. a model file or a resumed checkpoint that is not there
-        _one_line_error(err)
+    except OSError as err:
+        failed = _failed_write(err)
+        if failed is None and isinstance(err, FileNotFoundError):  # e.g. a model file that is not there
+            _one_line_error(err)
+        _report_failed_write(cli, argv, failed or err)
+        raise SystemExit(EXIT_WRITE_FAILED) from None
     except (SystemExit, KeyboardInterrupt):
         # Lightning turns the interruption into a graceful shutdown and sys.exit(1)
         if _STOP.signum is None:
@@ -495,20 +533,14 @@ def main(args: list[str] | None = None) -> ETPOCLI | None:
         raise SystemExit(128 + _STOP.signum) from None
     finally:
         _STOP.uninstall()
+        threading.excepthook = previous_excepthook
     return cli
 
 
-def _report_stop(cli: ETPOCLI, argv: list[str], signum: int) -> None:
-    """Say what was kept and the exact command that resumes the run."""
+def _resume_command(argv: list[str], run_dir: str) -> str:
+    """The exact command that resumes this run: its arguments with ``--run_dir`` and ``--ckpt_path last``."""
     import shlex
 
-    run_dir = str(cli.config["run_dir"])
-    last = Path(run_dir) / "checkpoints" / "last.ckpt"
-    name = signal.Signals(signum).name
-    if not last.is_file():
-        print(f"etpo.fit: stopped by {name} before the first training step finished; there is nothing to resume "
-              "(start the run again)", file=sys.stderr, flush=True)
-        return
     keep, skip = [], False
     for a in argv:
         if skip:
@@ -520,10 +552,109 @@ def _report_stop(cli: ETPOCLI, argv: list[str], signum: int) -> None:
         if a.startswith(("--ckpt_path=", "--run_dir=")):
             continue
         keep.append(a)
-    command = " ".join(shlex.quote(a) for a in ["python", "-m", "etpo.fit", *keep, "--run_dir", run_dir,
-                                                "--ckpt_path", "last"])
+    return " ".join(shlex.quote(a) for a in ["python", "-m", "etpo.fit", *keep, "--run_dir", run_dir,
+                                             "--ckpt_path", "last"])
+
+
+def _checkpoint_to_resume(ckpt_path: str, ckpt_dir: Path) -> str:
+    """The checkpoint a resume loads. ``last`` is the newest intact checkpoint of the run: a damaged one is named,
+    with what is wrong with it, and passed over with a notice. A path given is checked as it is. ValueError (one
+    line, before anything is written) where no intact checkpoint is left; "best", "hpc", a missing file, a sharded
+    checkpoint and a run that has saved none yet are Lightning's to handle."""
+    if ckpt_path != "last":
+        if not Path(ckpt_path).is_file():
+            return ckpt_path
+        state = inspect_checkpoint(ckpt_path)
+        if state.problem is None:
+            return ckpt_path
+        intact, _ = intact_checkpoints(ckpt_dir)
+        other = (f"the newest intact checkpoint of the run is {intact[0].path}: pass --ckpt_path {intact[0].path}"
+                 if intact else f"no checkpoint in {ckpt_dir} is intact")
+        raise ValueError(f"cannot resume from {ckpt_path}: it {state.problem}; {other}")
+    if (ckpt_dir / "last.ckpt").is_dir():
+        return ckpt_path
+    intact, damaged = intact_checkpoints(ckpt_dir)
+    if not damaged:
+        return str(intact[0].path) if intact else ckpt_path
+    if not intact:
+        problems = "; ".join(f"{d.path} {d.problem}" for d in damaged)
+        raise ValueError(f"cannot resume {ckpt_dir.parent}: {problems}; no intact checkpoint is left. Start the run "
+                         f"afresh with --run_dir NEW_DIR, or move {ckpt_dir} aside and run without --ckpt_path")
+    for state in damaged:
+        print(f"etpo.fit: {state.path} {state.problem}; passed over", file=sys.stderr, flush=True)
+    chosen = intact[0]
+    step = "" if chosen.step is None else f" (step {chosen.step})"
+    print(f"etpo.fit: resuming from {chosen.path}{step}, the newest intact checkpoint; the batches after it run "
+          "again", file=sys.stderr, flush=True)
+    return str(chosen.path)
+
+
+EXIT_WRITE_FAILED = 74  # sysexits.h EX_IOERR: a write failed (a full disk, a quota), the run is resumable
+
+
+def _quiet_writer_threads(previous: Any) -> Any:
+    """``threading.excepthook`` for a run, on top of ``previous``: TensorBoard writes its events in a thread of its
+    own, which prints the traceback of a failed write (a full disk) as it dies and hands the error to the main
+    thread's next write, where :func:`main` reports it in one line; that thread's traceback is left out, any other
+    thread's goes to ``previous``."""
+
+    def excepthook(args: threading.ExceptHookArgs) -> None:
+        if isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard."):
+            return
+        previous(args)
+
+    return excepthook
+
+
+def _failed_write(err: BaseException) -> RunWriteError | None:
+    """The write of ours that failed, where ``err`` is it or followed from it (Lightning's clean-up after a failure
+    writes too, and on a full disk fails in turn)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, RunWriteError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _report_failed_write(cli: ETPOCLI, argv: list[str], err: OSError) -> None:
+    """One line for a run stopped by an ``OSError`` (a full disk, a quota, a read-only file system): what failed and
+    where, the space it needed, what was kept; then the command that resumes it once that is fixed."""
+    import errno
+    import shutil
+
+    run_dir = Path(str(cli.config["run_dir"]))
+    if isinstance(err, RunWriteError):
+        what = str(err)
+    else:  # a library's write (TensorBoard, peft, matplotlib): the file, where the error names it
+        what = f"{err.strerror or err}" + (f" ({err.filename})" if err.filename else f" (a write under {run_dir})")
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            with contextlib.suppress(OSError):
+                what += f", {format_size(shutil.disk_usage(run_dir).free)} free there"
+    fix = "Free some space" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "Fix that"
+    intact, _ = intact_checkpoints(run_dir / "checkpoints")
+    if not intact:
+        print(f"etpo.fit: error: {what}; the run stopped before its first checkpoint, there is nothing to resume. "
+              f"{fix}, then start it again", file=sys.stderr, flush=True)
+        return
+    step = "" if intact[0].step is None else f" (step {intact[0].step})"
+    print(f"etpo.fit: error: {what}; the run stopped, keeping {intact[0].path}{step} and its logs. {fix}, then "
+          f"resume with --ckpt_path last:\n  {_resume_command(argv, str(run_dir))}", file=sys.stderr, flush=True)
+
+
+def _report_stop(cli: ETPOCLI, argv: list[str], signum: int) -> None:
+    """Say what was kept and the exact command that resumes the run."""
+    run_dir = str(cli.config["run_dir"])
+    last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    name = signal.Signals(signum).name
+    if not last.is_file():
+        print(f"etpo.fit: stopped by {name} before the first training step finished; there is nothing to resume "
+              "(start the run again)", file=sys.stderr, flush=True)
+        return
     print(f"etpo.fit: stopped by {name} after {cli.trainer.global_step} finished training steps; the last of them "
-          f"is saved in {last}. Resume with --ckpt_path last:\n  {command}", file=sys.stderr, flush=True)
+          f"is saved in {last}. Resume with --ckpt_path last:\n  {_resume_command(argv, run_dir)}", file=sys.stderr,
+          flush=True)
 
 
 def _one_line_error(err: BaseException | str) -> None:

@@ -25,7 +25,7 @@ LOSSES = "modules.losses"
 REPORT = ("etpo.report", "etpo.report.runs", "etpo.report.tables", "etpo.report.plots", "etpo.report.compare",
           "etpo.report.settings", "etpo.report.__main__")
 ENTRY_POINTS = ("etpo.fit", "etpo.benchmark", *REPORT, "etpo.console", "etpo.credit", "etpo.perplexity")
-ETPO_HELPERS = ("etpo.hardware", "etpo.malloc", "etpo.run_settings")  # below the entry points, inside the floor
+ETPO_HELPERS = ("etpo.hardware", "etpo.malloc", "etpo.run_settings", "etpo.run_files")  # below the entry points
 
 
 def _module_name(path: Path) -> str:
