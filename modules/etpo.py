@@ -45,16 +45,19 @@ from modules.losses.etpo import (
     soft_value,
     trace_coefficients,
     trace_targets,
-    tree_targets,
+    branch_q,
+    tree_backup,
 )
 from modules.shared_base import BackboneConfig, adapter_parameters
 from modules.shared_base.fsdp import polyak_update_sharded
 from modules.shared_base.scoring import ScoringPlan, token_chunks
 
-__all__ = ["ETPOModule", "TARGET_BACKUPS"]
+__all__ = ["ETPOModule", "TARGET_BACKUPS", "POLICY_TARGETS"]
 
 #: what a token inside an action is worth in the critic's targets (docs/method.md, sections 3, 4 and 4a)
 TARGET_BACKUPS = ("policy", "optimal_tree")
+#: what the policy step moves towards (docs/method.md, sections 4a and 6)
+POLICY_TARGETS = ("critic", "optimal_tree")
 
 
 @dataclass
@@ -71,6 +74,8 @@ class _Targets:
     behaviour_log_probs: Optional[torch.Tensor] = None  # log mu of the taken tokens (kept for the replay)
     log_ref_taken: Optional[torch.Tensor] = None  # log pi_bar of the taken token (the tree backup's weights)
     leaf_values: Optional[torch.Tensor] = None  # [B] r - b + gamma (1 - done) V(s'): finishing the action
+    # policy_target optimal_tree: (mask [B, L], node value [B, L], written (row, position, token) [K, 3], their Q [K])
+    branches: Optional[tuple] = None
 
 
 class ETPOModule(AgentModule):
@@ -89,8 +94,14 @@ class ETPOModule(AgentModule):
             Bellman optimality backup over the prefix tree of the answers written for the same prompt -- in the batch
             and, with ``answer_memory``, before it (docs/method.md, section 4a): a prefix is worth its best known
             continuation. ``td_lambda`` and ``trace_correction`` then play no part.
-        answer_memory: with ``optimal_tree``, the best distinct answers kept per prompt (0: the batch's own answers
-            only). The stored answers of a batch's prompts join its trees, and the critic regresses them too.
+        policy_target: what the policy step moves towards. ``critic`` (the paper, Eq. 7): pi* = pi_bar exp(Q / beta) / Z
+            of the critic's Q at every token. ``optimal_tree`` (beyond the paper): where the answers written for the
+            same prompt part (a branch of their prefix tree), Q of the tree's soft-optimal backup instead -- the
+            written continuations by their values, every other token at the node value, so pi* moves mass only
+            between the written continuations -- and the critic's Q elsewhere (docs/method.md, section 4a).
+        answer_memory: with either ``optimal_tree``, the best distinct answers kept per prompt (0: the batch's own
+            answers only). The stored answers of a batch's prompts join its trees; with ``target_backup:
+            optimal_tree`` the critic regresses them too.
         trace_correction: with ``td_lambda > 0``, cut the traces by ``min(1, pi / mu)`` where ``mu`` is the sampling
             distribution (temperature, top-k, top-p), so the fixed point stays the soft Q of pi.
         discount_within_action: the ETPO(Disc.) ablation (Appendix G): within-action targets times gamma.
@@ -128,6 +139,7 @@ class ETPOModule(AgentModule):
         td_lambda: float = 0.0,
         trace_correction: bool = True,
         target_backup: str = "policy",
+        policy_target: str = "critic",
         answer_memory: int = 0,
         discount_within_action: bool = False,
         huber_delta: float | None = None,
@@ -161,9 +173,12 @@ class ETPOModule(AgentModule):
             raise ValueError("critic_steps, policy_steps and token_chunk_size must be >= 1 and critic_warmup >= 0")
         if target_backup not in TARGET_BACKUPS:
             raise ValueError(f"target_backup must be one of {TARGET_BACKUPS}, got {target_backup!r}")
-        if answer_memory < 0 or (answer_memory and target_backup != "optimal_tree"):
-            raise ValueError("answer_memory (>= 0) feeds the optimal_tree backup: set target_backup: optimal_tree or "
-                             f"answer_memory: 0 (got {answer_memory} with {target_backup!r})")
+        if policy_target not in POLICY_TARGETS:
+            raise ValueError(f"policy_target must be one of {POLICY_TARGETS}, got {policy_target!r}")
+        trees = target_backup == "optimal_tree" or policy_target == "optimal_tree"
+        if answer_memory < 0 or (answer_memory and not trees):
+            raise ValueError("answer_memory (>= 0) feeds the answer trees: set target_backup or policy_target to "
+                             f"optimal_tree, or answer_memory: 0 (got {answer_memory})")
         if target_backup == "optimal_tree" and replay_capacity:
             raise ValueError("the optimal_tree backup brings past answers back through answer_memory; set "
                              "replay_capacity: 0 and replay_rows: 0 (critic replay follows the policy backup)")
@@ -227,8 +242,9 @@ class ETPOModule(AgentModule):
         replaying = len(self.replay) > 0
         targets = self.run_forward(self.compute_targets, batch, plan, None, hp.replay_capacity > 0)  # 1.
         replayed = self.run_forward(self.replayed_targets, batch) if replaying else None
-        if hp.target_backup == "optimal_tree":  # the batch's targets from its trees (and the stored answers')
-            replayed = self.run_forward(self.tree_backup, batch, targets)
+        if "optimal_tree" in (hp.target_backup, hp.policy_target):  # the answer trees (and the stored answers')
+            remembered = self.run_forward(self.answer_trees, batch, targets)
+            replayed = remembered if hp.target_backup == "optimal_tree" else replayed
         charts = dict(targets.charts)
         warmup = self.policy_version < hp.critic_warmup
         steps = hp.critic_warmup_steps if warmup and hp.critic_warmup_steps is not None else hp.critic_steps
@@ -299,13 +315,15 @@ class ETPOModule(AgentModule):
         return past, self.plan(past, next_prompts=False), targets
 
     @torch.no_grad()
-    def tree_backup(self, batch: RolloutBatch, t: _Targets) -> Optional[tuple]:
-        """The ``optimal_tree`` targets (docs/method.md, section 4a): the batch's answers and the stored answers for
-        its prompts form one prefix tree per prompt; every token's target becomes the soft-optimal value of its best
-        known continuations (:func:`~modules.losses.etpo.tree_targets`), each answer's leaf its own Eq. 6 last-token
-        target ``r - b + gamma (1 - done) V(s')`` (the stored answers' recomputed now, under the current policy and
-        target network). Rewrites ``t.targets`` in place; returns the stored answers as ``(batch, plan, targets)``
-        for the critic to regress as well, or None when there are none."""
+    def answer_trees(self, batch: RolloutBatch, t: _Targets) -> Optional[tuple]:
+        """The answer trees (docs/method.md, section 4a): the batch's answers and the stored answers for its prompts
+        form one prefix tree per prompt, valued by the soft-optimal backup (:func:`~modules.losses.etpo.tree_backup`;
+        each answer's leaf its own Eq. 6 last-token target ``r - b + gamma (1 - done) V(s')``, the stored answers'
+        recomputed now under the current policy and target network). With ``target_backup: optimal_tree`` every
+        token's target becomes the value of its best known continuations (``t.targets`` rewritten in place); with
+        ``policy_target: optimal_tree`` the branches' Q go to ``t.branches`` for the policy step. Returns the stored
+        answers as ``(batch, plan, targets)`` (for the critic to regress with ``target_backup: optimal_tree``), or
+        None when there are none."""
         recalled = self.memory.recall(batch) if self.hparams.answer_memory else []
         parts = [(batch, t)]
         remembered = None
@@ -325,14 +343,37 @@ class ETPOModule(AgentModule):
                 log_ref.append(log_ref_rows[i][:n])
                 leaves.append(float(targets.leaf_values[i]))
                 where.append((k, i, n))
-        rows = tree_targets(groups, actions, log_ref, leaves, self.hparams.beta)
-        for (k, i, n), row in zip(where, rows):
-            targets = parts[k][1]
-            targets.targets[i, :n] = torch.tensor(row, dtype=targets.targets.dtype, device=targets.targets.device)
+        tree = tree_backup(groups, actions, log_ref, leaves, self.hparams.beta)
+        if self.hparams.target_backup == "optimal_tree":
+            for (k, i, n), row in zip(where, tree.targets):
+                targets = parts[k][1]
+                targets.targets[i, :n] = torch.tensor(row, dtype=targets.targets.dtype, device=targets.targets.device)
+        if self.hparams.policy_target == "optimal_tree":
+            t.branches = self._branch_tensors(tree.branches[: len(batch)], t.targets)
+            t.charts["charts/branch_tokens"] = float(t.branches[0].sum())
         mask = batch.action_mask.float()
         t.charts["charts/target_mean"] = float((t.targets * mask).sum()) / float(mask.sum().clamp(min=1))
         t.charts["charts/remembered_answers"] = float(len(recalled))
         return remembered
+
+    @staticmethod
+    def _branch_tensors(branches: list, like: torch.Tensor) -> tuple:
+        """The fresh rows' branches of :func:`~modules.losses.etpo.tree_backup` as tensors for
+        :func:`~modules.losses.etpo.branch_q`: a mask and the node value ``[B, L]``, (row, position, token) ``[K, 3]``
+        of every written continuation and its Q ``[K]``."""
+        mask = torch.zeros(like.shape, dtype=torch.bool, device=like.device)
+        value = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+        index, q = [], []
+        for b, row in enumerate(branches):
+            for j, branch in enumerate(row):
+                if branch is None:
+                    continue
+                tokens, q_written, v = branch
+                mask[b, j], value[b, j] = True, v
+                index += [(b, j, token) for token in tokens]
+                q += q_written
+        index_t = torch.tensor(index, dtype=torch.long, device=like.device).reshape(-1, 3)
+        return mask, value, index_t, torch.tensor(q, dtype=torch.float32, device=like.device)
 
     @torch.no_grad()
     def compute_targets(self, batch: RolloutBatch, plan: ScoringPlan,
@@ -450,10 +491,21 @@ class ETPOModule(AgentModule):
             with torch.no_grad():
                 ref_logits = m.head(t.ref_hidden[:, sl])
                 q = self._q(m.head(h_critic[:, sl]), ref_logits)
+                if t.branches is not None:  # policy_target optimal_tree: the tree's Q where the answers part
+                    q = self._branch_q(q, t.branches, sl)
             return policy_loss(pi_logits, ref_logits, q, mask[:, sl], hp.beta, reduction="sum") / n_tokens
 
         loss = m.chunked_head_loss(h_policy, chunk_loss, hp.token_chunk_size)
         return loss, {"losses/policy": float(loss.detach())}
+
+    @staticmethod
+    def _branch_q(q: torch.Tensor, branches: tuple, sl: slice) -> torch.Tensor:
+        """:func:`~modules.losses.etpo.branch_q` on the chunk ``sl`` of the positions."""
+        mask, value, index, written_q = branches
+        start = sl.start or 0
+        inside = (index[:, 1] >= start) & (index[:, 1] < sl.stop)
+        local = index[inside] - torch.tensor([0, start, 0], device=index.device)
+        return branch_q(q, mask[:, sl], value[:, sl], local, written_q[inside])
 
     # ---- checkpoints: the replay and the running reward baseline survive a resume -----------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -10,14 +10,15 @@ import torch
 
 from conftest import tiny_backbone
 from modules.etpo import ETPOModule
-from modules.losses.etpo import tree_targets
+from modules.losses.etpo import branch_q, policy_loss, q_from_critic, tree_backup, tree_targets
 from test_etpo_module import _batch
 
 
 def _module(**kw):
     torch.manual_seed(0)
+    kw.setdefault("target_backup", "optimal_tree")
     module = ETPOModule(backbone=tiny_backbone(), beta=0.2, gamma=0.9, q_parameterisation="zero", token_chunk_size=2,
-                        target_backup="optimal_tree", **kw)
+                        **kw)
     module.configure_model()
     with torch.no_grad():
         for name, p in module.model.named_parameters():
@@ -46,7 +47,7 @@ def test_the_batch_targets_are_the_tree_backup_of_its_answers():
     prompts, actions, lengths = _rows(batch)
     assert len(set(prompts)) == 1 and len({tuple(a) for a in actions}) > 2
     t = module.compute_targets(batch, module.plan(batch))
-    assert module.tree_backup(batch, t) is None  # no memory: nothing else to regress
+    assert module.answer_trees(batch, t) is None  # no memory: nothing else to regress
     log_ref = _plain_log_ref(module, batch)
     want = tree_targets(prompts, actions, [log_ref[i, :n].tolist() for i, n in enumerate(lengths)],
                         batch.rewards.tolist(), module.hparams.beta)
@@ -67,7 +68,7 @@ def test_stored_answers_join_the_trees_and_the_critic_regression():
     best = sorted({tuple(a): float(r) for a, r in zip(first_actions, first.rewards)}.items(), key=lambda kv: -kv[1])
     assert [s.reward for s in stored] == pytest.approx([r for _, r in best[:3]])
     t = module.compute_targets(second, module.plan(second))
-    remembered = module.tree_backup(second, t)
+    remembered = module.answer_trees(second, t)
     prompts, actions, lengths = _rows(second)
     recalled = [s for s in stored if s.action not in actions]
     assert remembered is not None and len(remembered[0]) == len(recalled) > 0
@@ -94,9 +95,70 @@ def test_stored_answers_join_the_trees_and_the_critic_regression():
     assert restored.memory.state_dict() == module.memory.state_dict()
 
 
+def test_branch_q_moves_mass_only_between_the_written_continuations():
+    """pi* of a branch row: every unwritten token keeps pi_bar's probability, the written ones share their pi_bar mass
+    in proportion to pi_bar exp(Q / beta); rows off the branches keep the critic's Q."""
+    beta, vocab = 0.1, 8
+    groups, actions = ["p"] * 4, [[1, 2, 5], [1, 3, 5], [1, 3, 6], [4, 0]]
+    torch.manual_seed(0)
+    node_logits = {}  # the reference's distribution at every node (rows through a node share it)
+    ref_logits = torch.zeros(4, 3, vocab, dtype=torch.float64)
+    for b, a in enumerate(actions):
+        for j in range(len(a)):
+            ref_logits[b, j] = node_logits.setdefault(tuple(a[:j]), torch.randn(vocab, dtype=torch.float64))
+    log_ref_full = torch.log_softmax(ref_logits, -1)
+    log_ref = [[float(log_ref_full[b, j, w]) for j, w in enumerate(a)] for b, a in enumerate(actions)]
+    tree = tree_backup(groups, actions, log_ref, [0.9, 0.2, -1.0, 0.5], beta)
+    # branches: the root (tokens 1 and 4), after [1] (tokens 2 and 3), after [1, 3] (tokens 5 and 6)
+    assert [j for j, b in enumerate(tree.branches[2]) if b is not None] == [0, 1, 2]
+    assert tree.branches[0][2] is None  # after [1, 2] only one answer goes on
+    critic_q = torch.randn(4, 3, vocab, dtype=torch.float64)
+    mask, value, index, q = ETPOModule._branch_tensors(tree.branches, torch.zeros(4, 3))
+    got = branch_q(critic_q, mask, value, index, q)
+    for b, row in enumerate(tree.branches):
+        for j, branch in enumerate(row):
+            if b == 3 and j == 1 or branch is None:  # padding, or no branch: the critic's Q
+                assert torch.equal(got[b, j], critic_q[b, j])
+                continue
+            tokens, q_written, v = branch
+            star = torch.softmax(log_ref_full[b, j] + got[b, j] / beta, -1)
+            others = [w for w in range(vocab) if w not in tokens]
+            torch.testing.assert_close(star[others], log_ref_full[b, j, others].exp())
+            torch.testing.assert_close(star[tokens].sum(), log_ref_full[b, j, tokens].exp().sum())
+            weights = log_ref_full[b, j, tokens].exp() * torch.exp(torch.tensor(q_written, dtype=torch.float64) / beta)
+            torch.testing.assert_close(star[tokens] / star[tokens].sum(), weights / weights.sum())
+
+
+def test_the_policy_step_moves_towards_the_trees_where_the_answers_part():
+    """policy_target optimal_tree: the policy loss is Eq. 7 against pi* of the critic's Q with the tree's Q at the
+    branches -- equal to the loss built from full logits of plain forwards and branch_q."""
+    # the critic keeps the paper's targets; only the policy uses the tree
+    module = _module(policy_target="optimal_tree", target_backup="policy")
+    batch = _batch(module)
+    plan = module.plan(batch)
+    t = module.compute_targets(batch, plan)
+    module.answer_trees(batch, t)
+    assert t.branches is not None and bool(t.branches[0].any())
+    got, _ = module.policy_loss(batch, module.plan(batch, next_prompts=False), t)
+    m = module.model
+    args = (batch.prompt_ids, batch.prompt_mask, batch.action_ids, batch.action_mask)
+    with torch.no_grad():
+        ref = m.head(m.action_hidden("reference", *args, share_prefixes=False))
+        q = q_from_critic(m.head(m.action_hidden("critic", *args, share_prefixes=False)), ref, "zero")
+        q = branch_q(q, *t.branches)
+    pi = m.head(m.action_hidden("policy", *args, share_prefixes=False))
+    want = policy_loss(pi, ref, q, batch.action_mask.float(), module.hparams.beta)
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    without, _ = module.policy_loss(batch, module.plan(batch, next_prompts=False), t.__class__(
+        **{**t.__dict__, "branches": None}))
+    assert float(without.detach()) != pytest.approx(float(got.detach()), rel=1e-3)
+
+
 def test_the_tree_backup_refuses_what_it_does_not_combine_with():
     with pytest.raises(ValueError, match="answer_memory"):
-        ETPOModule(backbone=tiny_backbone(), answer_memory=4)  # the memory feeds the tree backup only
+        ETPOModule(backbone=tiny_backbone(), answer_memory=4)  # the memory feeds the answer trees only
+    with pytest.raises(ValueError, match="policy_target"):
+        ETPOModule(backbone=tiny_backbone(), policy_target="greedy")
     with pytest.raises(ValueError, match="replay_capacity"):
         ETPOModule(backbone=tiny_backbone(), target_backup="optimal_tree", replay_capacity=8, replay_rows=2)
     with pytest.raises(ValueError, match="target_backup"):

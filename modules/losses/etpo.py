@@ -17,7 +17,8 @@ action-level soft Bellman equation (Appendix A).
 
 from __future__ import annotations
 
-from typing import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Hashable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,9 @@ __all__ = [
     "targets_from_values",
     "trace_targets",
     "tree_targets",
+    "tree_backup",
+    "TreeBackup",
+    "branch_q",
     "trace_coefficients",
     "behaviour_log_probs",
     "token_targets",
@@ -184,14 +188,25 @@ def trace_targets(
     return (targets * mask.to(dtype)).detach()
 
 
-def tree_targets(
+@dataclass
+class TreeBackup:
+    """What :func:`tree_backup` gives per row ``b`` and action token ``j``: ``targets[b][j] = Q(ctx_j, w_j)``, and
+    ``branches[b][j]`` -- where the answers written for that prompt part at ``ctx_j`` (two or more continuations were
+    written there) -- ``(tokens, q, value)``: the written continuations, their soft-optimal Q and the node's value
+    ``V(ctx_j)``; None where they do not part."""
+
+    targets: list[list[float]]
+    branches: list[list[Optional[tuple[list[int], list[float], float]]]]
+
+
+def tree_backup(
     groups: Sequence[Hashable],
     actions: Sequence[Sequence[int]],
     log_ref_taken: Sequence[Sequence[float]],
     leaf_values: Sequence[float],
     beta: float,
-) -> list[list[float]]:
-    """Soft-optimal per-token targets over the tree of answers written for one prompt (docs/method.md, section 4a).
+) -> TreeBackup:
+    """Soft-optimal per-token values over the tree of answers written for one prompt (docs/method.md, section 4a).
 
     Rows with the same ``groups`` key were written for the same prompt: their actions (token ids) form a prefix tree
     whose root is the prompt. ``leaf_values[b]`` is the value of finishing row ``b``'s action -- Eq. 6's last-token
@@ -207,7 +222,7 @@ def tree_targets(
     ``b``'s target at token ``j`` is ``Q(ctx_j, w_j) = V(ctx_{j+1})``: a prefix is worth its best known
     continuation, not the average of the ones written after it, so a second import line that one answer turned
     into a logistic regression (0.95) and five into classes that do not exist is worth the former. Identical rows
-    share a leaf (their mean value). Returns one list of targets per row.
+    share a leaf (their mean value).
     """
     if not (len(groups) == len(actions) == len(log_ref_taken) == len(leaf_values)):
         raise ValueError("groups, actions, log_ref_taken and leaf_values need one entry per row")
@@ -216,39 +231,64 @@ def tree_targets(
     # a node is (group, prefix); children[node] = {token: log pi_bar}; leaves[node] = values of rows ending there
     children: dict[tuple, dict[int, float]] = {}
     leaves: dict[tuple, list[float]] = {}
-    for g, action, log_ref, value in zip(groups, actions, log_ref_taken, leaf_values):
-        action = [int(t) for t in action]
+    rows = [tuple(int(t) for t in action) for action in actions]
+    for g, action, log_ref, value in zip(groups, rows, log_ref_taken, leaf_values):
         if not action:
             raise ValueError("every action needs at least one token")
         for j, token in enumerate(action):
-            children.setdefault((g, tuple(action[:j])), {}).setdefault(token, float(log_ref[j]))
-        leaves.setdefault((g, tuple(action)), []).append(float(value))
-    memo: dict[tuple, float] = {}
-
-    def node_value(node: tuple) -> float:
-        if node in memo:
-            return memo[node]
-        options: list[tuple[float, float]] = []  # (log weight, value)
+            children.setdefault((g, action[:j]), {}).setdefault(token, float(log_ref[j]))
+        leaves.setdefault((g, action), []).append(float(value))
+    value: dict[tuple, float] = {}
+    # bottom up: the longest prefixes first, so that every child's value is known when its parent is reached
+    for node in sorted(set(children) | set(leaves), key=lambda n: -len(n[1])):
         g, prefix = node
-        for token, log_w in children.get(node, {}).items():
-            options.append((log_w, node_value((g, prefix + (token,)))))
+        options = [(log_w, value[(g, prefix + (token,))]) for token, log_w in children.get(node, {}).items()]
         if node in leaves:  # an answer ends here (and, rarely, another goes on): its mean value, weighted as the
             # likeliest continuation -- ending is one of the options at this node
-            log_w = max((w for w, _ in options), default=0.0)
-            options.append((log_w, sum(leaves[node]) / len(leaves[node])))
+            options.append((max((w for w, _ in options), default=0.0), sum(leaves[node]) / len(leaves[node])))
         log_w = torch.tensor([w for w, _ in options], dtype=torch.float64)
         q = torch.tensor([v for _, v in options], dtype=torch.float64)
-        memo[node] = float(beta * (torch.logsumexp(log_w + q / beta, 0) - torch.logsumexp(log_w, 0)))
-        return memo[node]
+        value[node] = float(beta * (torch.logsumexp(log_w + q / beta, 0) - torch.logsumexp(log_w, 0)))
+    targets, branches = [], []
+    for g, action in zip(groups, rows):
+        targets.append([value[(g, action[: j + 1])] for j in range(len(action))])
+        row = []
+        for j in range(len(action)):
+            kids = children[(g, action[:j])]
+            if len(kids) < 2:
+                row.append(None)
+                continue
+            tokens = list(kids)
+            row.append((tokens, [value[(g, action[:j] + (t,))] for t in tokens], value[(g, action[:j])]))
+        branches.append(row)
+    return TreeBackup(targets, branches)
 
-    # bottom-up without deep recursion: visit the nodes from the longest prefix down
-    for node in sorted(set(children) | set(leaves), key=lambda n: -len(n[1])):
-        node_value(node)
-    out = []
-    for g, action in zip(groups, actions):
-        action = tuple(int(t) for t in action)
-        out.append([memo[(g, action[: j + 1])] for j in range(len(action))])
-    return out
+
+def tree_targets(
+    groups: Sequence[Hashable],
+    actions: Sequence[Sequence[int]],
+    log_ref_taken: Sequence[Sequence[float]],
+    leaf_values: Sequence[float],
+    beta: float,
+) -> list[list[float]]:
+    """The per-token targets of :func:`tree_backup`: one list per row."""
+    return tree_backup(groups, actions, log_ref_taken, leaf_values, beta).targets
+
+
+@torch.no_grad()
+def branch_q(q_logits: torch.Tensor, branch_mask: torch.Tensor, branch_value: torch.Tensor,
+             written_index: torch.Tensor, written_q: torch.Tensor) -> torch.Tensor:
+    """Soft Q for the policy step where the tree knows more than the critic (docs/method.md, section 4a): at every
+    position of ``branch_mask [B, L]`` the row of ``q_logits [B, L, V]`` becomes the tree's -- its node value
+    ``branch_value [B, L]`` for every token, then the soft-optimal Q of each written continuation: ``written_index
+    [K, 3]`` holds (row, position, token) and ``written_q [K]`` its Q. pi* = pi_bar exp(Q / beta) / Z of such a row
+    moves mass between the written continuations by their values and leaves every other token at pi_bar's
+    probability (their Q is the node value, and the written ones' pi*-mass equals their pi_bar-mass). Other rows are
+    returned as given."""
+    q = torch.where(branch_mask.unsqueeze(-1), branch_value.unsqueeze(-1).to(q_logits.dtype), q_logits)
+    if written_index.numel():
+        q = q.index_put((written_index[:, 0], written_index[:, 1], written_index[:, 2]), written_q.to(q.dtype))
+    return q
 
 
 @torch.no_grad()
