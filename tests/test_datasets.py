@@ -161,7 +161,7 @@ def test_openml_fallback_is_used_and_preprocessed(shared_datasets, tmp_path, mon
         calls.append((name, openml_id))
         return pd.read_csv(shared_datasets / "breast_w" / "breast_w.csv")
 
-    monkeypatch.setattr(mod, "_default_dirs", lambda d: [Path(d)])
+    monkeypatch.setattr(mod, "data_directories", lambda d: [Path(d)])
     monkeypatch.setattr(mod, "_fetch_openml", fake_fetch)
     ds = load_dataset("breast_w", data_dir=tmp_path, download=True)
     assert calls == [("breast_w", 15)]
@@ -179,7 +179,7 @@ def test_missing_kaggle_set_says_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.delenv("ETPO_DATA_DIR", raising=False)
     import envs.datascience.datasets as mod
 
-    monkeypatch.setattr(mod, "_default_dirs", lambda d: [Path(d)] if d else [])
+    monkeypatch.setattr(mod, "data_directories", lambda d: [Path(d)] if d else [])
     with pytest.raises(DatasetNotFoundError) as err:
         load_dataset("pharyngitis", data_dir=tmp_path)
     msg = str(err.value)

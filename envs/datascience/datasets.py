@@ -52,6 +52,7 @@ __all__ = [
     "DatasetNotFoundError",
     "load_dataset",
     "dataset_names",
+    "data_directories",
     "BENCHMARK_DATASETS",
     "OFFLINE_DATASETS",
     "OPENML_IDS",
@@ -183,7 +184,9 @@ def _canonical(name: str) -> str:
     return key
 
 
-def _default_dirs(data_dir: str | os.PathLike | None) -> list[Path]:
+def data_directories(data_dir: str | os.PathLike | None = None) -> list[Path]:
+    """The folders a benchmark table is looked for in, in order (the module docstring): ``data_dir``, then
+    ``ETPO_DATA_DIR``, then the project's shared folder next to the checkout."""
     dirs: list[Path] = []
     if data_dir is not None:
         dirs.append(Path(data_dir))
@@ -436,7 +439,7 @@ def load_dataset(
         raise ValueError(f"max_rows must be positive or None, got {max_rows}")
     if download is None:
         download = os.environ.get("ETPO_OFFLINE", "").strip().lower() not in ("1", "true", "yes")
-    dirs = tuple(str(d) for d in _default_dirs(data_dir))
+    dirs = tuple(str(d) for d in data_directories(data_dir))
     return _load_cached(key, dirs, max_rows, subsample, int(subsample_seed), bool(download), data_home)
 
 

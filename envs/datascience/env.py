@@ -31,7 +31,6 @@ rollout counts the classes of every batch).
 from __future__ import annotations
 
 import functools
-import re
 import time
 from dataclasses import dataclass
 
@@ -40,6 +39,7 @@ import numpy as np
 from ..base import EpisodeOverError, TextEnv
 from .datasets import TabularDataset, load_dataset
 from ..isolation import resolve_isolation
+from ..machine_paths import portable_text
 from .evaluation import get_default_pool, make_splits, roc_auc
 from .extract import NO_CODE, answer_class, extract_function, find_banned
 from .prompts import REFLECTION_LAYOUTS, clean_description, reflection_prompt, task_prompt
@@ -49,15 +49,10 @@ __all__ = ["DataScienceEnv", "make_splits", "roc_auc", "summarize_error", "FAILU
 FAILURE_REWARD = -1.0
 STATUSES = ("ok", "error", "timeout", "refused", "invalid-output")
 
-# Where Python and its packages are installed must not reach the prompt: an ImportError names the module's file
-# ("cannot import name 'X' from 'sklearn.ensemble' (/home/u/proj/.venv/lib/python3.11/site-packages/...)"), so the
-# same mistake would read differently (and cost a different number of tokens) in every clone of the project.
-# Installation prefixes are cut: ".../site-packages/sklearn/x.py" -> "site-packages/sklearn/x.py",
-# ".../lib/python3.11/json/x.py" -> "python3.11/json/x.py".
-_INSTALL_PREFIX = tuple(
-    re.compile(r"""(?<![^\s"'(<=])(?:[A-Za-z]:)?[/\\][^\s"'()<>]*?[/\\](%s)(?=[/\\])""" % names)
-    for names in (r"site-packages|dist-packages", r"python3\.\d+")  # packages first: they live under python3.X
-)
+# Where Python, its packages and the project are installed must not reach the prompt: an ImportError names the
+# module's file ("cannot import name 'X' from 'sklearn.ensemble' (/home/u/proj/.venv/lib/python3.11/site-packages/
+# ...)"), so the same mistake would read differently (and cost a different number of tokens) in every clone of the
+# project, and a run would record the machine's paths. envs.machine_paths cuts them.
 
 
 def summarize_error(text: str, max_lines: int = 8, max_chars: int = 800) -> str:
@@ -67,8 +62,9 @@ def summarize_error(text: str, max_lines: int = 8, max_chars: int = 800) -> str:
     code (``File "<generated>"`` and its source line) - or the innermost frame if none is - and the final
     exception lines, drops library frames and caret markers, then keeps the last ``max_lines`` lines and at
     most ``max_chars`` characters. Other text is just cut the same way. Installation prefixes are cut from file
-    paths (``.../site-packages/sklearn/x.py`` -> ``site-packages/sklearn/x.py``), so the text does not depend on
-    where Python or the project's environment lives.
+    paths (``.../site-packages/sklearn/x.py`` -> ``site-packages/sklearn/x.py``) and paths in the project are made
+    relative to it (:func:`envs.machine_paths.portable_text`), so the text does not depend on where Python, the
+    project's environment or the project lives.
     """
     lines = [line for line in text.rstrip().splitlines() if line.strip()]
     starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
@@ -87,8 +83,7 @@ def summarize_error(text: str, max_lines: int = 8, max_chars: int = 800) -> str:
         keep = [f for f in frames if '"<generated>"' in f[0]] or frames[-1:]
         lines = [line for f in keep for line in f] + exc_lines
     short = "\n".join(lines[-max_lines:])
-    for prefix in _INSTALL_PREFIX:
-        short = prefix.sub(r"\1", short)
+    short = portable_text(short)
     if len(short) > max_chars:
         short = "[...]" + short[-max_chars:]
     return short
