@@ -23,7 +23,7 @@ from conftest import REPO
 OURS = ("envs", "etpo", "modules", "datamodules")
 LOSSES = "modules.losses"
 REPORT = ("etpo.report", "etpo.report.runs", "etpo.report.tables", "etpo.report.plots", "etpo.report.compare",
-          "etpo.report.settings", "etpo.report.__main__")
+          "etpo.report.settings", "etpo.report.classes", "etpo.report.__main__")
 ENTRY_POINTS = ("etpo.fit", "etpo.benchmark", *REPORT, "etpo.console", "etpo.credit", "etpo.perplexity")
 ETPO_HELPERS = ("etpo.hardware", "etpo.malloc", "etpo.run_settings", "etpo.run_files")  # below the entry points
 
