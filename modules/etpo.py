@@ -101,7 +101,12 @@ class ETPOModule(AgentModule):
             between the written continuations -- and the critic's Q elsewhere (docs/method.md, section 4a).
         answer_memory: with either ``optimal_tree``, the best distinct answers kept per prompt (0: the batch's own
             answers only). The stored answers of a batch's prompts join its trees; with ``target_backup:
-            optimal_tree`` the critic regresses them too.
+            optimal_tree`` the critic regresses them too, with ``policy_target: optimal_tree`` the policy steps on
+            them too (a per-context KL projection holds at any context).
+        unwritten_value: in the answer trees, what a token never written at a context is worth: ``node`` (the
+            node's own value: only the written continuations are compared) or ``zero`` (the ``zero`` Q form's prior,
+            an average outcome under a reward baseline: a written continuation below it loses mass to the others,
+            one above it gains; with ``policy_target: optimal_tree`` every token of every answer is then a choice).
         trace_correction: with ``td_lambda > 0``, cut the traces by ``min(1, pi / mu)`` where ``mu`` is the sampling
             distribution (temperature, top-k, top-p), so the fixed point stays the soft Q of pi.
         discount_within_action: the ETPO(Disc.) ablation (Appendix G): within-action targets times gamma.
@@ -141,6 +146,7 @@ class ETPOModule(AgentModule):
         target_backup: str = "policy",
         policy_target: str = "critic",
         answer_memory: int = 0,
+        unwritten_value: str = "node",
         discount_within_action: bool = False,
         huber_delta: float | None = None,
         policy_lr: float = 1e-4,
@@ -175,6 +181,8 @@ class ETPOModule(AgentModule):
             raise ValueError(f"target_backup must be one of {TARGET_BACKUPS}, got {target_backup!r}")
         if policy_target not in POLICY_TARGETS:
             raise ValueError(f"policy_target must be one of {POLICY_TARGETS}, got {policy_target!r}")
+        if unwritten_value not in ("node", "zero"):
+            raise ValueError(f"unwritten_value must be 'node' or 'zero', got {unwritten_value!r}")
         trees = target_backup == "optimal_tree" or policy_target == "optimal_tree"
         if answer_memory < 0 or (answer_memory and not trees):
             raise ValueError("answer_memory (>= 0) feeds the answer trees: set target_backup or policy_target to "
@@ -242,6 +250,7 @@ class ETPOModule(AgentModule):
         replaying = len(self.replay) > 0
         targets = self.run_forward(self.compute_targets, batch, plan, None, hp.replay_capacity > 0)  # 1.
         replayed = self.run_forward(self.replayed_targets, batch) if replaying else None
+        remembered = None
         if "optimal_tree" in (hp.target_backup, hp.policy_target):  # the answer trees (and the stored answers')
             remembered = self.run_forward(self.answer_trees, batch, targets)
             replayed = remembered if hp.target_backup == "optimal_tree" else replayed
@@ -252,9 +261,10 @@ class ETPOModule(AgentModule):
             charts.update(self.optimizer_step_on(optimizers["critic"], self.critic_loss, batch, train_plan, targets,
                                                  replayed))
         if hp.train_policy and not (warmup and hp.warmup_freezes_policy):  # 3.
+            stored = remembered if hp.policy_target == "optimal_tree" else None
             for _ in range(hp.policy_steps):
                 charts.update(self.optimizer_step_on(optimizers["policy"], self.policy_loss, batch, train_plan,
-                                                     targets))
+                                                     targets, stored))
         polyak_update_sharded(self.model, hp.polyak, self.root_model())  # 4.
         if hp.replay_capacity:
             self.replay.add_batch(batch, targets.behaviour_log_probs, self.policy_version)
@@ -343,7 +353,7 @@ class ETPOModule(AgentModule):
                 log_ref.append(log_ref_rows[i][:n])
                 leaves.append(float(targets.leaf_values[i]))
                 where.append((k, i, n))
-        tree = tree_backup(groups, actions, log_ref, leaves, self.hparams.beta)
+        tree = tree_backup(groups, actions, log_ref, leaves, self.hparams.beta, self.hparams.unwritten_value)
         if self.hparams.target_backup == "optimal_tree":
             for (k, i, n), row in zip(where, tree.targets):
                 targets = parts[k][1]
@@ -351,6 +361,8 @@ class ETPOModule(AgentModule):
         if self.hparams.policy_target == "optimal_tree":
             t.branches = self._branch_tensors(tree.branches[: len(batch)], t.targets)
             t.charts["charts/branch_tokens"] = float(t.branches[0].sum())
+            if remembered is not None:
+                remembered[2].branches = self._branch_tensors(tree.branches[len(batch):], remembered[2].targets)
         mask = batch.action_mask.float()
         t.charts["charts/target_mean"] = float((t.targets * mask).sum()) / float(mask.sum().clamp(min=1))
         t.charts["charts/remembered_answers"] = float(len(recalled))
@@ -478,24 +490,31 @@ class ETPOModule(AgentModule):
         critic_taken = m.head_rows(h_critic, batch.action_ids)
         return critic_taken - t.ref_taken if self.hparams.q_parameterisation == "zero" else critic_taken
 
-    def policy_loss(self, batch: RolloutBatch, plan: ScoringPlan, t: _Targets) -> tuple[torch.Tensor, dict]:
-        """Step 3: Eq. 7 at every action token against the updated critic, chunk by chunk over the vocabulary."""
+    def policy_loss(self, batch: RolloutBatch, plan: ScoringPlan, t: _Targets,
+                    stored: Optional[tuple] = None) -> tuple[torch.Tensor, dict]:
+        """Step 3: Eq. 7 at every action token against the updated critic, chunk by chunk over the vocabulary -- the
+        mean over the fresh batch's tokens and, with ``policy_target: optimal_tree`` and an answer memory, the stored
+        answers' (``stored = (batch, plan, targets)``)."""
         hp, m = self.hparams, self.model
-        mask = batch.action_mask.float()
-        n_tokens = mask.sum().clamp(min=1)
-        with torch.no_grad():
-            h_critic, _ = m.plan_hidden("critic", plan)
-        h_policy, _ = m.plan_hidden("policy", plan)
-
-        def chunk_loss(sl: slice, pi_logits: torch.Tensor) -> torch.Tensor:
+        parts = [(batch, plan, t)] + ([stored] if stored is not None else [])
+        n_tokens = sum(b.action_mask.float().sum() for b, _, _ in parts).clamp(min=1)
+        loss = 0.0
+        for b, p, targets in parts:
+            mask = b.action_mask.float()
             with torch.no_grad():
-                ref_logits = m.head(t.ref_hidden[:, sl])
-                q = self._q(m.head(h_critic[:, sl]), ref_logits)
-                if t.branches is not None:  # policy_target optimal_tree: the tree's Q where the answers part
-                    q = self._branch_q(q, t.branches, sl)
-            return policy_loss(pi_logits, ref_logits, q, mask[:, sl], hp.beta, reduction="sum") / n_tokens
+                h_critic, _ = m.plan_hidden("critic", p)
+            h_policy, _ = m.plan_hidden("policy", p)
 
-        loss = m.chunked_head_loss(h_policy, chunk_loss, hp.token_chunk_size)
+            def chunk_loss(sl: slice, pi_logits: torch.Tensor, targets=targets, h_critic=h_critic,
+                           mask=mask) -> torch.Tensor:
+                with torch.no_grad():
+                    ref_logits = m.head(targets.ref_hidden[:, sl])
+                    q = self._q(m.head(h_critic[:, sl]), ref_logits)
+                    if targets.branches is not None:  # policy_target optimal_tree: the tree's Q where it has one
+                        q = self._branch_q(q, targets.branches, sl)
+                return policy_loss(pi_logits, ref_logits, q, mask[:, sl], hp.beta, reduction="sum") / n_tokens
+
+            loss = loss + m.chunked_head_loss(h_policy, chunk_loss, hp.token_chunk_size)
         return loss, {"losses/policy": float(loss.detach())}
 
     @staticmethod

@@ -612,3 +612,43 @@ def test_tree_targets_on_some_answers_value_unwritten_tokens_at_the_node_value()
     # a single path is worth its own leaf at every token; another group is a tree of its own
     alone = tree_targets(["other", "s0"], [written[1], written[1]], [log_ref[1]] * 2, [5.0, leaves[1]], beta)
     assert alone[0] == [5.0] * len(written[1]) and alone[1] == [leaves[1]] * len(written[1])
+
+
+def test_tree_targets_with_a_zero_prior_value_unwritten_tokens_at_zero():
+    """unwritten="zero": every node's value is the full backup over the whole vocabulary in which each token never
+    written there is worth 0 (the zero-form critic's prior); every node is reported, its unwritten Q 0. With every
+    continuation written the prior plays no part (the same values as unwritten="node")."""
+    from modules.losses.etpo import tree_backup
+
+    beta = 0.2
+    mdp = TinyMDP(beta=beta, gamma=0.9, seed=7)
+    everything = mdp.actions()
+    written = [everything[i] for i in (0, 3, 5, 8, 13)]
+    log_ref, leaves = _tree_inputs(mdp, "s0", written)
+    tree = tree_backup(["s0"] * len(written), written, log_ref, leaves, beta, unwritten="zero")
+
+    def full_value(node):  # the backup over all VOCAB tokens, unwritten ones at 0, by plain recursion
+        ending = [a for a in written if a == node]
+        if ending:
+            return leaves[written.index(node)]
+        lg = mdp.ref_logits("s0", node)
+        log_p = lg - np.logaddexp.reduce(lg)
+        terms = []
+        for w in range(VOCAB):
+            child = node + (w,)
+            on_tree = any(a[: len(child)] == child for a in written)
+            terms.append(log_p[w] + (full_value(child) if on_tree else 0.0) / beta)
+        return beta * np.logaddexp.reduce(terms)
+
+    for a, row, branches in zip(written, tree.targets, tree.branches):
+        for j in range(len(a)):
+            assert row[j] == pytest.approx(full_value(a[: j + 1]), abs=1e-9)
+            tokens, q, unwritten_q = branches[j]
+            assert unwritten_q == 0.0 and a[j] in tokens
+            assert q[tokens.index(a[j])] == pytest.approx(row[j])
+    everything_log_ref, everything_leaves = _tree_inputs(mdp, "s0", everything)
+    node = tree_backup(["s0"] * len(everything), everything, everything_log_ref, everything_leaves, beta)
+    zero = tree_backup(["s0"] * len(everything), everything, everything_log_ref, everything_leaves, beta,
+                       unwritten="zero")
+    for a, b in zip(node.targets, zero.targets):
+        assert a == pytest.approx(b, abs=1e-9)

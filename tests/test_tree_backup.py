@@ -154,11 +154,42 @@ def test_the_policy_step_moves_towards_the_trees_where_the_answers_part():
     assert float(without.detach()) != pytest.approx(float(got.detach()), rel=1e-3)
 
 
+def test_with_a_zero_prior_the_policy_steps_on_every_answer_token_and_on_the_stored_answers():
+    """unwritten_value zero: every token of every answer (the batch's and the stored ones) gets the tree's Q -- its
+    written continuations by value, every other token at 0 -- and the policy loss is one mean of Eq. 7 over both sets
+    of tokens, equal to the loss built from plain forwards."""
+    module = _module(policy_target="optimal_tree", target_backup="policy", answer_memory=3, unwritten_value="zero")
+    first, second = _batch(module, seed=0), _batch(module, seed=1)
+    with module.without_trainer():
+        module.learn(first)
+    t = module.compute_targets(second, module.plan(second))
+    stored = module.answer_trees(second, t)
+    assert stored is not None
+    for b, _, targets in ((second, None, t), stored):
+        assert torch.equal(targets.branches[0], b.action_mask.bool())  # every real token is a node of a tree
+    got, _ = module.policy_loss(second, module.plan(second, next_prompts=False), t,
+                                (stored[0], stored[1], stored[2]))
+    m, beta = module.model, module.hparams.beta
+    total, count = 0.0, 0.0
+    for b, targets in ((second, t), (stored[0], stored[2])):
+        args = (b.prompt_ids, b.prompt_mask, b.action_ids, b.action_mask)
+        with torch.no_grad():
+            ref = m.head(m.action_hidden("reference", *args, share_prefixes=False))
+            q = q_from_critic(m.head(m.action_hidden("critic", *args, share_prefixes=False)), ref, "zero")
+            q = branch_q(q, *targets.branches)
+            pi = m.head(m.action_hidden("policy", *args, share_prefixes=False))
+        total += float(policy_loss(pi, ref, q, b.action_mask.float(), beta, reduction="sum"))
+        count += float(b.action_mask.sum())
+    assert float(got.detach()) == pytest.approx(total / count, rel=1e-5)
+
+
 def test_the_tree_backup_refuses_what_it_does_not_combine_with():
     with pytest.raises(ValueError, match="answer_memory"):
         ETPOModule(backbone=tiny_backbone(), answer_memory=4)  # the memory feeds the answer trees only
     with pytest.raises(ValueError, match="policy_target"):
         ETPOModule(backbone=tiny_backbone(), policy_target="greedy")
+    with pytest.raises(ValueError, match="unwritten_value"):
+        ETPOModule(backbone=tiny_backbone(), policy_target="optimal_tree", unwritten_value="one")
     with pytest.raises(ValueError, match="replay_capacity"):
         ETPOModule(backbone=tiny_backbone(), target_backup="optimal_tree", replay_capacity=8, replay_rows=2)
     with pytest.raises(ValueError, match="target_backup"):

@@ -17,6 +17,7 @@ action-level soft Bellman equation (Appendix A).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Hashable, Optional, Sequence
 
@@ -191,9 +192,10 @@ def trace_targets(
 @dataclass
 class TreeBackup:
     """What :func:`tree_backup` gives per row ``b`` and action token ``j``: ``targets[b][j] = Q(ctx_j, w_j)``, and
-    ``branches[b][j]`` -- where the answers written for that prompt part at ``ctx_j`` (two or more continuations were
-    written there) -- ``(tokens, q, value)``: the written continuations, their soft-optimal Q and the node's value
-    ``V(ctx_j)``; None where they do not part."""
+    ``branches[b][j] = (tokens, q, unwritten_q)`` -- the continuations written at ``ctx_j``, their soft-optimal Q and
+    the Q of every token not written there -- at the nodes where the tree says something about the choice: with
+    ``unwritten="node"`` where two or more continuations were written (elsewhere every token is worth the node
+    value and the entry is None), with ``unwritten="zero"`` at every node."""
 
     targets: list[list[float]]
     branches: list[list[Optional[tuple[list[int], list[float], float]]]]
@@ -205,6 +207,7 @@ def tree_backup(
     log_ref_taken: Sequence[Sequence[float]],
     leaf_values: Sequence[float],
     beta: float,
+    unwritten: str = "node",
 ) -> TreeBackup:
     """Soft-optimal per-token values over the tree of answers written for one prompt (docs/method.md, section 4a).
 
@@ -217,8 +220,11 @@ def tree_backup(
         Q(node, c) = V(child c)                      (no reward, no discount inside an action; Eq. 6)
 
     -- the value of the optimal soft policy pi* = pi_bar exp(Q / beta) / Z restricted to the written continuations,
-    a token never written being valued at the node's own value (the renormalisation; with every continuation
-    present it is exactly beta log Z, and the root's value is the action-level soft value of Appendix A). Row
+    a token never written being valued at the node's own value (``unwritten="node"``, the renormalisation; with every
+    continuation present it is exactly beta log Z, and the root's value is the action-level soft value of Appendix
+    A). ``unwritten="zero"`` values a token never written at 0 instead -- the prior of a critic in the ``zero`` Q
+    form, an average outcome under a reward baseline: ``V(node) = beta log(sum_c pi_bar(c) exp(Q(node, c) / beta) +
+    (1 - sum_c pi_bar(c)))``, so that a written continuation worse than that is left for the unwritten ones. Row
     ``b``'s target at token ``j`` is ``Q(ctx_j, w_j) = V(ctx_{j+1})``: a prefix is worth its best known
     continuation, not the average of the ones written after it, so a second import line that one answer turned
     into a logistic regression (0.95) and five into classes that do not exist is worth the former. Identical rows
@@ -228,6 +234,8 @@ def tree_backup(
         raise ValueError("groups, actions, log_ref_taken and leaf_values need one entry per row")
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
+    if unwritten not in ("node", "zero"):
+        raise ValueError(f"unwritten must be 'node' or 'zero', got {unwritten!r}")
     # a node is (group, prefix); children[node] = {token: log pi_bar}; leaves[node] = values of rows ending there
     children: dict[tuple, dict[int, float]] = {}
     leaves: dict[tuple, list[float]] = {}
@@ -248,18 +256,25 @@ def tree_backup(
             options.append((max((w for w, _ in options), default=0.0), sum(leaves[node]) / len(leaves[node])))
         log_w = torch.tensor([w for w, _ in options], dtype=torch.float64)
         q = torch.tensor([v for _, v in options], dtype=torch.float64)
-        value[node] = float(beta * (torch.logsumexp(log_w + q / beta, 0) - torch.logsumexp(log_w, 0)))
+        if unwritten == "node":
+            value[node] = float(beta * (torch.logsumexp(log_w + q / beta, 0) - torch.logsumexp(log_w, 0)))
+        else:  # the mass never written, at Q = 0 (none left when, by rounding, the written mass reaches 1)
+            rest = 1.0 - float(torch.exp(torch.logsumexp(log_w, 0)))
+            terms = torch.cat([log_w + q / beta, torch.tensor([math.log(rest)] if rest > 1e-12 else [],
+                                                              dtype=torch.float64)])
+            value[node] = float(beta * torch.logsumexp(terms, 0))
     targets, branches = [], []
     for g, action in zip(groups, rows):
         targets.append([value[(g, action[: j + 1])] for j in range(len(action))])
         row = []
         for j in range(len(action)):
             kids = children[(g, action[:j])]
-            if len(kids) < 2:
+            if unwritten == "node" and len(kids) < 2:
                 row.append(None)
                 continue
             tokens = list(kids)
-            row.append((tokens, [value[(g, action[:j] + (t,))] for t in tokens], value[(g, action[:j])]))
+            row.append((tokens, [value[(g, action[:j] + (t,))] for t in tokens],
+                        value[(g, action[:j])] if unwritten == "node" else 0.0))
         branches.append(row)
     return TreeBackup(targets, branches)
 
@@ -270,21 +285,22 @@ def tree_targets(
     log_ref_taken: Sequence[Sequence[float]],
     leaf_values: Sequence[float],
     beta: float,
+    unwritten: str = "node",
 ) -> list[list[float]]:
     """The per-token targets of :func:`tree_backup`: one list per row."""
-    return tree_backup(groups, actions, log_ref_taken, leaf_values, beta).targets
+    return tree_backup(groups, actions, log_ref_taken, leaf_values, beta, unwritten).targets
 
 
 @torch.no_grad()
 def branch_q(q_logits: torch.Tensor, branch_mask: torch.Tensor, branch_value: torch.Tensor,
              written_index: torch.Tensor, written_q: torch.Tensor) -> torch.Tensor:
-    """Soft Q for the policy step where the tree knows more than the critic (docs/method.md, section 4a): at every
-    position of ``branch_mask [B, L]`` the row of ``q_logits [B, L, V]`` becomes the tree's -- its node value
-    ``branch_value [B, L]`` for every token, then the soft-optimal Q of each written continuation: ``written_index
-    [K, 3]`` holds (row, position, token) and ``written_q [K]`` its Q. pi* = pi_bar exp(Q / beta) / Z of such a row
-    moves mass between the written continuations by their values and leaves every other token at pi_bar's
-    probability (their Q is the node value, and the written ones' pi*-mass equals their pi_bar-mass). Other rows are
-    returned as given."""
+    """Soft Q for the policy step where the tree says more than the critic (docs/method.md, section 4a): at every
+    position of ``branch_mask [B, L]`` the row of ``q_logits [B, L, V]`` becomes the tree's -- ``branch_value [B, L]``
+    (the Q of a token not written there) for every token, then the soft-optimal Q of each written continuation:
+    ``written_index [K, 3]`` holds (row, position, token) and ``written_q [K]`` its Q. With the node value for the
+    unwritten tokens, pi* = pi_bar exp(Q / beta) / Z of such a row moves mass between the written continuations by
+    their values and leaves every other token at pi_bar's probability (the written ones' pi*-mass equals their
+    pi_bar-mass). Other rows are returned as given."""
     q = torch.where(branch_mask.unsqueeze(-1), branch_value.unsqueeze(-1).to(q_logits.dtype), q_logits)
     if written_index.numel():
         q = q.index_put((written_index[:, 0], written_index[:, 1], written_index[:, 2]), written_q.to(q.dtype))
