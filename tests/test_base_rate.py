@@ -151,7 +151,7 @@ def test_main_with_the_tiny_model_is_seeded_and_matches_the_env(tmp_path, pool):
 
     backbone = BackboneConfig(source="tiny", device="cpu", seed=0)
     common = ["--dataset", "iris", "--n", "3", "--batch-size", "2", "--max-new-tokens", "12", "--n-splits", "1",
-              "--second-attempt", "--quiet"]
+              "--second-attempt", "--quiet", "--data-dir", str(tmp_path / "data")]
     out_a, out_b, out_c = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
     summaries = tmp_path / "summaries.jsonl"
     summary = base_rate.main(common + ["--out", str(out_a), "--summary-jsonl", str(summaries)], backbone=backbone)
@@ -176,6 +176,9 @@ def test_main_with_the_tiny_model_is_seeded_and_matches_the_env(tmp_path, pool):
     assert len(logged) == 2 and logged[0]["first"] == logged[1]["first"] == summary["first"]
     assert logged[0]["generation"]["stop_strings"] == base_rate.QUICKSTART_STOP_STRINGS
     assert logged[0]["task_prompt_tokens"] == firsts[0]["prompt_tokens"]
+    # the summary names no path of the machine: the model cache in the project, the data directory
+    assert logged[0]["options"]["gguf_cache_dir"] == "runs/.model_cache"
+    assert logged[0]["options"]["data_dir"] == "<data dir>" and str(tmp_path) not in json.dumps(logged[0]["options"])
 
 
 def test_bad_options_fail_before_the_model_loads():

@@ -90,3 +90,16 @@ def test_earlier_samples_are_reused_only_for_todays_prompt(tmp_path):
     assert [r["reward"] for r in headroom._read_samples(str(path), env.prompt, 64)] == [0.9, 0.95]
     with pytest.raises(SystemExit, match="not sampled from today's task prompt"):
         headroom._read_samples(str(path), env.prompt + " ", 64)
+
+
+def test_a_missing_dataset_is_named_relative_to_the_data_directory(tmp_path, monkeypatch):
+    import envs.datascience.datasets as datasets
+
+    data = tmp_path / "machine" / "shared" / "datasets"
+    monkeypatch.setattr(datasets, "data_directories", lambda data_dir=None: [data])
+    out, table = tmp_path / "out", tmp_path / "table.md"
+    headroom.main(["--datasets", "airlines", "--out-dir", str(out), "--table", str(table)])
+    why = json.loads((out / "airlines.json").read_text())["unavailable"]
+    assert why.startswith("dataset 'airlines' not found. Looked for: <data dir>/airlines/airlines.csv, ")
+    assert str(tmp_path) not in why and len(why) <= 160
+    assert f"| airlines | `{why}` |" in table.read_text()  # in code: <data dir> is no HTML tag

@@ -35,7 +35,6 @@ import argparse
 import collections
 import hashlib
 import json
-import os
 import re
 import sys
 import time
@@ -342,6 +341,8 @@ def main(argv: Sequence[str] | None = None, backbone=None) -> dict:
 
     from datamodules.rollout import GenerationConfig
     from envs.datascience import DataScienceEnv
+    from envs.datascience.datasets import data_directories
+    from envs.machine_paths import MachinePaths
     from modules.reflection import ReflectionModule
     from modules.shared_base import BackboneConfig
 
@@ -386,9 +387,11 @@ def main(argv: Sequence[str] | None = None, backbone=None) -> dict:
         records = measure(agent.act, lambda: DataScienceEnv(**env_kwargs), generation, args.n, args.batch_size,
                           args.seed, args.second_attempt, on_record=write, progress=say, replay=replay)
     wall = time.monotonic() - t0
+    machine = MachinePaths(checkouts=(REPO,), data_dirs=data_directories(args.data_dir))  # the summary names none
     summary = {
         "label": label,
-        "options": {k: v for k, v in vars(args).items() if k not in ("out", "summary_jsonl", "quiet", "label")},
+        "options": machine.portable_value(
+            {k: v for k, v in vars(args).items() if k not in ("out", "summary_jsonl", "quiet", "label")}),
         "generation": {"max_new_tokens": generation.max_new_tokens, "temperature": generation.temperature,
                        "top_k": generation.top_k, "top_p": generation.top_p, "stop_strings": generation.stop_strings},
         "commit": commit,
@@ -396,7 +399,7 @@ def main(argv: Sequence[str] | None = None, backbone=None) -> dict:
         "task_prompt_sha256": prompt_digest(probe.prompt),
         "first": summarize(records, 1),
         "wall_s": round(wall, 1),
-        "samples": os.path.relpath(out, REPO) if out.resolve().is_relative_to(REPO) else str(out),
+        "samples": machine.portable_text(str(out.resolve())),
     }
     if args.second_attempt:
         second = summarize(records, 2)

@@ -258,7 +258,7 @@ def table_markdown(results: Sequence[dict], min_gap: float = 0.02) -> str:
         size = f"{shape.get('rows', '')} x {shape.get('features', '')}, {shape.get('classes', '')}" if shape else ""
         u = res.get("untrained")
         if res.get("unavailable"):
-            lines.append(f"| {res['dataset']} | {res['unavailable']} | | | | | | | no data |")
+            lines.append(f"| {res['dataset']} | `{res['unavailable']}` | | | | | | | no data |")  # <data dir> shown
             continue
         runnable = f"{u['runnable']}/{u['n']}" if u else "not measured"
         common = (f"`{u['most_common']['label']}` ({u['most_common']['count']}): {_f(u['most_common']['mean_auc'])}"
@@ -344,8 +344,10 @@ def main(argv: Sequence[str] | None = None, backbone=None) -> list[dict]:
     if not args.table_only:
         from datamodules.batch import GenerationConfig
         from envs.datascience import DataScienceEnv
-        from envs.datascience.datasets import DatasetNotFoundError
+        from envs.datascience.datasets import DatasetNotFoundError, data_directories
+        from envs.machine_paths import MachinePaths
 
+        machine = MachinePaths(checkouts=(REPO,), data_dirs=data_directories(args.data_dir))  # kept text names none
         reuse = dict(item.split("=", 1) for item in args.samples)
         generation = GenerationConfig(max_new_tokens=128, temperature=0.5, top_k=50, top_p=1.0,
                                       stop_strings=list(base_rate.QUICKSTART_STOP_STRINGS))
@@ -364,7 +366,8 @@ def main(argv: Sequence[str] | None = None, backbone=None) -> list[dict]:
             try:
                 env = DataScienceEnv(**env_kwargs)
             except (DatasetNotFoundError, FileNotFoundError, ValueError) as err:
-                res = {"dataset": name, "unavailable": " ".join(str(err).split())[:160]}
+                why = " ".join(machine.portable_text(str(err)).split())[:160].rstrip()
+                res = {"dataset": name, "unavailable": why}
                 path.write_text(json.dumps(res, indent=1))
                 say(f"{name}: not available ({res['unavailable']})")
                 results.append(res)
@@ -382,7 +385,8 @@ def main(argv: Sequence[str] | None = None, backbone=None) -> list[dict]:
             if need_untrained and name in reuse:
                 records = _read_samples(reuse[name], env.prompt, args.n)
                 res["untrained"] = untrained_summary(records)
-                res["untrained"].update(seed=None, prompt_style=args.prompt_style, samples=reuse[name])
+                res["untrained"].update(seed=None, prompt_style=args.prompt_style,
+                                        samples=machine.portable_text(reuse[name]))
                 path.write_text(json.dumps(res, indent=1))
             elif need_untrained:
                 if agent is None:

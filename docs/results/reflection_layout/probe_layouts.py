@@ -1,6 +1,8 @@
 """Exploration only (not committed): alternative task-first layouts, second attempts on replayed first attempts."""
 import sys
-sys.path.insert(0, "/work/main")
+from pathlib import Path
+REPO = Path(__file__).resolve().parents[3]  # this file lies in docs/results/reflection_layout
+sys.path.insert(0, str(REPO))
 import etpo  # noqa
 import envs.datascience.prompts as P
 
@@ -57,4 +59,4 @@ def patched(task, previous_code, previous_answer, error=None, auc=None):
 P.task_first_prompt = patched
 sys.argv = ["base_rate.py"] + sys.argv[2:]
 import runpy
-runpy.run_path("/work/main/tools/base_rate.py", run_name="__main__")
+runpy.run_path(str(REPO / "tools" / "base_rate.py"), run_name="__main__")
