@@ -39,6 +39,7 @@ from modules.losses.etpo import (
     behaviour_log_probs,
     entropy,
     optimal_policy_logits,
+    optimal_value,
     policy_loss,
     q_from_critic,
     soft_q_regression,
@@ -407,6 +408,7 @@ class ETPOModule(AgentModule):
         correct = hp.td_lambda > 0 and hp.trace_correction and not batch.sampling.samples_from_the_policy
         record = correct or record_behaviour
         kl_sum = ent_sum = 0.0
+        first_optimal = None  # V*(s) at each row's first token: the optimality backup's next-state value
         for sl in token_chunks(shape[1], hp.token_chunk_size):
             taken = actions[:, sl].unsqueeze(-1)
             ref_logits = m.head(h_ref[:, sl])
@@ -414,6 +416,8 @@ class ETPOModule(AgentModule):
             pi_logits = m.head(h_policy[:, sl])
             v, kl = soft_value(q_target, pi_logits, ref_logits, hp.beta)
             values[:, sl] = v
+            if first_optimal is None:
+                first_optimal = optimal_value(q_target[:, 0], ref_logits[:, 0], hp.beta)
             target_q_taken[:, sl] = q_target.gather(-1, taken).squeeze(-1)
             ref_taken[:, sl] = ref_logits.gather(-1, taken).squeeze(-1)
             log_ref_taken[:, sl] = torch.log_softmax(ref_logits, -1).gather(-1, taken).squeeze(-1)
@@ -423,7 +427,9 @@ class ETPOModule(AgentModule):
                 log_mu[:, sl] = behaviour_log_probs(pi_logits, actions[:, sl], s.temperature, s.top_k, s.top_p)
             kl_sum += float((kl * mask[:, sl]).sum())
             ent_sum += float((entropy(pi_logits) * mask[:, sl]).sum())
-        next_values = self._next_state_values(batch, values[:, 0], x_ref, x_target, x_policy)
+        optimal = hp.target_backup == "optimal_tree"
+        next_values = self._next_state_values(batch, first_optimal if optimal else values[:, 0], x_ref, x_target,
+                                              x_policy, optimal)
         if replayed is not None:
             traces = trace_coefficients(log_pi, replayed.to(log_pi.device))
         else:
@@ -450,17 +456,21 @@ class ETPOModule(AgentModule):
                         leaf_values=leaf_values)
 
     def _next_state_values(self, batch: RolloutBatch, first_row_values: torch.Tensor, x_ref, x_target,
-                           x_policy) -> torch.Tensor:
+                           x_policy, optimal: bool = False) -> torch.Tensor:
         """``V(s_{t+1})`` per transition (zero where the episode ended; Eq. 6 multiplies by ``1 - done`` again).
         Where the next state is the prompt of a later transition in the batch its value is that transition's first
-        row; otherwise the next prompts were part of the plan's forwards (``x_*``: their last-token states)."""
+        row; otherwise the next prompts were part of the plan's forwards (``x_*``: their last-token states).
+        ``optimal``: the optimal soft value ``V* = beta log Z`` of the target network (the optimality backup of
+        ``target_backup: optimal_tree``, docs/method.md 4a) instead of the current policy's soft value."""
         next_values = torch.zeros_like(first_row_values)
         linked = batch.next_index >= 0
         next_values[linked] = first_row_values[batch.next_index[linked]]
         if batch.next_needed.numel() > 0:
             m = self.model
             ref = m.head(x_ref)
-            v, _ = soft_value(self._q(m.head(x_target), ref), m.head(x_policy), ref, self.hparams.beta)
+            q = self._q(m.head(x_target), ref)
+            v = optimal_value(q, ref, self.hparams.beta) if optimal else \
+                soft_value(q, m.head(x_policy), ref, self.hparams.beta)[0]
             next_values[batch.next_needed] = v.to(next_values.dtype)
         return next_values
 

@@ -57,6 +57,29 @@ def test_the_batch_targets_are_the_tree_backup_of_its_answers():
         assert float(t.targets[i, n:].abs().sum()) == 0.0  # padding stays zero
 
 
+def test_the_optimality_backup_values_next_states_at_the_optimal_soft_value():
+    """target_backup optimal_tree: a leaf is r + gamma (1 - done) V*(s'), V* = beta log sum pi_bar exp(Q / beta) of the
+    target network at the next state -- for next states later in the batch and for next prompts alike."""
+    module = _module()
+    batch = _batch(module, multi_step=True)
+    assert (batch.next_index >= 0).any() and batch.next_needed.numel() > 0
+    t = module.compute_targets(batch, module.plan(batch))
+    m, beta, gamma = module.model, module.hparams.beta, module.hparams.gamma
+    with torch.no_grad():
+        def v_star(ids, mask):
+            ref = m.first_token_logits("reference", ids, mask)
+            q = q_from_critic(m.first_token_logits("target", ids, mask), ref, "zero")
+            return beta * torch.logsumexp(torch.log_softmax(ref, -1) + q / beta, -1)
+
+        next_v = torch.zeros(len(batch))
+        linked = batch.next_index >= 0
+        here = v_star(batch.prompt_ids, batch.prompt_mask)
+        next_v[linked] = here[batch.next_index[linked]]
+        next_v[batch.next_needed] = v_star(batch.next_prompt_ids, batch.next_prompt_mask)
+    want = batch.rewards + gamma * (1 - batch.dones.float()) * next_v
+    torch.testing.assert_close(t.leaf_values, want, rtol=1e-5, atol=1e-5)
+
+
 def test_stored_answers_join_the_trees_and_the_critic_regression():
     module = _module(answer_memory=3)
     first, second = _batch(module, seed=0), _batch(module, seed=1)

@@ -28,6 +28,7 @@ __all__ = [
     "q_from_critic",
     "soft_value",
     "optimal_policy_logits",
+    "optimal_value",
     "targets_from_values",
     "trace_targets",
     "tree_targets",
@@ -96,6 +97,13 @@ def optimal_policy_logits(ref_logits: torch.Tensor, q_logits: torch.Tensor, beta
     """Log-probabilities of the optimal soft policy ``pi*(w|ctx) = pi_bar(w|ctx) exp(Q(ctx,w)/beta) / Z(ctx)``
     (docs/method.md, section 6; Appendix B)."""
     return F.log_softmax(_log_probs(ref_logits) + _upcast(q_logits) / beta, dim=-1)
+
+
+def optimal_value(q_logits: torch.Tensor, ref_logits: torch.Tensor, beta: float) -> torch.Tensor:
+    """The soft value of the optimal soft policy, ``V*(ctx) = beta log sum_w pi_bar(w|ctx) exp(Q(ctx, w) / beta)`` =
+    ``beta log Z(ctx)`` (docs/method.md, sections 4a and 6): the value the soft Bellman *optimality* equation backs
+    up, where :func:`soft_value` gives the current policy's. Reduces the last (vocabulary) dimension."""
+    return beta * torch.logsumexp(_log_probs(ref_logits) + _upcast(q_logits) / beta, dim=-1)
 
 
 def _last_token_index(mask: torch.Tensor) -> torch.Tensor:
