@@ -157,6 +157,33 @@ class RolloutBatch:
             policy_version=self.policy_version, sampling=self.sampling, metrics=self.metrics,
         )
 
+    def concat(self, other: "RolloutBatch") -> "RolloutBatch":
+        """This batch's transitions followed by ``other``'s, as one batch: the rows re-padded to a common width, the
+        links and next prompts of ``other`` shifted to their new rows (neither batch links into the other). The
+        sampling settings, policy version and metrics are this batch's."""
+        n = len(self)
+
+        def unpad(ids: Tensor, mask: Tensor) -> list[list[int]]:
+            return [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu())]
+
+        prompt_ids, prompt_mask = pad_rows(unpad(self.prompt_ids, self.prompt_mask)
+                                           + unpad(other.prompt_ids, other.prompt_mask), "left")
+        action_ids, action_mask = pad_rows(unpad(self.action_ids, self.action_mask)
+                                           + unpad(other.action_ids, other.action_mask), "right")
+        nexts = [unpad(b.next_prompt_ids, b.next_prompt_mask) if b.next_needed.numel() else [] for b in (self, other)]
+        next_ids, next_mask = pad_rows(nexts[0] + nexts[1], "left") if nexts[0] + nexts[1] else (None, None)
+        shifted = torch.where(other.next_index >= 0, other.next_index + n, other.next_index)
+        cat = lambda name: torch.cat([getattr(self, name).cpu(), getattr(other, name).cpu()])  # noqa: E731
+        joined = RolloutBatch(
+            prompt_ids=prompt_ids, prompt_mask=prompt_mask, action_ids=action_ids, action_mask=action_mask,
+            rewards=cat("rewards"), terminated=cat("terminated"), truncated=cat("truncated"),
+            next_index=torch.cat([self.next_index.cpu(), shifted.cpu()]),
+            next_needed=torch.cat([self.next_needed.cpu(), other.next_needed.cpu() + n]),
+            env_index=cat("env_index"), episode_step=cat("episode_step"), runnable=cat("runnable"),
+            policy_version=self.policy_version, sampling=self.sampling, metrics=self.metrics,
+            next_prompt_ids=next_ids, next_prompt_mask=next_mask)
+        return joined.to(self.device)
+
     def prompt_groups(self) -> Tensor:
         """long [B]: one id per distinct prompt (rows with token-identical states share an id, numbered in order of
         first appearance). The groups of group-relative methods such as GRPO."""

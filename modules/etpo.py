@@ -100,10 +100,10 @@ class ETPOModule(AgentModule):
             same prompt part (a branch of their prefix tree), Q of the tree's soft-optimal backup instead -- the
             written continuations by their values, every other token at the node value, so pi* moves mass only
             between the written continuations -- and the critic's Q elsewhere (docs/method.md, section 4a).
-        answer_memory: with either ``optimal_tree``, the best distinct answers kept per prompt (0: the batch's own
-            answers only). The stored answers of a batch's prompts join its trees; with ``target_backup:
-            optimal_tree`` the critic regresses them too, with ``policy_target: optimal_tree`` the policy steps on
-            them too (a per-context KL projection holds at any context).
+        answer_memory: with ``target_backup: optimal_tree``, the best distinct answers kept per prompt (0: the
+            batch's own answers only). The stored answers for a batch's prompts join the batch for the whole update:
+            its trees, the critic's regression (the optimality backup is off-policy) and the policy step (a
+            per-context KL projection holds at any context).
         unwritten_value: in the answer trees, what a token never written at a context is worth: ``node`` (the
             node's own value: only the written continuations are compared) or ``zero`` (the ``zero`` Q form's prior,
             an average outcome under a reward baseline: a written continuation below it loses mass to the others,
@@ -184,10 +184,9 @@ class ETPOModule(AgentModule):
             raise ValueError(f"policy_target must be one of {POLICY_TARGETS}, got {policy_target!r}")
         if unwritten_value not in ("node", "zero"):
             raise ValueError(f"unwritten_value must be 'node' or 'zero', got {unwritten_value!r}")
-        trees = target_backup == "optimal_tree" or policy_target == "optimal_tree"
-        if answer_memory < 0 or (answer_memory and not trees):
-            raise ValueError("answer_memory (>= 0) feeds the answer trees: set target_backup or policy_target to "
-                             f"optimal_tree, or answer_memory: 0 (got {answer_memory})")
+        if answer_memory < 0 or (answer_memory and target_backup != "optimal_tree"):
+            raise ValueError("answer_memory (>= 0) brings past answers back for the optimality backup: set "
+                             f"target_backup: optimal_tree, or answer_memory: 0 (got {answer_memory})")
         if target_backup == "optimal_tree" and replay_capacity:
             raise ValueError("the optimal_tree backup brings past answers back through answer_memory; set "
                              "replay_capacity: 0 and replay_rows: 0 (critic replay follows the policy backup)")
@@ -242,19 +241,22 @@ class ETPOModule(AgentModule):
 
     def learn(self, batch: RolloutBatch) -> Mapping[str, float]:
         hp = self.hparams
+        optimizers = self.optimizers_by_name()
+        self.update_reward_baseline(batch)
+        fresh = batch
+        recalled = self.memory.recall(fresh) if hp.answer_memory else []
+        if recalled:  # the stored answers for the batch's prompts join it for the whole update (section 4a)
+            batch = fresh.concat(stored_batch(recalled, fresh))
         plan = self.plan(batch)
         # the gradient steps read action states only: next prompts (with reflection, hundreds of positions each that
         # share little) are left out of their forwards and backwards -- the same states, exactly
         train_plan = self.plan(batch, next_prompts=False) if batch.next_needed.numel() else plan
-        optimizers = self.optimizers_by_name()
-        self.update_reward_baseline(batch)
         replaying = len(self.replay) > 0
         targets = self.run_forward(self.compute_targets, batch, plan, None, hp.replay_capacity > 0)  # 1.
         replayed = self.run_forward(self.replayed_targets, batch) if replaying else None
-        remembered = None
-        if "optimal_tree" in (hp.target_backup, hp.policy_target):  # the answer trees (and the stored answers')
-            remembered = self.run_forward(self.answer_trees, batch, targets)
-            replayed = remembered if hp.target_backup == "optimal_tree" else replayed
+        if "optimal_tree" in (hp.target_backup, hp.policy_target):  # the answer trees of the batch's prompts
+            self.answer_trees(batch, targets)
+            targets.charts["charts/remembered_answers"] = float(len(recalled))
         charts = dict(targets.charts)
         warmup = self.policy_version < hp.critic_warmup
         steps = hp.critic_warmup_steps if warmup and hp.critic_warmup_steps is not None else hp.critic_steps
@@ -262,15 +264,14 @@ class ETPOModule(AgentModule):
             charts.update(self.optimizer_step_on(optimizers["critic"], self.critic_loss, batch, train_plan, targets,
                                                  replayed))
         if hp.train_policy and not (warmup and hp.warmup_freezes_policy):  # 3.
-            stored = remembered if hp.policy_target == "optimal_tree" else None
             for _ in range(hp.policy_steps):
                 charts.update(self.optimizer_step_on(optimizers["policy"], self.policy_loss, batch, train_plan,
-                                                     targets, stored))
+                                                     targets))
         polyak_update_sharded(self.model, hp.polyak, self.root_model())  # 4.
         if hp.replay_capacity:
-            self.replay.add_batch(batch, targets.behaviour_log_probs, self.policy_version)
+            self.replay.add_batch(fresh, targets.behaviour_log_probs, self.policy_version)
         if hp.answer_memory:
-            self.memory.add(stored_transitions(batch, None, self.policy_version))
+            self.memory.add(stored_transitions(fresh, None, self.policy_version))
         return charts
 
     def update_reward_baseline(self, batch: RolloutBatch) -> None:
@@ -326,48 +327,30 @@ class ETPOModule(AgentModule):
         return past, self.plan(past, next_prompts=False), targets
 
     @torch.no_grad()
-    def answer_trees(self, batch: RolloutBatch, t: _Targets) -> Optional[tuple]:
-        """The answer trees (docs/method.md, section 4a): the batch's answers and the stored answers for its prompts
-        form one prefix tree per prompt, valued by the soft-optimal backup (:func:`~modules.losses.etpo.tree_backup`;
-        each answer's leaf its own Eq. 6 last-token target ``r - b + gamma (1 - done) V(s')``, the stored answers'
-        recomputed now under the current policy and target network). With ``target_backup: optimal_tree`` every
-        token's target becomes the value of its best known continuations (``t.targets`` rewritten in place); with
-        ``policy_target: optimal_tree`` the branches' Q go to ``t.branches`` for the policy step. Returns the stored
-        answers as ``(batch, plan, targets)`` (for the critic to regress with ``target_backup: optimal_tree``), or
-        None when there are none."""
-        recalled = self.memory.recall(batch) if self.hparams.answer_memory else []
-        parts = [(batch, t)]
-        remembered = None
-        if recalled:
-            past = stored_batch(recalled, batch)
-            past_targets = self.compute_targets(past, self.plan(past))
-            parts.append((past, past_targets))
-            remembered = (past, self.plan(past, next_prompts=False), past_targets)
-        groups, actions, log_ref, leaves, where = [], [], [], [], []
-        for k, (b, targets) in enumerate(parts):
-            pm, am = b.prompt_mask.cpu().bool(), b.action_mask.cpu().bool()
-            lengths = am.long().sum(1).tolist()
-            log_ref_rows = targets.log_ref_taken.cpu().tolist()
-            for i, (prompt, m, n) in enumerate(zip(b.prompt_ids.cpu(), pm, lengths)):
-                groups.append(tuple(prompt[m].tolist()))
-                actions.append(b.action_ids[i, :n].cpu().tolist())
-                log_ref.append(log_ref_rows[i][:n])
-                leaves.append(float(targets.leaf_values[i]))
-                where.append((k, i, n))
-        tree = tree_backup(groups, actions, log_ref, leaves, self.hparams.beta, self.hparams.unwritten_value)
-        if self.hparams.target_backup == "optimal_tree":
-            for (k, i, n), row in zip(where, tree.targets):
-                targets = parts[k][1]
-                targets.targets[i, :n] = torch.tensor(row, dtype=targets.targets.dtype, device=targets.targets.device)
-        if self.hparams.policy_target == "optimal_tree":
-            t.branches = self._branch_tensors(tree.branches[: len(batch)], t.targets)
+    def answer_trees(self, batch: RolloutBatch, t: _Targets) -> None:
+        """The answer trees (docs/method.md, section 4a): the batch's answers -- with the answer memory, the stored
+        answers for its prompts among them -- form one prefix tree per prompt, valued by the soft-optimal backup
+        (:func:`~modules.losses.etpo.tree_backup`; each answer's leaf its own Eq. 6 last-token target ``r - b + gamma
+        (1 - done) V(s')``, computed now under the current policy and target network). With ``target_backup:
+        optimal_tree`` every token's target becomes the value of its best known continuations (``t.targets``
+        rewritten in place); with ``policy_target: optimal_tree`` the trees' Q go to ``t.branches`` for the policy
+        step."""
+        hp = self.hparams
+        pm, am = batch.prompt_mask.cpu().bool(), batch.action_mask.cpu().bool()
+        lengths = am.long().sum(1).tolist()
+        log_ref = t.log_ref_taken.cpu().tolist()
+        groups = [tuple(prompt[m].tolist()) for prompt, m in zip(batch.prompt_ids.cpu(), pm)]
+        actions = [batch.action_ids[i, :n].cpu().tolist() for i, n in enumerate(lengths)]
+        tree = tree_backup(groups, actions, [row[:n] for row, n in zip(log_ref, lengths)], t.leaf_values.tolist(),
+                           hp.beta, hp.unwritten_value)
+        if hp.target_backup == "optimal_tree":
+            for i, (n, row) in enumerate(zip(lengths, tree.targets)):
+                t.targets[i, :n] = torch.tensor(row, dtype=t.targets.dtype, device=t.targets.device)
+            mask = batch.action_mask.float()
+            t.charts["charts/target_mean"] = float((t.targets * mask).sum()) / float(mask.sum().clamp(min=1))
+        if hp.policy_target == "optimal_tree":
+            t.branches = self._branch_tensors(tree.branches, t.targets)
             t.charts["charts/branch_tokens"] = float(t.branches[0].sum())
-            if remembered is not None:
-                remembered[2].branches = self._branch_tensors(tree.branches[len(batch):], remembered[2].targets)
-        mask = batch.action_mask.float()
-        t.charts["charts/target_mean"] = float((t.targets * mask).sum()) / float(mask.sum().clamp(min=1))
-        t.charts["charts/remembered_answers"] = float(len(recalled))
-        return remembered
 
     @staticmethod
     def _branch_tensors(branches: list, like: torch.Tensor) -> tuple:
@@ -500,31 +483,25 @@ class ETPOModule(AgentModule):
         critic_taken = m.head_rows(h_critic, batch.action_ids)
         return critic_taken - t.ref_taken if self.hparams.q_parameterisation == "zero" else critic_taken
 
-    def policy_loss(self, batch: RolloutBatch, plan: ScoringPlan, t: _Targets,
-                    stored: Optional[tuple] = None) -> tuple[torch.Tensor, dict]:
-        """Step 3: Eq. 7 at every action token against the updated critic, chunk by chunk over the vocabulary -- the
-        mean over the fresh batch's tokens and, with ``policy_target: optimal_tree`` and an answer memory, the stored
-        answers' (``stored = (batch, plan, targets)``)."""
+    def policy_loss(self, batch: RolloutBatch, plan: ScoringPlan, t: _Targets) -> tuple[torch.Tensor, dict]:
+        """Step 3: Eq. 7 at every action token against the updated critic -- with ``policy_target: optimal_tree``
+        the trees' Q where they have one (section 4a) -- chunk by chunk over the vocabulary."""
         hp, m = self.hparams, self.model
-        parts = [(batch, plan, t)] + ([stored] if stored is not None else [])
-        n_tokens = sum(b.action_mask.float().sum() for b, _, _ in parts).clamp(min=1)
-        loss = 0.0
-        for b, p, targets in parts:
-            mask = b.action_mask.float()
+        mask = batch.action_mask.float()
+        n_tokens = mask.sum().clamp(min=1)
+        with torch.no_grad():
+            h_critic, _ = m.plan_hidden("critic", plan)
+        h_policy, _ = m.plan_hidden("policy", plan)
+
+        def chunk_loss(sl: slice, pi_logits: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                h_critic, _ = m.plan_hidden("critic", p)
-            h_policy, _ = m.plan_hidden("policy", p)
+                ref_logits = m.head(t.ref_hidden[:, sl])
+                q = self._q(m.head(h_critic[:, sl]), ref_logits)
+                if t.branches is not None:
+                    q = self._branch_q(q, t.branches, sl)
+            return policy_loss(pi_logits, ref_logits, q, mask[:, sl], hp.beta, reduction="sum") / n_tokens
 
-            def chunk_loss(sl: slice, pi_logits: torch.Tensor, targets=targets, h_critic=h_critic,
-                           mask=mask) -> torch.Tensor:
-                with torch.no_grad():
-                    ref_logits = m.head(targets.ref_hidden[:, sl])
-                    q = self._q(m.head(h_critic[:, sl]), ref_logits)
-                    if targets.branches is not None:  # policy_target optimal_tree: the tree's Q where it has one
-                        q = self._branch_q(q, targets.branches, sl)
-                return policy_loss(pi_logits, ref_logits, q, mask[:, sl], hp.beta, reduction="sum") / n_tokens
-
-            loss = loss + m.chunked_head_loss(h_policy, chunk_loss, hp.token_chunk_size)
+        loss = m.chunked_head_loss(h_policy, chunk_loss, hp.token_chunk_size)
         return loss, {"losses/policy": float(loss.detach())}
 
     @staticmethod

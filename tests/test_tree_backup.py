@@ -47,7 +47,7 @@ def test_the_batch_targets_are_the_tree_backup_of_its_answers():
     prompts, actions, lengths = _rows(batch)
     assert len(set(prompts)) == 1 and len({tuple(a) for a in actions}) > 2
     t = module.compute_targets(batch, module.plan(batch))
-    assert module.answer_trees(batch, t) is None  # no memory: nothing else to regress
+    module.answer_trees(batch, t)
     log_ref = _plain_log_ref(module, batch)
     want = tree_targets(prompts, actions, [log_ref[i, :n].tolist() for i, n in enumerate(lengths)],
                         batch.rewards.tolist(), module.hparams.beta)
@@ -55,6 +55,30 @@ def test_the_batch_targets_are_the_tree_backup_of_its_answers():
         assert t.targets[i, :n].tolist() == pytest.approx(want[i], abs=1e-5)
         assert float(t.targets[i, n - 1]) == pytest.approx(float(batch.rewards[i]), abs=1e-6)  # the last token
         assert float(t.targets[i, n:].abs().sum()) == 0.0  # padding stays zero
+
+
+def test_concat_keeps_every_row_and_shifts_the_links():
+    module = _module()
+    first, second = _batch(module, multi_step=True, seed=0), _batch(module, multi_step=True, seed=1)
+    joined = first.concat(second)
+    n = len(first)
+    assert len(joined) == n + len(second)
+    for part, offset in ((first, 0), (second, n)):
+        p_rows, a_rows, _ = _rows(part)
+        jp, ja, _ = _rows(joined)
+        assert jp[offset: offset + len(part)] == p_rows and ja[offset: offset + len(part)] == a_rows
+        for k in range(len(part)):
+            j = int(part.next_index[k])
+            assert int(joined.next_index[offset + k]) == (j + offset if j >= 0 else -1)
+        for name in ("rewards", "terminated", "truncated", "episode_step"):
+            assert torch.equal(getattr(joined, name)[offset: offset + len(part)], getattr(part, name))
+    # next prompts: row r of `second` that needs one still finds its own prompt
+    def next_prompt(batch, row):
+        k = batch.next_needed.tolist().index(row)
+        return batch.next_prompt_ids[k][batch.next_prompt_mask[k].bool()].tolist()
+
+    for row in second.next_needed.tolist():
+        assert next_prompt(joined, row + n) == next_prompt(second, row)
 
 
 def test_the_optimality_backup_values_next_states_at_the_optimal_soft_value():
@@ -80,37 +104,35 @@ def test_the_optimality_backup_values_next_states_at_the_optimal_soft_value():
     torch.testing.assert_close(t.leaf_values, want, rtol=1e-5, atol=1e-5)
 
 
-def test_stored_answers_join_the_trees_and_the_critic_regression():
+def test_stored_answers_join_the_batch_and_its_trees():
+    """answer_memory: the best distinct answers per prompt are stored after an update; the next update recalls those
+    its batch did not write again, and the batch with them is backed up as one tree (targets equal tree_targets of
+    all rows with plain log pi_bar); the memory is part of a checkpoint."""
+    from modules.replay import stored_batch
+
     module = _module(answer_memory=3)
     first, second = _batch(module, seed=0), _batch(module, seed=1)
     with module.without_trainer():
         module.learn(first)
     _, first_actions, _ = _rows(first)
     stored = module.memory.prompts[next(iter(module.memory.prompts))]
-    # the three best distinct answers of the first batch, best first
     best = sorted({tuple(a): float(r) for a, r in zip(first_actions, first.rewards)}.items(), key=lambda kv: -kv[1])
-    assert [s.reward for s in stored] == pytest.approx([r for _, r in best[:3]])
-    t = module.compute_targets(second, module.plan(second))
-    remembered = module.answer_trees(second, t)
-    prompts, actions, lengths = _rows(second)
-    recalled = [s for s in stored if s.action not in actions]
-    assert remembered is not None and len(remembered[0]) == len(recalled) > 0
-    past, _, past_targets = remembered
-    past_log_ref = _plain_log_ref(module, past)
-    log_ref = _plain_log_ref(module, second)
-    rows = ([log_ref[i, :n].tolist() for i, n in enumerate(lengths)]
-            + [past_log_ref[i, : len(s.action)].tolist() for i, s in enumerate(recalled)])
-    want = tree_targets(prompts + [tuple(s.prompt) for s in recalled], actions + [s.action for s in recalled], rows,
-                        second.rewards.tolist() + [s.reward for s in recalled], module.hparams.beta)
+    assert [s.reward for s in stored] == pytest.approx([r for _, r in best[:3]])  # the three best, best first
+    recalled = module.memory.recall(second)
+    _, second_actions, _ = _rows(second)
+    assert recalled == [s for s in stored if s.action not in second_actions] and recalled
+    joined = second.concat(stored_batch(recalled, second))
+    t = module.compute_targets(joined, module.plan(joined))
+    module.answer_trees(joined, t)
+    prompts, actions, lengths = _rows(joined)
+    log_ref = _plain_log_ref(module, joined)
+    want = tree_targets(prompts, actions, [log_ref[i, :n].tolist() for i, n in enumerate(lengths)],
+                        joined.rewards.tolist(), module.hparams.beta)
     for i, n in enumerate(lengths):
         assert t.targets[i, :n].tolist() == pytest.approx(want[i], abs=1e-5)
-    for i, s in enumerate(recalled):
-        assert past_targets.targets[i, : len(s.action)].tolist() == pytest.approx(want[len(lengths) + i], abs=1e-5)
-    # the stored answers are regressed with the fresh ones: one mean over both sets of tokens
-    loss, _ = module.critic_loss(second, module.plan(second, next_prompts=False), t, remembered)
-    fresh_only, _ = module.critic_loss(second, module.plan(second, next_prompts=False), t)
-    assert float(loss.detach()) != pytest.approx(float(fresh_only.detach()))
-    # and the memory is part of a checkpoint
+    with module.without_trainer():
+        charts = module.learn(second)
+    assert charts["charts/remembered_answers"] == len(recalled)
     state = {}
     module.on_save_checkpoint(state)
     restored = _module(answer_memory=3)
@@ -177,38 +199,31 @@ def test_the_policy_step_moves_towards_the_trees_where_the_answers_part():
     assert float(without.detach()) != pytest.approx(float(got.detach()), rel=1e-3)
 
 
-def test_with_a_zero_prior_the_policy_steps_on_every_answer_token_and_on_the_stored_answers():
-    """unwritten_value zero: every token of every answer (the batch's and the stored ones) gets the tree's Q -- its
-    written continuations by value, every other token at 0 -- and the policy loss is one mean of Eq. 7 over both sets
-    of tokens, equal to the loss built from plain forwards."""
-    module = _module(policy_target="optimal_tree", target_backup="policy", answer_memory=3, unwritten_value="zero")
-    first, second = _batch(module, seed=0), _batch(module, seed=1)
-    with module.without_trainer():
-        module.learn(first)
-    t = module.compute_targets(second, module.plan(second))
-    stored = module.answer_trees(second, t)
-    assert stored is not None
-    for b, _, targets in ((second, None, t), stored):
-        assert torch.equal(targets.branches[0], b.action_mask.bool())  # every real token is a node of a tree
-    got, _ = module.policy_loss(second, module.plan(second, next_prompts=False), t,
-                                (stored[0], stored[1], stored[2]))
-    m, beta = module.model, module.hparams.beta
-    total, count = 0.0, 0.0
-    for b, targets in ((second, t), (stored[0], stored[2])):
-        args = (b.prompt_ids, b.prompt_mask, b.action_ids, b.action_mask)
-        with torch.no_grad():
-            ref = m.head(m.action_hidden("reference", *args, share_prefixes=False))
-            q = q_from_critic(m.head(m.action_hidden("critic", *args, share_prefixes=False)), ref, "zero")
-            q = branch_q(q, *targets.branches)
-            pi = m.head(m.action_hidden("policy", *args, share_prefixes=False))
-        total += float(policy_loss(pi, ref, q, b.action_mask.float(), beta, reduction="sum"))
-        count += float(b.action_mask.sum())
-    assert float(got.detach()) == pytest.approx(total / count, rel=1e-5)
+def test_with_a_zero_prior_every_answer_token_gets_the_trees_q():
+    """unwritten_value zero: every real token of every answer is a node with the tree's Q -- its written
+    continuations by value, every other token at 0 -- and the policy loss equals Eq. 7 built from plain forwards."""
+    module = _module(policy_target="optimal_tree", unwritten_value="zero")
+    batch = _batch(module)
+    t = module.compute_targets(batch, module.plan(batch))
+    module.answer_trees(batch, t)
+    assert torch.equal(t.branches[0], batch.action_mask.bool())
+    got, _ = module.policy_loss(batch, module.plan(batch, next_prompts=False), t)
+    m = module.model
+    args = (batch.prompt_ids, batch.prompt_mask, batch.action_ids, batch.action_mask)
+    with torch.no_grad():
+        ref = m.head(m.action_hidden("reference", *args, share_prefixes=False))
+        q = q_from_critic(m.head(m.action_hidden("critic", *args, share_prefixes=False)), ref, "zero")
+        q = branch_q(q, *t.branches)
+        pi = m.head(m.action_hidden("policy", *args, share_prefixes=False))
+    want = policy_loss(pi, ref, q, batch.action_mask.float(), module.hparams.beta)
+    assert float(got.detach()) == pytest.approx(float(want), rel=1e-5)
 
 
 def test_the_tree_backup_refuses_what_it_does_not_combine_with():
     with pytest.raises(ValueError, match="answer_memory"):
-        ETPOModule(backbone=tiny_backbone(), answer_memory=4)  # the memory feeds the answer trees only
+        ETPOModule(backbone=tiny_backbone(), answer_memory=4)  # the memory feeds the optimality backup only
+    with pytest.raises(ValueError, match="answer_memory"):
+        ETPOModule(backbone=tiny_backbone(), policy_target="optimal_tree", answer_memory=4)
     with pytest.raises(ValueError, match="policy_target"):
         ETPOModule(backbone=tiny_backbone(), policy_target="greedy")
     with pytest.raises(ValueError, match="unwritten_value"):
