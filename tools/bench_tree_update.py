@@ -9,10 +9,11 @@ the update learns batch 1 (untimed: it fills the answer memory and moves the wei
 then batch 2 is timed --
 
 * **paper**: ``target_backup: policy``, ``policy_target: critic``, no answer memory (Eq. 6 / TD(1), Eq. 7);
-* **trees**: the answer trees of docs/method.md section 4a with the settings of ``configs/quickstart.yaml``
-  (``optimal_tree`` backup and policy target, the zero prior, the answer memory) -- the extra work is the tree
-  itself (Python over token ids), the stored answers' forwards and next-state values, and their rows in the critic
-  and policy steps.
+* **trees**: the answer trees of docs/method.md section 4a (``optimal_tree`` backup and policy target, the zero
+  prior, an answer memory of ``--memory`` answers per prompt) -- the extra work is the tree itself (Python over token
+  ids) and the stored answers' rows, which join the batch for every view's forward and both steps.
+
+Everything else is ``configs/quickstart.yaml``'s.
 
 It prints both medians and their ratio, and the stored answers the timed update used.
 """
@@ -32,6 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 PAPER = dict(target_backup="policy", policy_target="critic", answer_memory=0, unwritten_value="node")
+TREES = dict(target_backup="optimal_tree", policy_target="optimal_tree", unwritten_value="zero")
 
 
 def _quickstart(dataset: str):
@@ -66,6 +68,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dataset", default="balance_scale")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--memory", type=int, default=8, help="answers kept per prompt in the trees' form")
     args = parser.parse_args(argv)
 
     from datamodules.batch import GenerationConfig
@@ -74,12 +77,9 @@ def main(argv=None) -> None:
     from modules.replay import AnswerMemory
 
     init, data = _quickstart(args.dataset)
-    trees = {k: init[k] for k in PAPER}
-    if trees == PAPER:
-        raise SystemExit("configs/quickstart.yaml runs the paper's form: nothing to compare (set the trees there, or "
-                         "edit PAPER in this script)")
+    trees = {**TREES, "answer_memory": args.memory}
     torch.manual_seed(args.seed)
-    module = ETPOModule(**init)
+    module = ETPOModule(**{**init, **PAPER})
     module.configure_model()
     module.model.train()
     start = copy.deepcopy({k: v.detach().clone() for k, v in module.state_dict().items()})
