@@ -5,6 +5,11 @@ reflection prompts share their head. Plain ``generate`` prefills every row's pro
 prefix common to all rows is run once (batch 1), its key/value cache is repeated for the batch, and ``generate``
 continues from it with the rows laid out as ``[shared prefix][padding][rest of the prompt]`` -- the attention mask
 hides the padding and positions are counted in real tokens, so every row sees exactly its own prompt.
+
+With ``BackboneConfig.fast_generation`` (the default) the prompt is prefilled by these same calls and the decoding
+runs on :mod:`~modules.shared_base.fast_decoding` instead of ``generate``: static key/value buffers, the shared
+prefix read once per step, a CUDA graph of the step on CUDA, the same sampling; ``fast_generation: false`` keeps
+``generate`` all the way.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ class Generation:
     action_mask   [B, L]  1 up to and including the first EOS (or everything when no EOS was produced)
     texts         B decoded actions (special tokens, hence the EOS, removed)
     finished      [B] bool: an EOS was produced (False: cut by max_new_tokens)
+    behaviour_log_probs  [B, L] float32 log mu of each action token under the distribution it was drawn from
+                  (temperature / top-k / top-p applied; what ``modules.losses.etpo.behaviour_log_probs`` recomputes),
+                  0 after the action; only when asked for (``record_log_probs``, fast path), else None
     """
 
     prompt_ids: Tensor
@@ -40,6 +48,7 @@ class Generation:
     action_mask: Tensor
     texts: list[str]
     finished: Tensor
+    behaviour_log_probs: Optional[Tensor] = None
 
     @property
     def lengths(self) -> Tensor:
@@ -76,10 +85,16 @@ class GenerationMixin:
                           temperature: float = 1.0, top_k: Optional[int] = 0, top_p: float = 1.0,
                           do_sample: bool = True, view: str = "policy",
                           stop_strings: Optional[Sequence[str]] = None,
-                          share_prefix: Optional[bool] = None) -> Generation:
+                          share_prefix: Optional[bool] = None, fast: Optional[bool] = None,
+                          record_log_probs: bool = False) -> Generation:
         """:meth:`generate` for prompts already encoded (left-padded ``[B, P]`` ids and mask). ``share_prefix``
-        (default ``config.prefix_sharing``) prefills the prefix common to every row once."""
+        (default ``config.prefix_sharing``) prefills the prefix common to every row once. ``fast`` (default
+        ``config.fast_generation``) decodes on :mod:`~modules.shared_base.fast_decoding` where the model allows it
+        (:func:`~modules.shared_base.fast_decoding.fast_path_unsupported`), else through ``generate``.
+        ``record_log_probs`` (fast path only) fills :attr:`Generation.behaviour_log_probs`."""
         from transformers import GenerationConfig
+
+        from modules.shared_base.fast_decoding import fast_path_unsupported
 
         self._check_prompt(prompt_ids, prompt_mask)
         if max_new_tokens < 1:
@@ -95,18 +110,31 @@ class GenerationMixin:
             stop_strings=list(stop_strings) if stop_strings else None, **sampling,
         )
         share = self.config.prefix_sharing if share_prefix is None else share_prefix
+        fast = self.config.fast_generation if fast is None else fast
+        if fast and fast_path_unsupported(self) is not None:
+            fast = False
+        if record_log_probs and not fast:
+            why = fast_path_unsupported(self) or "off"
+            raise ValueError(f"record_log_probs needs the fast generation path ({why})")
         was_training = self.training
         # eval: no LoRA dropout while sampling, and gradient checkpointing (active only in training mode) would
         # otherwise switch the KV cache off.
         self.eval()
+        log_probs = None
         try:
-            with self.use_view(view):
-                inputs = self._prefilled_inputs(prompt_ids, prompt_mask) if share else None
-                if inputs is None:
-                    inputs = {"input_ids": prompt_ids.to(self.device), "attention_mask": prompt_mask.to(self.device)}
-                width = inputs["input_ids"].shape[1]
-                out = self.peft_model.generate(**inputs, generation_config=gen_cfg,
-                                               tokenizer=self.tokenizer if stop_strings else None)
+            if fast:
+                out, width, log_probs = self._generate_fast(prompt_ids, prompt_mask, max_new_tokens, do_sample,
+                                                            float(temperature), int(top_k or 0), float(top_p), view,
+                                                            stop_strings, share, record_log_probs)
+            else:
+                with self.use_view(view):
+                    inputs = self._prefilled_inputs(prompt_ids, prompt_mask) if share else None
+                    if inputs is None:
+                        inputs = {"input_ids": prompt_ids.to(self.device),
+                                  "attention_mask": prompt_mask.to(self.device)}
+                    width = inputs["input_ids"].shape[1]
+                    out = self.peft_model.generate(**inputs, generation_config=gen_cfg,
+                                                   tokenizer=self.tokenizer if stop_strings else None)
         finally:
             self.train(was_training)
         new = out[:, width:].cpu()
@@ -120,41 +148,73 @@ class GenerationMixin:
         texts = self.tokenizer.batch_decode(
             [row[m.bool()].tolist() for row, m in zip(action_ids, action_mask)], skip_special_tokens=True
         )
+        if log_probs is not None:
+            log_probs = log_probs.float().cpu().masked_fill(action_mask == 0, 0.0)
         return Generation(prompt_ids=prompt_ids.cpu().long(), prompt_mask=prompt_mask.cpu().long(),
-                          action_ids=action_ids, action_mask=action_mask, texts=texts, finished=is_eos.any(1))
+                          action_ids=action_ids, action_mask=action_mask, texts=texts, finished=is_eos.any(1),
+                          behaviour_log_probs=log_probs)
 
-    def _prefilled_inputs(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Optional[dict]:
-        """Inputs for ``generate`` that continue from a once-computed cache of the prefix all rows share, or None
-        when fewer than :data:`MIN_SHARED_PREFIX` tokens (or a single row) would be shared."""
-        from transformers import DynamicCache
+    def _generate_fast(self, prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int, do_sample: bool,
+                       temperature: float, top_k: int, top_p: float, view: str,
+                       stop_strings: Optional[Sequence[str]], share: bool, record_log_probs: bool):
+        """The fast path's sampling (:class:`~modules.shared_base.fast_decoding.FastDecoder`): the view's adapter
+        merged into the weights for a float32 model, applied as LoRA otherwise. Returns what ``generate`` would:
+        (ids ``[B, P' + n]``, the prompt width ``P'``) and the log-probs or None."""
+        from modules.shared_base.fast_decoding import FastDecoder, Sampler, merged_adapter
 
+        sampler = Sampler(do_sample, temperature, top_k, top_p, log_probs=record_log_probs)
+        merge = view != "reference" and self.dtype == torch.float32
+        context = merged_adapter(self, view) if merge else self.use_view(view)
+        with context:
+            return FastDecoder(self).run(prompt_ids, prompt_mask, max_new_tokens, sampler, self.eos_token_ids,
+                                         stop_strings, share)
+
+    def _shared_prefix(self, prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[list[Tensor], int]:
+        """The unpadded rows and how many tokens at their start every row shares: 0 when fewer than
+        :data:`MIN_SHARED_PREFIX` (or a single row) would be shared; every row keeps at least one token of its own."""
         rows = [r[m.bool()] for r, m in zip(prompt_ids.cpu(), prompt_mask.cpu())]
         if len(rows) < 2:
-            return None
+            return rows, 0
         shortest = min(len(r) for r in rows)
         first = rows[0]
         same = torch.stack([r[:shortest] == first[:shortest] for r in rows]).all(0)
         shared = int(same.long().cumprod(0).sum())
         shared = min(shared, shortest - 1)  # every row keeps at least one token for generate's own prefill
-        if shared < MIN_SHARED_PREFIX:
-            return None
-        device = self.device
-        prefix = first[:shared].unsqueeze(0).to(device)
-        cache = DynamicCache(config=self.base_model.config)
-        # the decoder alone: no logits are needed over the prefix (the adapters of the view apply inside it)
-        self._decoder(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True,
-                      **{_cache_keyword(): cache})
-        cache.batch_repeat_interleave(len(rows))
+        return rows, shared if shared >= MIN_SHARED_PREFIX else 0
+
+    def _prefix_layout(self, rows: Sequence[Tensor], shared: int) -> tuple[Tensor, Tensor]:
+        """``[shared prefix][padding][rest of the prompt]`` ids and mask (CPU) of ``rows``."""
         rest = [r[shared:] for r in rows]
         width = max(len(r) for r in rest)
         ids = torch.full((len(rows), shared + width), int(self.pad_token_id), dtype=torch.long)
         mask = torch.zeros_like(ids)
-        ids[:, :shared] = first[:shared]
+        ids[:, :shared] = rows[0][:shared]
         mask[:, :shared] = 1
         for i, r in enumerate(rest):
             ids[i, shared + width - len(r):] = r
             mask[i, shared + width - len(r):] = 1
-        return {"input_ids": ids.to(device), "attention_mask": mask.to(device), _cache_keyword(): cache}
+        return ids, mask
+
+    def _prefilled_inputs(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Optional[dict]:
+        """Inputs for ``generate`` that continue from a once-computed cache of the prefix all rows share, or None
+        when fewer than :data:`MIN_SHARED_PREFIX` tokens (or a single row) would be shared."""
+        rows, shared = self._shared_prefix(prompt_ids, prompt_mask)
+        if not shared:
+            return None
+        cache = self._prefix_cache(rows[0][:shared])
+        cache.batch_repeat_interleave(len(rows))
+        ids, mask = self._prefix_layout(rows, shared)
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device), _cache_keyword(): cache}
+
+    def _prefix_cache(self, prefix: Tensor):
+        """A ``DynamicCache`` (batch 1) of the view's keys and values over the 1-D token ids ``prefix``."""
+        from transformers import DynamicCache
+
+        ids = prefix.unsqueeze(0).to(self.device)
+        cache = DynamicCache(config=self.base_model.config)
+        # the decoder alone: no logits are needed over the prefix (the adapters of the view apply inside it)
+        self._decoder(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **{_cache_keyword(): cache})
+        return cache
 
     def _mask_after_stop_strings(self, new: Tensor, action_mask: Tensor, is_eos: Tensor,
                                  stop_strings: Sequence[str]) -> Tensor:

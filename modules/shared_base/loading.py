@@ -54,6 +54,11 @@ class BackboneConfig:
     Speed: ``prefix_sharing`` -- score prompt prefixes shared by several rows once (prefix trees), and prefill the
     prefix every row of a generation batch shares once; exact (tested against the plain computation), used when
     the attention implementation takes a custom mask (sdpa, eager). False: every row on its own.
+    ``fast_generation`` -- sample on :mod:`~modules.shared_base.fast_decoding`: static key/value buffers, the shared
+    prefix read once per decoding step, the step captured in a CUDA graph on CUDA, a float32 model's adapter merged
+    into its weights for the generation; the same sampling, tokens equal up to float rounding (near-ties;
+    ``tools/bench_rollout.py`` counts them). Llama-family decoders, unsharded; others keep transformers' ``generate``,
+    which ``False`` restores everywhere.
     """
 
     source: str = "smollm2"
@@ -83,6 +88,7 @@ class BackboneConfig:
     head_fp32: bool = True
     checkpoint_base_weights: bool = False
     prefix_sharing: bool = True
+    fast_generation: bool = True
 
     def to_dict(self) -> dict:
         """Plain JSON-serialisable dict (written next to saved adapters)."""
