@@ -144,6 +144,106 @@ def test_merged_adapter_computes_the_policy_view():
     torch.testing.assert_close(merged[real], lora[real], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("pack", [True, False])
+@pytest.mark.parametrize("view", ["policy", "reference"])
+@pytest.mark.parametrize("share", [True, False])
+def test_fused_decoder_computes_transformers_decoder(view, share, pack):
+    """:class:`FusedDecoder` over the weights ``merged_adapter(fuse=True)`` fused gives the hidden states of
+    transformers' decoder layers on the same static buffers -- the rows' own prompt tokens in one forward, then
+    decoding steps -- up to float32 rounding; the buffers' keys and values agree too. The fused tensors hold what
+    the base linears (views of them) hold: the merged q/k/v and gate/up weights, in that order. ``pack``: the
+    matmuls on oneDNN-packed weights (where this torch has them), the logits too."""
+    from modules.shared_base.fast_decoding import FastDecoder, merged_adapter
+
+    model = tiny(tiny_num_layers=3)
+    model.eval()
+    ids, mask = model.encode_prompts(PROMPTS)
+    hidden, buffers = {}, {}
+    with torch.no_grad(), merged_adapter(model, None if view == "reference" else view, fuse=True) as fused:
+        layer = model._decoder.layers[1]
+        q, k, v = (getattr(layer.self_attn, n).get_base_layer().weight for n in ("q_proj", "k_proj", "v_proj"))
+        assert torch.equal(fused[1].qkv, torch.cat([q, k, v])) and q.data_ptr() == fused[1].qkv.data_ptr()
+        g, u = (getattr(layer.mlp, n).get_base_layer().weight for n in ("gate_proj", "up_proj"))
+        assert torch.equal(fused[1].gate_up, torch.cat([g, u]))
+        for name, layers in (("transformers", None), ("fused", fused)):
+            decoder = FastDecoder(model, fused=layers, pack=pack)
+            assert (decoder.fused is None) == (layers is None)
+            _, logits, kv, lengths = decoder.prefill(ids, mask, share, max_new_tokens=3)
+            if layers is not None:
+                assert decoder.fused.packed == (pack and torch.backends.mkldnn.is_available())
+            steps = [logits]
+            positions = lengths.reshape(-1, 1).clone()
+            from modules.shared_base.fast_decoding import active_attention
+            with active_attention(model._decoder.config, kv):
+                for token in (5, 9):
+                    out = decoder.forward(kv, torch.full_like(positions, token), positions)
+                    positions.add_(1)
+                    steps.append(decoder.head(out[:, -1]))
+            hidden[name] = steps
+            buffers[name] = (torch.stack(kv.keys), torch.stack(kv.values))
+    for a, b in zip(hidden["transformers"], hidden["fused"]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for a, b in zip(buffers["transformers"], buffers["fused"]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampling", [dict(do_sample=False), dict(temperature=0.7, top_k=5, top_p=0.9)])
+def test_fused_decoding_switch_same_tokens(sampling, monkeypatch):
+    """``fused_decoding`` on (the default) and off draw the same tokens as generate for every view; a decoder the
+    fused step does not compute (here: biased linears) falls back to transformers' layers, same tokens."""
+    from modules.shared_base import fast_decoding
+
+    used = []
+    original = fast_decoding.FusedDecoder.__call__
+
+    def counted(self, *args):
+        used.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(fast_decoding.FusedDecoder, "__call__", counted)
+    fused, layered = tiny(), tiny(fused_decoding=False)
+    ids, mask = fused.encode_prompts(PROMPTS)
+    for view in ("policy", "reference"):
+        plain, fast = both_ids(fused, ids, mask, max_new_tokens=10, view=view, **sampling)
+        assert used, "the fused step did not run"
+        used.clear()
+        assert_same(plain, fast)
+        torch.manual_seed(0)
+        assert_same(plain, layered.generate_from_ids(ids, mask, max_new_tokens=10, view=view, **sampling))
+        assert not used
+    monkeypatch.setattr(fused._decoder.config, "mlp_bias", True, raising=False)
+    assert "bias" in fast_decoding.fused_step_unsupported(fused)
+    torch.manual_seed(0)
+    assert_same(plain, fused.generate_from_ids(ids, mask, max_new_tokens=10, view="reference", **sampling))
+    assert not used
+
+
+def test_fused_decoding_without_packed_weights_warns_once(monkeypatch):
+    """Where torch cannot pack weights for oneDNN (no oneDNN, another CPU: here the packing raises), the fused step
+    multiplies with F.linear after one warning per process, and draws the same tokens."""
+    from modules.shared_base import fast_decoding
+
+    def unavailable(weight, rows):
+        raise RuntimeError("no mkldnn here")
+
+    model = tiny()
+    ids, mask = model.encode_prompts(PROMPTS)
+    torch.manual_seed(0)
+    packed = model.generate_from_ids(ids, mask, max_new_tokens=8, temperature=0.8)
+    monkeypatch.setattr(fast_decoding, "_pack_weight", unavailable)
+    monkeypatch.setattr(fast_decoding, "_PACKING_WARNED", False)
+    with pytest.warns(RuntimeWarning, match="no oneDNN-packed weights"):
+        plain, fast = both_ids(model, ids, mask, max_new_tokens=8, temperature=0.8)
+    assert_same(plain, fast)
+    assert_same(packed, fast)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second generation says nothing
+        torch.manual_seed(0)
+        assert_same(fast, model.generate_from_ids(ids, mask, max_new_tokens=8, temperature=0.8))
+
+
 @pytest.mark.parametrize("prefix", [0, 7])
 def test_static_prefix_attention_equals_sdpa_over_each_rows_keys(prefix):
     """The attention over one copy of the prefix plus each row's own padded columns is SDPA over the row's full
@@ -294,7 +394,8 @@ def smollm2():
 def test_smollm2_quickstart_prompt_same_tokens(smollm2, sampling):
     """SmolLM2 (float32, the policy adapter merged on the fast path) on the quickstart's few-shot tic_tac_toe prompt,
     8 rows (one prefix prefilled once) and 4 rows with an earlier answer each: the plain and the fast path emit
-    the same tokens, greedy and sampled with one seed."""
+    the same tokens, greedy and sampled with one seed -- with the fused decoding step (the default) and with
+    transformers' layers running the steps (``fused_decoding: false``)."""
     from envs.datascience import DataScienceEnv
     from envs.datascience.prompts import task_first_prompt
 
@@ -306,6 +407,14 @@ def test_smollm2_quickstart_prompt_same_tokens(smollm2, sampling):
     for prompts in ([task] * 8, feedback):
         plain, fast = both(smollm2, prompts, max_new_tokens=24, stop_strings=stop, **sampling)
         assert_same(plain, fast)
+        smollm2.config.fused_decoding = False
+        try:
+            torch.manual_seed(0)
+            layers = smollm2.generate_from_ids(*smollm2.encode_prompts(prompts), max_new_tokens=24,
+                                               stop_strings=stop, **sampling)
+        finally:
+            smollm2.config.fused_decoding = True
+        assert_same(plain, layers)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -28,8 +28,10 @@ adapter merged into bf16 weights (not the default: see fast_decoding's docstring
 **CPU, --quickstart**: the quickstart's backbone (configs/model/smollm2.yaml) and its two kinds of generation batch
 (``tools/bench_update_layouts.py``'s, from real untrained answers on tic_tac_toe): 8 rows of the few-shot task prompt,
 and 8 rows that each carry an earlier answer and its AUC. Sampling as the quickstart samples (96 tokens, temperature
-0.5, top-k 50, its stop strings), ``--repeats`` alternate calls per path with the same seed: median wall and CPU
-seconds, their ratio, and whether the two paths drew the same tokens (sampled and greedy).
+0.5, top-k 50, its stop strings), ``--repeats`` alternate calls per path with the same seed -- three paths: plain,
+the fast path with transformers' layers (``fused_decoding`` off) and the fast path as configured (the fused step on
+packed weights) -- median wall and CPU seconds, their ratios, and whether each drew plain's tokens (sampled and
+greedy).
 """
 
 from __future__ import annotations
@@ -81,10 +83,19 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_generation(model, ids, mask, fast: bool, seed: int, **sampling):
-    """One ``generate_from_ids`` call: (wall s, CPU s, Generation, decoding steps, peak GB or None)."""
+def timed_generation(model, ids, mask, fast, seed: int, **sampling):
+    """One ``generate_from_ids`` call: (wall s, CPU s, Generation, decoding steps, peak GB or None). ``fast``: False
+    (plain), True (the fast path as configured) or "layers" (the fast path with ``fused_decoding`` off: its decoding
+    steps through transformers' layers, as before the fused step)."""
     import torch
 
+    if fast == "layers":
+        fused = model.config.fused_decoding
+        model.config.fused_decoding = False
+        try:
+            return timed_generation(model, ids, mask, True, seed, **sampling)
+        finally:
+            model.config.fused_decoding = fused
     device = model.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -355,37 +366,55 @@ def run_quickstart(args) -> int:
         for name, batch in batches.items():
             profile_generation(model, batch.prompt_ids, batch.prompt_mask, sampling, name, args.seed)
         return 0
-    header = (f"{'batch':<24}{'prompt':>8}{'steps':>7}{'tokens':>8}{'plain wall':>12}{'fast wall':>11}{'ratio':>8}"
-              f"{'plain CPU':>11}{'fast CPU':>10}{'ratio':>8}   same tokens (sampled, greedy)")
+    # the paths, alternating: plain generate; the fast path with transformers' layers (before the fused step); the
+    # fast path as configured (fused_decoding on by default)
+    paths = (("plain", False), ("layers", "layers"), ("fast", True))
+    header = (f"{'batch':<24}{'prompt':>7}{'steps':>6}{'tokens':>7}{'plain':>9}{'layers':>9}{'fast':>9}"
+              f"{'layers/plain':>14}{'fast/plain':>12}{'fast/layers':>13}{'CPU fast/plain':>16}"
+              f"   same tokens as plain (layers: sampled, greedy; fast: sampled, greedy)")
     print(header)
     results = {}
     for name, batch in batches.items():
         ids, mask = batch.prompt_ids, batch.prompt_mask
-        timed_generation(model, ids, mask, True, args.seed + 99, **dict(sampling, max_new_tokens=4))  # warm-up
-        calls = {False: [], True: []}
+        for _, how in paths[1:]:  # warm-up
+            timed_generation(model, ids, mask, how, args.seed + 99, **dict(sampling, max_new_tokens=4))
+        calls = {label: [] for label, _ in paths}
         for _ in range(args.repeats):
-            for fast in (False, True):
-                calls[fast].append(timed_generation(model, ids, mask, fast, args.seed, **sampling))
-        plain, fast = calls[False], calls[True]
-        same_sampled = all(torch.equal(p[2].action_ids, f[2].action_ids) for p, f in zip(plain, fast))
-        g_plain = timed_generation(model, ids, mask, False, args.seed, max_new_tokens=96, do_sample=False,
-                                   stop_strings=QUICKSTART_STOP_STRINGS)[2]
-        g_fast = timed_generation(model, ids, mask, True, args.seed, max_new_tokens=96, do_sample=False,
-                                  stop_strings=QUICKSTART_STOP_STRINGS)[2]
-        same_greedy = bool(torch.equal(g_plain.action_ids, g_fast.action_ids))
-        wall_p, wall_f = (statistics.median(c[0] for c in calls[k]) for k in (False, True))
-        cpu_p, cpu_f = (statistics.median(c[1] for c in calls[k]) for k in (False, True))
-        tokens = int(plain[0][2].action_mask.sum())
-        results[name] = dict(prompt_tokens=int(mask.sum(1).max()), steps=plain[0][3], tokens=tokens,
-                             wall_plain=wall_p, wall_fast=wall_f, cpu_plain=cpu_p, cpu_fast=cpu_f,
-                             same_sampled=same_sampled, same_greedy=same_greedy,
-                             greedy_divergence=greedy_divergence(model, g_plain, g_fast))
-        print(f"{name:<24}{int(mask.sum(1).max()):>8}{plain[0][3]:>7}{tokens:>8}{wall_p:>11.2f}s{wall_f:>10.2f}s"
-              f"{wall_f / wall_p:>7.2f}x{cpu_p:>10.2f}s{cpu_f:>9.2f}s{cpu_f / cpu_p:>7.2f}x   "
-              f"{same_sampled}, {same_greedy}", flush=True)
-    wall = sum(r["wall_fast"] for r in results.values()) / sum(r["wall_plain"] for r in results.values())
-    print(f"generation_s, fast / plain over both batches: {wall:.2f}x (wall), "
-          f"{sum(r['cpu_fast'] for r in results.values()) / sum(r['cpu_plain'] for r in results.values()):.2f}x (CPU)")
+            for label, how in paths:
+                calls[label].append(timed_generation(model, ids, mask, how, args.seed, **sampling))
+        greedy = {label: timed_generation(model, ids, mask, how, args.seed, max_new_tokens=96, do_sample=False,
+                                          stop_strings=QUICKSTART_STOP_STRINGS)[2] for label, how in paths}
+        same = {}
+        for label in ("layers", "fast"):
+            same[label] = (all(torch.equal(p[2].action_ids, f[2].action_ids) and torch.equal(p[2].action_mask,
+                                                                                             f[2].action_mask)
+                               for p, f in zip(calls["plain"], calls[label])),
+                           bool(torch.equal(greedy["plain"].action_ids, greedy[label].action_ids)))
+        wall = {label: statistics.median(c[0] for c in calls[label]) for label in calls}
+        cpu = {label: statistics.median(c[1] for c in calls[label]) for label in calls}
+        tokens = int(calls["plain"][0][2].action_mask.sum())
+        steps = calls["plain"][0][3]
+        results[name] = dict(prompt_tokens=int(mask.sum(1).max()), steps=steps, tokens=tokens,
+                             wall_plain=wall["plain"], wall_layers=wall["layers"], wall_fast=wall["fast"],
+                             cpu_plain=cpu["plain"], cpu_layers=cpu["layers"], cpu_fast=cpu["fast"],
+                             all_walls={k: [c[0] for c in v] for k, v in calls.items()},
+                             same_sampled=same["fast"][0], same_greedy=same["fast"][1],
+                             same_sampled_layers=same["layers"][0], same_greedy_layers=same["layers"][1],
+                             greedy_divergence=greedy_divergence(model, greedy["plain"], greedy["fast"]))
+        print(f"{name:<24}{int(mask.sum(1).max()):>7}{steps:>6}{tokens:>7}{wall['plain']:>8.2f}s"
+              f"{wall['layers']:>8.2f}s{wall['fast']:>8.2f}s{wall['layers'] / wall['plain']:>13.2f}x"
+              f"{wall['fast'] / wall['plain']:>11.2f}x{wall['fast'] / wall['layers']:>12.2f}x"
+              f"{cpu['fast'] / cpu['plain']:>15.2f}x   {same['layers'][0]}, {same['layers'][1]}; "
+              f"{same['fast'][0]}, {same['fast'][1]}", flush=True)
+
+    def total(key: str) -> float:
+        return sum(r[key] for r in results.values())
+
+    print(f"generation_s over both batches (wall; medians): plain {total('wall_plain'):.2f} s, layers "
+          f"{total('wall_layers'):.2f} s, fast {total('wall_fast'):.2f} s -- fast / plain "
+          f"{total('wall_fast') / total('wall_plain'):.2f}x, layers / plain {total('wall_layers') / total('wall_plain'):.2f}x, "
+          f"fast / layers {total('wall_fast') / total('wall_layers'):.2f}x; CPU fast / plain "
+          f"{total('cpu_fast') / total('cpu_plain'):.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
@@ -396,6 +425,8 @@ def _category(name: str, shapes, vocab: int, rank: int) -> str:
     operands = [list(shape or []) for shape in shapes or []]
     dims = [d for shape in operands for d in shape]
     weight = operands[1] if len(operands) > 1 else []  # mm(x, w^T): the second operand is the weight
+    if name == "mkldnn::_linear_pointwise":  # the fused step's matmuls on packed weights
+        return "vocabulary head (matmul)" if vocab in weight else "decoder weight matmuls"
     if name in ("aten::mm", "aten::addmm", "aten::bmm"):
         if vocab in weight:
             return "vocabulary head (matmul)"
@@ -430,7 +461,8 @@ def profile_steps(model, ids, mask, fast: bool, seed: int, sampling: dict, skip:
 
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True,
                  schedule=schedule(wait=skip, warmup=1, active=active, repeat=1)) as prof:
-        hook = model._decoder.register_forward_pre_hook(mark)
+        # the token embedding runs once per decoder forward on every path (the fused step calls no decoder module)
+        hook = model.base_model.get_input_embeddings().register_forward_pre_hook(mark)
         try:
             timed_generation(model, ids, mask, fast, seed, **dict(sampling, max_new_tokens=skip + active + 4))
         finally:

@@ -30,6 +30,14 @@ growing ``DynamicCache`` (the plain path, still there with ``fast_generation: fa
   the bare decoder: W x + s B A x becomes (W + s B A) x, equal up to float32 rounding. A 16-bit model keeps its
   adapters unmerged (rounding W + s B A to bf16 would move the sampled distribution off the policy that the update
   scores; in a CUDA graph the unmerged adapters cost no launch overhead).
+* **A float32 model's step written out** (``BackboneConfig.fused_decoding``, the default): the merged q/k/v and
+  gate/up weights are built as one ``[q; k; v]`` and one ``[gate; up]`` tensor per layer (the base linears hold
+  views of them: no extra memory), and :class:`FusedDecoder` runs the rows' own prompt tokens and every decoding
+  step over them -- two matmuls where transformers' layers run five, the rotary embedding of queries and keys in one
+  go, torch's one-call RMSNorm -- without transformers' per-layer module calls, keyword plumbing and mask
+  construction; its matmuls and the head's on the weights reordered once per generation for oneDNN, whose kernels
+  stream them ~3x faster than ``F.linear`` for a few rows (the gain: docs/results/gpu/rollout.md). Where it does
+  not apply (biased linears, a 16-bit model), transformers' layers run the steps.
 
 Where the tokens can differ from the plain path: the attention and (float32) the merged weights round differently,
 so under greedy decoding (or sampling) a row can take another token where two candidates are within float error of
@@ -45,7 +53,8 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["ATTENTION_NAME", "FastDecoder", "fast_path_unsupported", "merged_adapter", "static_prefix_attention"]
+__all__ = ["ATTENTION_NAME", "FastDecoder", "FusedDecoder", "fast_path_unsupported", "fused_step_unsupported",
+           "merged_adapter", "static_prefix_attention"]
 
 #: the name :func:`static_prefix_attention` is registered under with transformers' ``AttentionInterface``
 ATTENTION_NAME = "etpo_static_prefix"
@@ -202,27 +211,212 @@ def active_attention(config, kv: StaticKV) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def merged_adapter(model, adapter: str) -> Iterator[None]:
+def merged_adapter(model, adapter: Optional[str], fuse: bool = False) -> Iterator[Optional[list["FusedLayer"]]]:
     """Within the block ``model``'s base linears hold ``W + scaling * B @ A`` of ``adapter`` (peft's
     ``get_delta_weight``) with every adapter switched off: the bare decoder computes the view. The original weight
-    tensors are put back afterwards, untouched (a swap, not an in-place merge and unmerge, which would round)."""
+    tensors are put back afterwards, untouched (a swap, not an in-place merge and unmerge, which would round).
+
+    ``fuse`` (Llama decoders, :func:`fused_step_unsupported`): each layer's q/k/v weights are merged into one
+    ``[q; k; v]`` tensor and gate/up into one ``[gate; up]`` tensor, and the base linears hold views of them -- the
+    same memory as merging them one by one; the block yields the layers' weights (:class:`FusedLayer`) for
+    :class:`FusedDecoder` (one matmul where transformers' decoder runs three, and two). ``adapter`` None: the
+    reference view (no delta; with ``fuse`` the fused tensors are copies of the base weights). Yields None when not
+    fused."""
     from peft.tuners.lora import LoraLayer
 
     swapped = []
+
+    def merged(module) -> tuple[torch.nn.Module, Tensor]:
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            if adapter is not None and adapter in module.lora_A:
+                return base, base.weight + module.get_delta_weight(adapter).to(base.weight.dtype)
+            return base, base.weight
+        return module, module.weight
+
+    def swap(base: torch.nn.Module, weight: Tensor) -> None:
+        swapped.append((base, base.weight))
+        base.weight = torch.nn.Parameter(weight, requires_grad=False)
+
+    fused: Optional[list[FusedLayer]] = None
     try:
         with torch.no_grad():
-            for module in model.peft_model.modules():
-                if isinstance(module, LoraLayer) and adapter in module.lora_A:
-                    base = module.get_base_layer()
-                    original = base.weight
-                    merged = original + module.get_delta_weight(adapter).to(original.dtype)
-                    base.weight = torch.nn.Parameter(merged, requires_grad=False)
-                    swapped.append((base, original))
+            if fuse:
+                fused = []
+                for layer in model._decoder.layers:
+                    attn, mlp = layer.self_attn, layer.mlp
+                    groups = []
+                    for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+                        parts = [merged(getattr(module, name)) for module in (attn if "q_proj" in names else mlp,)
+                                 for name in names]
+                        joined = torch.cat([weight for _, weight in parts])  # a new tensor: originals untouched
+                        start = 0
+                        for base, weight in parts:
+                            swap(base, joined[start: start + weight.shape[0]])
+                            start += weight.shape[0]
+                        groups.append(joined)
+                    out_proj, down_proj = (merged(m) for m in (attn.o_proj, mlp.down_proj))
+                    for base, weight in (out_proj, down_proj):
+                        if adapter is not None and weight is not base.weight:
+                            swap(base, weight)
+                    fused.append(FusedLayer(layer.input_layernorm.weight, groups[0], out_proj[0].weight,
+                                            layer.post_attention_layernorm.weight, groups[1], down_proj[0].weight))
+            elif adapter is not None:
+                for module in model.peft_model.modules():
+                    if isinstance(module, LoraLayer) and adapter in module.lora_A:
+                        base, weight = merged(module)
+                        swap(base, weight)
         with model.use_view("reference"):
-            yield
+            yield fused
     finally:
-        for base, original in swapped:
+        for base, original in reversed(swapped):
             base.weight = original
+
+
+class FusedLayer:
+    """One Llama decoder layer's weights for :class:`FusedDecoder`: the two RMSNorm weights, ``[q; k; v]``, the
+    output projection, ``[gate; up]`` and the down projection (``[out, in]`` each, as ``nn.Linear`` holds them)."""
+
+    __slots__ = ("norm_in", "qkv", "out", "norm_post", "gate_up", "down")
+
+    def __init__(self, norm_in, qkv, out, norm_post, gate_up, down):
+        self.norm_in, self.qkv, self.out = norm_in, qkv, out
+        self.norm_post, self.gate_up, self.down = norm_post, gate_up, down
+
+
+def fused_step_unsupported(model) -> Optional[str]:
+    """Why :class:`FusedDecoder` cannot run ``model``'s decoder (then transformers' layers run the steps), or None:
+    it computes a plain Llama layer -- RMSNorm, q/k/v without bias, rotary, attention, o_proj, gated MLP."""
+    config = model._decoder.config
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        return "linear layers with biases"
+    if getattr(config, "pretraining_tp", 1) not in (1, None):
+        return "pretraining_tp > 1"
+    from transformers.activations import ACT2FN
+
+    if getattr(config, "hidden_act", None) not in ACT2FN:
+        return f"activation {getattr(config, 'hidden_act', None)!r}"
+    layers = getattr(model._decoder, "layers", None)
+    if not layers or not all(hasattr(layer, n) for layer in layers for n in ("self_attn", "mlp", "input_layernorm",
+                                                                            "post_attention_layernorm")):
+        return "not a Llama layer stack"
+    return None
+
+
+def _rms_norm(hidden: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # transformers' LlamaRMSNorm (float32 statistics, the weight applied in the input dtype); in float32 torch's own
+    # rms_norm computes the same (one call instead of five; equal bits on this project's CPU, tested to 1e-5)
+    dtype = hidden.dtype
+    if dtype == torch.float32 and weight.dtype == torch.float32 and hasattr(torch, "rms_norm"):
+        return torch.rms_norm(hidden, (hidden.shape[-1],), weight, eps)
+    h = hidden.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+_PACKING_WARNED = False  # the "no packed weights" warning is given once per process
+
+
+def _pack_weight(weight: Tensor, rows: int) -> Tensor:
+    """``weight [out, in]`` in oneDNN's blocked layout for ``x @ weight.T`` with about ``rows`` rows of ``x`` (the
+    layout torch's inductor gives a frozen CPU linear)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+
+
+def _packed_linear(x: Tensor, packed: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+class FusedDecoder:
+    """A Llama decoder's forward over :class:`StaticKV` buffers, written out: per layer one ``[q; k; v]`` matmul,
+    the rotary embedding of queries and keys in one go, :meth:`StaticKV.attend`, the output projection, one
+    ``[gate; up]`` matmul and the down projection, with transformers' RMSNorm and residual order -- the arithmetic of
+    transformers' layers with their weights as :func:`merged_adapter` fused them, without the per-layer module calls,
+    keyword plumbing and mask construction around it; and the vocabulary head (:meth:`head`).
+
+    ``pack`` (float32 on the CPU): the matmuls' weights -- the four per layer and the head -- are reordered once per
+    generation into oneDNN's blocked layout (``torch.ops.mkldnn``, what torch's inductor gives a frozen linear) and
+    multiplied by oneDNN: a decoding step of a few rows streams every weight once, and these kernels stream them
+    2-3x faster than ``F.linear``'s (``tools/bench_rollout.py --quickstart``). The copies cost the weights' size
+    while the generation lasts. Where torch has no such ops (no oneDNN, another CPU) or a probe product disagrees,
+    ``F.linear`` runs with one warning per process. Equal to transformers' decoder up to float32 rounding (the
+    kernels block their sums differently)."""
+
+    def __init__(self, model, layers: Sequence[FusedLayer], pack: bool = True):
+        from transformers.activations import ACT2FN
+
+        decoder = model._decoder
+        config = decoder.config
+        self.decoder = decoder
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        self.act = ACT2FN[config.hidden_act]
+        self.scaling = self.head_dim ** -0.5
+        self.norms = [(layer.norm_in, layer.norm_post) for layer in layers]
+        self.norm = decoder.norm.weight
+        self.intermediate = layers[0].down.shape[1]
+        head = model._lm_head
+        self.head_bias = getattr(head, "bias", None)
+        # [q; k; v], o, [gate; up], down per layer, then the head
+        self.weights = [(layer.qkv, layer.out, layer.gate_up, layer.down) for layer in layers]
+        self.head_weight = head.weight
+        self.linear = torch.nn.functional.linear
+        self.pack = pack and self.head_weight.device.type == "cpu" and self.head_weight.dtype == torch.float32
+        self.packed = False
+
+    def _pack(self, rows: int) -> None:
+        """Reorder the weights for oneDNN (once, at the first forward, when the rows are known)."""
+        global _PACKING_WARNED
+        self.pack = False
+        try:
+            weights = [tuple(_pack_weight(w, rows) for w in group) for group in self.weights]
+            head = _pack_weight(self.head_weight, rows)
+            probe = torch.linspace(-1, 1, rows * self.head_weight.shape[1]).view(rows, -1)
+            expected = torch.nn.functional.linear(probe, self.head_weight, self.head_bias)
+            torch.testing.assert_close(_packed_linear(probe, head, self.head_bias), expected, rtol=1e-4, atol=1e-4)
+        except (AttributeError, RuntimeError, NotImplementedError, AssertionError) as err:
+            if not _PACKING_WARNED:
+                _PACKING_WARNED = True
+                warnings.warn(f"fast generation: no oneDNN-packed weights in this torch build ({str(err)[:200]}); "
+                              "the fused decoding step multiplies with F.linear (slower, the same tokens)",
+                              RuntimeWarning, stacklevel=4)
+            return
+        self.weights, self.head_weight, self.linear, self.packed = weights, head, _packed_linear, True
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """float32 logits of ``hidden [..., H]`` (final-normed) by the model's vocabulary head."""
+        return self.linear(hidden, self.head_weight, self.head_bias).float()
+
+    def __call__(self, kv: StaticKV, ids: Tensor, positions: Tensor) -> Tensor:
+        """Final hidden states ``[B, q, H]`` of ``ids [B, q]`` at ``positions``; keys and values written to ``kv``
+        at its column (:meth:`StaticKV.begin` done by the caller)."""
+        rows, length = ids.shape
+        if self.pack:
+            self._pack(rows)
+        heads, kv_heads, dim, eps = self.heads, self.kv_heads, self.head_dim, self.eps
+        linear = self.linear
+        rotated = heads + kv_heads
+        hidden = self.decoder.embed_tokens(ids)
+        cos, sin = self.decoder.rotary_emb(hidden, positions)  # [B, q, d], transformers' own
+        cos, sin = cos[:, None], sin[:, None]
+        half = dim // 2
+        for index, ((qkv_w, out_w, gate_up_w, down_w), (norm_in, norm_post)) in enumerate(zip(self.weights,
+                                                                                             self.norms)):
+            x = _rms_norm(hidden, norm_in, eps)
+            qkv = linear(x, qkv_w).view(rows, length, rotated + kv_heads, dim).transpose(1, 2)
+            both = qkv[:, :rotated]  # queries and keys: transformers' apply_rotary_pos_emb, on both at once
+            turned = torch.cat((-both[..., half:], both[..., :half]), dim=-1)
+            both = both * cos + turned * sin
+            kv.write(index, both[:, heads:], qkv[:, rotated:])
+            attended = kv.attend(index, both[:, :heads], self.scaling)  # [B, q, heads, d]
+            hidden = hidden + linear(attended.reshape(rows, length, heads * dim), out_w)
+            x = _rms_norm(hidden, norm_post, eps)
+            gate_up = linear(x, gate_up_w)
+            gate, up = gate_up[..., : self.intermediate], gate_up[..., self.intermediate:]
+            hidden = hidden + linear(self.act(gate) * up, down_w)
+        return _rms_norm(hidden, self.norm, eps)
 
 
 class CapturedStep:
@@ -330,10 +524,13 @@ class FastDecoder:
     model's mode and the post-processing). ``graph``: capture the decoding step in a CUDA graph; ``deferred_stop``:
     read the "all finished" flag one step late (:class:`StopFlag`); both default to on CUDA only."""
 
-    def __init__(self, model, graph: Optional[bool] = None, deferred_stop: Optional[bool] = None):
+    def __init__(self, model, graph: Optional[bool] = None, deferred_stop: Optional[bool] = None,
+                 fused: Optional[Sequence[FusedLayer]] = None, pack: bool = True):
         self.model = model
         self.graph = model.device.type == "cuda" if graph is None else graph
         self.deferred_stop = deferred_stop
+        # the rows' own prompt tokens and every decoding step through FusedDecoder (the weights merged_adapter fused)
+        self.fused = FusedDecoder(model, fused, pack=pack) if fused else None
 
     def _capture(self, step: Callable[[], Tensor], state: Sequence[Tensor]) -> Callable[[], Tensor]:
         """The step as a CUDA graph; should the capture fail (an operation a graph cannot hold, in some library
@@ -346,10 +543,19 @@ class FastDecoder:
             self.graph = False
             return step
 
+    def head(self, hidden: Tensor) -> Tensor:
+        """float32 logits of final hidden states (the fused step's packed head where it runs)."""
+        if self.fused is not None:
+            return self.fused.head(hidden)
+        return self.model._lm_head(hidden).float()
+
     def forward(self, kv: StaticKV, ids: Tensor, positions: Tensor) -> Tensor:
         """Final hidden states ``[B, q, H]`` of ``ids [B, q]`` at ``positions``, written to ``kv`` at its column."""
         kv.begin(ids.shape[1])
-        hidden = self.model._decoder(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+        if self.fused is not None:
+            hidden = self.fused(kv, ids, positions)
+        else:
+            hidden = self.model._decoder(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
         kv.column.add_(ids.shape[1])
         return hidden
 
@@ -381,7 +587,7 @@ class FastDecoder:
             for start in range(shared, ids.shape[1], chunk):
                 part = slice(start, min(ids.shape[1], start + chunk))
                 hidden = self.forward(kv, ids[:, part], positions[:, part])
-        logits = model._lm_head(hidden[:, -1]).float()
+        logits = self.head(hidden[:, -1])
         return ids, logits, kv, mask.sum(1)
 
     def run(self, prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int, sampler: Sampler, eos: Sequence[int],
@@ -408,7 +614,7 @@ class FastDecoder:
         def step() -> Tensor:
             hidden = self.forward(kv, tokens, positions)
             positions.add_(1)
-            return model._lm_head(hidden[:, -1]).float()
+            return self.head(hidden[:, -1])
 
         unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=device)
         stop = StopFlag(device, self.deferred_stop)

@@ -160,14 +160,20 @@ class GenerationMixin:
         """The fast path's sampling (:class:`~modules.shared_base.fast_decoding.FastDecoder`): the view's adapter
         merged into the weights for a float32 model, applied as LoRA otherwise. Returns what ``generate`` would:
         (ids ``[B, P' + n]``, the prompt width ``P'``) and the log-probs or None."""
-        from modules.shared_base.fast_decoding import FastDecoder, Sampler, merged_adapter
+        from modules.shared_base.fast_decoding import FastDecoder, Sampler, fused_step_unsupported, merged_adapter
 
         sampler = Sampler(do_sample, temperature, top_k, top_p, log_probs=record_log_probs)
-        merge = view != "reference" and self.dtype == torch.float32
-        context = merged_adapter(self, view) if merge else self.use_view(view)
-        with context:
-            return FastDecoder(self).run(prompt_ids, prompt_mask, max_new_tokens, sampler, self.eos_token_ids,
-                                         stop_strings, share)
+        float32 = self.dtype == torch.float32
+        fuse = float32 and self.config.fused_decoding and fused_step_unsupported(self) is None
+        if fuse:  # the view's weights merged (reference: copied) into fused [q; k; v] and [gate; up] tensors
+            context = merged_adapter(self, None if view == "reference" else view, fuse=True)
+        elif view != "reference" and float32:
+            context = merged_adapter(self, view)
+        else:
+            context = self.use_view(view)
+        with context as fused:
+            return FastDecoder(self, fused=fused).run(prompt_ids, prompt_mask, max_new_tokens, sampler,
+                                                      self.eos_token_ids, stop_strings, share)
 
     def _shared_prefix(self, prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[list[Tensor], int]:
         """The unpadded rows and how many tokens at their start every row shares: 0 when fewer than
