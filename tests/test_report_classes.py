@@ -65,3 +65,24 @@ def test_class_shares_and_choice_readings(tmp_path):
                                          "classes_balance_scale.md"]
     table = (tmp_path / "out" / "classes_balance_scale.md").read_text()
     assert "| 1 | 0.33 | 0.33 | 0.00 | 0.33 |" in table and "' clf' / ' from' | 2 | 0.700 / 0.100" in table
+
+
+def test_choice_figure_wraps_many_runs_into_rows(tmp_path):
+    """A folder of tens of runs draws its choice panels CHOICE_PANELS_PER_ROW a row (one row of 14 was unreadable)."""
+    from PIL import Image
+
+    from etpo.report.classes import CHOICE_PANELS_PER_ROW
+
+    def figure_size(n_runs, name):
+        root = tmp_path / name / "runs" / "etpo" / "balance_scale"
+        for seed in range(n_runs):
+            _write(root / f"seed{seed}", history=[
+                {"batch": 1, "classes": {"RandomForestClassifier": {"n": 1, "runnable": 1, "mean_reward": 0.8}},
+                 "choice": _choice(1, 0.4, 0.3)}])
+        write_class_report(tmp_path / name, "balance_scale", tmp_path / name / "out")
+        return Image.open(tmp_path / name / "out" / "choice_balance_scale.png").size
+
+    one_row = figure_size(CHOICE_PANELS_PER_ROW, "one")
+    three_rows = figure_size(2 * CHOICE_PANELS_PER_ROW + 1, "three")
+    assert three_rows[0] == one_row[0]                       # no wider than a full row
+    assert three_rows[1] == pytest.approx(3 * one_row[1], rel=0.05)

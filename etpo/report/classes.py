@@ -28,6 +28,9 @@ __all__ = ["run_classes", "pooled_shares", "choice_series", "write_class_report"
 FAILED = "(failed)"
 
 
+#: panels a row in the choice figure (one panel per run)
+CHOICE_PANELS_PER_ROW = 5
+
 def _samples(run: Path) -> list[dict]:
     for name, opener in (("samples.jsonl", open), ("samples.jsonl.gz", gzip.open)):
         path = run / name
@@ -187,10 +190,15 @@ def write_class_report(folder: Path, dataset: str, out: Path, contenders: Option
     readings = [(c, p, choice_series(p)) for c, paths in runs.items() for p in paths]
     readings = [r for r in readings if r[2] is not None]
     if readings:
-        fig, axes = plt.subplots(1, len(readings), figsize=(4.2 * len(readings), 3.4), squeeze=False)
+        # a grid of at most CHOICE_PANELS_PER_ROW panels a row: a benchmark folder holds tens of runs
+        cols = min(CHOICE_PANELS_PER_ROW, len(readings))
+        rows = -(-len(readings) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+        for ax in axes.flat[len(readings):]:
+            ax.set_visible(False)
         lines += ["## Where the classes part (answer-class probe)", "",
                   "| run | classes (frequent / best) | tokens | batch | pi | pi_ref | pi* | Q |", "|---" * 8 + "|"]
-        for ax, (contender, path, series) in zip(axes[0], readings):
+        for ax, (contender, path, series) in zip(axes.flat, readings):
             for side, style in ((0, "-"), (1, "--")):
                 name, tok = series["classes"][side], series["tokens"][side]
                 ax.plot(series["batches"], series["pi"][side], style, color="C0", label=f"pi   {tok!r} ({name})")
