@@ -41,6 +41,18 @@ def _plain_log_ref(module, batch):
     return ref.gather(-1, batch.action_ids.unsqueeze(-1)).squeeze(-1)
 
 
+def _plain_tree_policy_loss(module, batch, t) -> float:
+    """Eq. 7 from plain forwards (no shared prefixes): pi* of the critic's Q with the trees' Q at their branches."""
+    m = module.model
+    args = (batch.prompt_ids, batch.prompt_mask, batch.action_ids, batch.action_mask)
+    with torch.no_grad():
+        ref = m.head(m.action_hidden("reference", *args, share_prefixes=False))
+        q = q_from_critic(m.head(m.action_hidden("critic", *args, share_prefixes=False)), ref, "zero")
+        q = branch_q(q, *t.branches)
+        pi = m.head(m.action_hidden("policy", *args, share_prefixes=False))
+    return float(policy_loss(pi, ref, q, batch.action_mask.float(), module.hparams.beta))
+
+
 def test_the_batch_targets_are_the_tree_backup_of_its_answers():
     module = _module()
     batch = _batch(module)  # toy env: every row answers the same prompt and ends its episode (leaf = its reward)
@@ -185,15 +197,7 @@ def test_the_policy_step_moves_towards_the_trees_where_the_answers_part():
     module.answer_trees(batch, t)
     assert t.branches is not None and bool(t.branches[0].any())
     got, _ = module.policy_loss(batch, module.plan(batch, next_prompts=False), t)
-    m = module.model
-    args = (batch.prompt_ids, batch.prompt_mask, batch.action_ids, batch.action_mask)
-    with torch.no_grad():
-        ref = m.head(m.action_hidden("reference", *args, share_prefixes=False))
-        q = q_from_critic(m.head(m.action_hidden("critic", *args, share_prefixes=False)), ref, "zero")
-        q = branch_q(q, *t.branches)
-    pi = m.head(m.action_hidden("policy", *args, share_prefixes=False))
-    want = policy_loss(pi, ref, q, batch.action_mask.float(), module.hparams.beta)
-    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    assert float(got.detach()) == pytest.approx(_plain_tree_policy_loss(module, batch, t), rel=1e-5)
     without, _ = module.policy_loss(batch, module.plan(batch, next_prompts=False), t.__class__(
         **{**t.__dict__, "branches": None}))
     assert float(without.detach()) != pytest.approx(float(got.detach()), rel=1e-3)
@@ -208,15 +212,7 @@ def test_with_a_zero_prior_every_answer_token_gets_the_trees_q():
     module.answer_trees(batch, t)
     assert torch.equal(t.branches[0], batch.action_mask.bool())
     got, _ = module.policy_loss(batch, module.plan(batch, next_prompts=False), t)
-    m = module.model
-    args = (batch.prompt_ids, batch.prompt_mask, batch.action_ids, batch.action_mask)
-    with torch.no_grad():
-        ref = m.head(m.action_hidden("reference", *args, share_prefixes=False))
-        q = q_from_critic(m.head(m.action_hidden("critic", *args, share_prefixes=False)), ref, "zero")
-        q = branch_q(q, *t.branches)
-        pi = m.head(m.action_hidden("policy", *args, share_prefixes=False))
-    want = policy_loss(pi, ref, q, batch.action_mask.float(), module.hparams.beta)
-    assert float(got.detach()) == pytest.approx(float(want), rel=1e-5)
+    assert float(got.detach()) == pytest.approx(_plain_tree_policy_loss(module, batch, t), rel=1e-5)
 
 
 def test_the_tree_backup_refuses_what_it_does_not_combine_with():
