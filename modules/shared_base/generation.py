@@ -111,11 +111,10 @@ class GenerationMixin:
         )
         share = self.config.prefix_sharing if share_prefix is None else share_prefix
         fast = self.config.fast_generation if fast is None else fast
-        if fast and fast_path_unsupported(self) is not None:
-            fast = False
-        if record_log_probs and not fast:
-            why = fast_path_unsupported(self) or "off"
-            raise ValueError(f"record_log_probs needs the fast generation path ({why})")
+        unsupported = fast_path_unsupported(self) if fast or record_log_probs else None
+        if record_log_probs and (not fast or unsupported):
+            raise ValueError(f"record_log_probs needs the fast generation path ({unsupported or 'off'})")
+        fast = fast and unsupported is None
         was_training = self.training
         # eval: no LoRA dropout while sampling, and gradient checkpointing (active only in training mode) would
         # otherwise switch the KV cache off.
