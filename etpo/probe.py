@@ -12,7 +12,9 @@ prompt (the prompt every episode starts from), as sampled -- and after every upd
 * each exemplar's log-probability under pi_theta, pi_bar and (ETPO) pi*: ``logp_policy``, ``logp_reference``,
   ``logp_optimal`` (sums over its tokens);
 * at every token where two tracked exemplars part -- each against the most frequent class of the batch and against
-  the best-rewarded class -- each side's pi_theta, pi_bar, pi* and Q of its own next token.
+  the best-rewarded class -- each side's pi_theta, pi_bar, pi* and Q of its own next token; with the answer trees
+  (ETPO's ``optimal_tree`` forms) also the trees' own ``q_tree`` and ``pi_optimal_tree`` there (the last update's
+  trees, where an answer of theirs reached that prefix).
 
 Its readings go under ``choice`` in the batch's line of ``history.jsonl`` (:class:`etpo.fit.RunArtifacts` writes it
 after this callback has run) and to TensorBoard under ``choice/``. Read-only: no parameter, optimizer or random
@@ -156,6 +158,11 @@ class AnswerClassProbe(Callback):
         frequent = max(tracked, key=lambda c: (self._batch_classes.get(c, 0), self.counts[c]))
         best = max(tracked, key=lambda c: (self.exemplars[c]["runnable"], self.exemplars[c]["reward"]))
         tokenizer = pl_module.model.tokenizer
+        # the answer trees' own Q and pi* where the module keeps them (ETPO with the trees, docs/method.md 4a): what
+        # the critic is trained towards and, with policy_target: optimal_tree, what the policy step aims at
+        tree_of = getattr(pl_module, "tree_readings", None)
+        trees = [tree_of(self.task_prompt, r) for r in rows] if callable(tree_of) else [None] * len(rows)
+        beta = float(getattr(pl_module.hparams, "beta", 0.0) or 0.0)
         choices: dict[tuple, dict] = {}
         for anchor in dict.fromkeys((frequent, best)):
             a = tracked.index(anchor)
@@ -175,6 +182,12 @@ class AnswerClassProbe(Callback):
                             option[out] = math.exp(float(values[source][k, pos]))
                     if "q" in values:
                         option["q"] = float(values["q"][k, pos])
+                    read = trees[k][pos] if trees[k] is not None else None
+                    if read is not None and beta > 0 and "logp_reference" in values:
+                        q_tree, v_tree = read
+                        option["q_tree"] = q_tree
+                        option["pi_optimal_tree"] = math.exp(float(values["logp_reference"][k, pos])
+                                                             + (q_tree - v_tree) / beta)
                     choice["options"][tracked[k]] = option
         return {"batch": batch_number, "frequent": frequent, "best": best, "classes": classes,
                 "choices": sorted(choices.values(), key=lambda c: c["position"])}
@@ -190,6 +203,6 @@ class AnswerClassProbe(Callback):
                     experiment.add_scalar(f"choice/{name}/{key}", entry[key], step)
         for choice in latest["choices"]:
             for name, option in choice["options"].items():
-                for key in ("pi", "pi_optimal", "q"):
+                for key in ("pi", "pi_optimal", "q", "pi_optimal_tree", "q_tree"):
                     if key in option:
                         experiment.add_scalar(f"choice/{name}/at_{choice['position']}/{key}", option[key], step)

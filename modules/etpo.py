@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable
@@ -203,6 +203,7 @@ class ETPOModule(AgentModule):
         self.reward_sum, self.reward_count, self.episode_length = 0.0, 0, None
         self.replay = TransitionReplay(replay_capacity)
         self.memory = AnswerMemory(answer_memory)
+        self.last_trees: Optional[dict] = None  # the last update's answer trees (node values), for the probe
         self.policy_lr_scheduler = policy_lr_scheduler
         self.critic_lr_scheduler = critic_lr_scheduler
 
@@ -343,6 +344,7 @@ class ETPOModule(AgentModule):
         actions = [batch.action_ids[i, :n].cpu().tolist() for i, n in enumerate(lengths)]
         tree = tree_backup(groups, actions, [row[:n] for row, n in zip(log_ref, lengths)], t.leaf_values.tolist(),
                            hp.beta, hp.unwritten_value)
+        self.last_trees = {"values": tree.node_values, "unwritten": hp.unwritten_value}
         if hp.target_backup == "optimal_tree":
             for i, (n, row) in enumerate(zip(lengths, tree.targets)):
                 t.targets[i, :n] = torch.tensor(row, dtype=t.targets.dtype, device=t.targets.device)
@@ -556,6 +558,26 @@ class ETPOModule(AgentModule):
                 out[name][:, sl] = full.gather(-1, taken).squeeze(-1)
         mask = action_mask.to(out["q"])
         return {name: value * mask for name, value in out.items()}
+
+    def tree_readings(self, prompt: Sequence[int], action: Sequence[int]) -> Optional[list[Optional[tuple]]]:
+        """What the last update's answer trees (docs/method.md, section 4a) say along ``action`` written for
+        ``prompt`` (token ids, unpadded): per position ``j``, ``(Q, V)`` -- the tree's soft-optimal Q of the token
+        written there (a token no answer wrote at that node: the unwritten value, 0 or the node's ``V``) and the
+        node's value ``V`` -- or None where no answer of the trees reached that prefix. None without trees. The
+        trees' own pi* of that token is then ``pi_bar * exp((Q - V) / beta)``."""
+        if self.last_trees is None:
+            return None
+        values, unwritten = self.last_trees["values"], self.last_trees["unwritten"]
+        group, action = tuple(int(t) for t in prompt), tuple(int(t) for t in action)
+        out: list[Optional[tuple]] = []
+        for j in range(len(action)):
+            v = values.get((group, action[:j]))
+            if v is None:
+                out.append(None)
+                continue
+            q = values.get((group, action[: j + 1]), 0.0 if unwritten == "zero" else v)
+            out.append((q, v))
+        return out
 
     # ---- token-level credit ------------------------------------------------------------------------------------
     @torch.no_grad()

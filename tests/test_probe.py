@@ -127,3 +127,52 @@ def test_a_better_answer_of_a_class_replaces_its_exemplar_and_state_survives(mod
     restored = AnswerClassProbe()
     restored.load_state_dict(probe.state_dict())
     assert restored.exemplars == probe.exemplars and restored.task_prompt == task and restored.counts == probe.counts
+
+
+@pytest.mark.parametrize("unwritten", ["zero", "node"])
+def test_the_trees_q_and_pi_star_at_a_parting_token_equal_a_softmax_over_the_vocabulary(module, unwritten):
+    """With answer trees kept by the module, the probe's ``q_tree`` / ``pi_optimal_tree`` at a parting token are the
+    trees' Q of that token and pi* = softmax(log pi_bar + Q / beta) over the whole vocabulary, every token no answer
+    wrote there at the unwritten value (0, or the node's V) -- built here by hand from a plain forward."""
+    from modules.losses.etpo import tree_backup
+
+    tok = module.model.tokenizer
+    task = tok.encode("q:", add_special_tokens=False)
+    forest, logreg, lasso = ([tok.convert_tokens_to_ids(c) for c in text] for text in ("abcab", "abdeh", "abdf"))
+    rows, rewards = [forest, logreg, lasso], [0.3, 0.6, -1.0]
+    m, beta = module.model, module.hparams.beta
+    ids, mask = _pad(rows, left=False)
+    prompt = torch.tensor([task] * len(rows))
+    plan = m.plan(prompt, torch.ones_like(prompt), ids, mask, share_prefixes=False)
+    with torch.no_grad():
+        log_ref = torch.log_softmax(m.head(m.plan_hidden("reference", plan)[0]), -1)
+    taken = [[float(log_ref[i, j, w]) for j, w in enumerate(r)] for i, r in enumerate(rows)]
+    tree = tree_backup([tuple(task)] * 3, rows, taken, rewards, beta, unwritten)
+    probe = AnswerClassProbe(max_classes=5)
+    pids, pmask = _pad([task] * 3, left=True)
+    samples = [{"answer_class": c, "status": "ok" if r > -1 else "error", "reward": r, "episode_step": 1}
+               for c, r in zip(("Forest", "LogReg", "Lasso"), rewards)]
+    probe._collect(_Rollout(pids, pmask, ids, mask), samples, batch_number=1)
+    module.last_trees = {"values": tree.node_values, "unwritten": unwritten}
+    try:
+        out = probe._read(None, module, batch_number=1)
+    finally:
+        module.last_trees = None
+    values = tree.node_values
+    parts = {c["position"]: c for c in out["choices"]}
+    assert sorted(parts) == [2, 3]
+    for pos, choice in parts.items():
+        for name, option in choice["options"].items():
+            row = rows[("Forest", "LogReg", "Lasso").index(name)]
+            node = (tuple(task), tuple(row[:pos]))
+            written = {prefix[-1]: v for (g, prefix), v in values.items() if len(prefix) == pos + 1
+                       and prefix[:pos] == node[1]}
+            q = torch.full((log_ref.shape[-1],), 0.0 if unwritten == "zero" else values[node], dtype=torch.float64)
+            for token, v in written.items():
+                q[token] = v
+            i = rows.index(row)
+            pi_star = torch.softmax(log_ref[i, pos].double() + q / beta, -1)
+            assert option["q_tree"] == pytest.approx(float(q[row[pos]]), abs=1e-9)
+            assert option["pi_optimal_tree"] == pytest.approx(float(pi_star[row[pos]]), rel=1e-4)
+    # the readings without trees: none
+    assert all("q_tree" not in o for c in probe._read(None, module, 1)["choices"] for o in c["options"].values())

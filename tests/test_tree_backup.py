@@ -67,6 +67,16 @@ def test_the_batch_targets_are_the_tree_backup_of_its_answers():
         assert t.targets[i, :n].tolist() == pytest.approx(want[i], abs=1e-5)
         assert float(t.targets[i, n - 1]) == pytest.approx(float(batch.rewards[i]), abs=1e-6)  # the last token
         assert float(t.targets[i, n:].abs().sum()) == 0.0  # padding stays zero
+    # what the probe reads back: along every row, the trees' Q of each written token is that row's target, and the
+    # node value before it the previous target (the root's: beta log Z over the first tokens)
+    for prompt, action, n, i in zip(prompts, actions, lengths, range(len(lengths))):
+        read = module.tree_readings(prompt, action)
+        assert [q for q, _ in read] == pytest.approx(want[i], abs=1e-5)
+        assert [v for _, v in read][1:] == pytest.approx(want[i][:-1], abs=1e-5)
+    root = read[0][1]
+    unwritten = 0.0 if module.hparams.unwritten_value == "zero" else root
+    assert module.tree_readings(prompts[0], [10 ** 6]) == [(unwritten, root)]  # a token no row wrote
+    assert module.tree_readings((10 ** 6,), actions[0]) == [None] * lengths[0]  # another prompt: no tree
 
 
 def test_concat_keeps_every_row_and_shifts_the_links():

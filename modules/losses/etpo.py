@@ -18,7 +18,7 @@ action-level soft Bellman equation (Appendix A).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Hashable, Optional, Sequence
 
 import torch
@@ -207,6 +207,9 @@ class TreeBackup:
 
     targets: list[list[float]]
     branches: list[list[Optional[tuple[list[int], list[float], float]]]]
+    #: every node's value ``V``, keyed ``(group, prefix)`` (the prefix a tuple of token ids; the full action a leaf):
+    #: what the answer-class probe reads at the tokens where answers part
+    node_values: dict = field(default_factory=dict)
 
 
 def tree_backup(
@@ -284,7 +287,7 @@ def tree_backup(
             row.append((tokens, [value[(g, action[:j] + (t,))] for t in tokens],
                         value[(g, action[:j])] if unwritten == "node" else 0.0))
         branches.append(row)
-    return TreeBackup(targets, branches)
+    return TreeBackup(targets, branches, value)
 
 
 def tree_targets(
