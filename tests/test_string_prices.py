@@ -62,3 +62,4 @@ def test_attempts_at_the_task_prompt_are_first_attempts_and_those_after_a_failur
     assert [r["text"] for r in string_prices.read_first_attempts(tmp_path, after_failure=False)] == ["a", "b", "g"]
     with pytest.raises(FileNotFoundError, match="no samples.jsonl"):
         string_prices.read_first_attempts(tmp_path / "missing")
+
