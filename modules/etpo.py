@@ -77,6 +77,8 @@ class _Targets:
     leaf_values: Optional[torch.Tensor] = None  # [B] r - b + gamma (1 - done) V(s'): finishing the action
     # policy_target optimal_tree: (mask [B, L], node value [B, L], written (row, position, token) [K, 3], their Q [K])
     branches: Optional[tuple] = None
+    # policy_nodes choices: the [B, L] positions the policy step is taken at (None: every action token)
+    policy_mask: Optional[torch.Tensor] = None
 
 
 class ETPOModule(AgentModule):
@@ -108,6 +110,12 @@ class ETPOModule(AgentModule):
             node's own value: only the written continuations are compared) or ``zero`` (the ``zero`` Q form's prior,
             an average outcome under a reward baseline: a written continuation below it loses mass to the others,
             one above it gains; with ``policy_target: optimal_tree`` every token of every answer is then a choice).
+        policy_nodes: where the policy step (Eq. 7) is taken. ``all`` (the paper): at every action token. ``choices``
+            (beyond the paper; with ``policy_target: optimal_tree``): only at the trees' nodes that say something
+            about a choice -- two or more written continuations, or one that is worth less than a token never
+            written there (a way out of a failure) -- and not where one written continuation beats the unwritten
+            ones, which at a small beta is a supervised step towards that answer that outweighs, in the shared
+            adapter, the tokens where the answers part (docs/method.md, section 4a; soft_optimal.md, section 8).
         trace_correction: with ``td_lambda > 0``, cut the traces by ``min(1, pi / mu)`` where ``mu`` is the sampling
             distribution (temperature, top-k, top-p), so the fixed point stays the soft Q of pi.
         discount_within_action: the ETPO(Disc.) ablation (Appendix G): within-action targets times gamma.
@@ -148,6 +156,7 @@ class ETPOModule(AgentModule):
         policy_target: str = "critic",
         answer_memory: int = 0,
         unwritten_value: str = "node",
+        policy_nodes: str = "all",
         discount_within_action: bool = False,
         huber_delta: float | None = None,
         policy_lr: float = 1e-4,
@@ -184,6 +193,10 @@ class ETPOModule(AgentModule):
             raise ValueError(f"policy_target must be one of {POLICY_TARGETS}, got {policy_target!r}")
         if unwritten_value not in ("node", "zero"):
             raise ValueError(f"unwritten_value must be 'node' or 'zero', got {unwritten_value!r}")
+        if policy_nodes not in ("all", "choices") or (policy_nodes == "choices" and policy_target != "optimal_tree"):
+            raise ValueError("policy_nodes is 'all' (Eq. 7 at every action token) or 'choices' (only where the answer "
+                             "trees hold a choice; needs policy_target: optimal_tree), got "
+                             f"{policy_nodes!r} with policy_target {policy_target!r}")
         if answer_memory < 0 or (answer_memory and target_backup != "optimal_tree"):
             raise ValueError("answer_memory (>= 0) brings past answers back for the optimality backup: set "
                              f"target_backup: optimal_tree, or answer_memory: 0 (got {answer_memory})")
@@ -353,6 +366,21 @@ class ETPOModule(AgentModule):
         if hp.policy_target == "optimal_tree":
             t.branches = self._branch_tensors(tree.branches, t.targets)
             t.charts["charts/branch_tokens"] = float(t.branches[0].sum())
+            if hp.policy_nodes == "choices":
+                t.policy_mask = self._choice_mask(tree.branches, t.targets)
+                t.charts["charts/policy_tokens"] = float(t.policy_mask.sum())
+
+    @staticmethod
+    def _choice_mask(branches: list, like: torch.Tensor) -> torch.Tensor:
+        """``[B, L]``: the positions whose tree node holds a choice (``policy_nodes: choices``): two or more written
+        continuations, or a single one worth less than a token never written there."""
+        mask = torch.zeros(like.shape, dtype=torch.bool, device=like.device)
+        for b, row in enumerate(branches):
+            for j, branch in enumerate(row):
+                if branch is not None:
+                    tokens, q_written, unwritten_q = branch
+                    mask[b, j] = len(tokens) > 1 or q_written[0] < unwritten_q
+        return mask
 
     @staticmethod
     def _branch_tensors(branches: list, like: torch.Tensor) -> tuple:
@@ -490,6 +518,8 @@ class ETPOModule(AgentModule):
         the trees' Q where they have one (section 4a) -- chunk by chunk over the vocabulary."""
         hp, m = self.hparams, self.model
         mask = batch.action_mask.float()
+        if t.policy_mask is not None:  # policy_nodes: choices -- the step only where the trees hold a choice
+            mask = mask * t.policy_mask.to(mask)
         n_tokens = mask.sum().clamp(min=1)
         with torch.no_grad():
             h_critic, _ = m.plan_hidden("critic", plan)

@@ -41,8 +41,9 @@ def _plain_log_ref(module, batch):
     return ref.gather(-1, batch.action_ids.unsqueeze(-1)).squeeze(-1)
 
 
-def _plain_tree_policy_loss(module, batch, t) -> float:
-    """Eq. 7 from plain forwards (no shared prefixes): pi* of the critic's Q with the trees' Q at their branches."""
+def _plain_tree_policy_loss(module, batch, t, mask=None) -> float:
+    """Eq. 7 from plain forwards (no shared prefixes): pi* of the critic's Q with the trees' Q at their branches; the
+    mean over ``mask`` (default: every action token)."""
     m = module.model
     args = (batch.prompt_ids, batch.prompt_mask, batch.action_ids, batch.action_mask)
     with torch.no_grad():
@@ -50,7 +51,8 @@ def _plain_tree_policy_loss(module, batch, t) -> float:
         q = q_from_critic(m.head(m.action_hidden("critic", *args, share_prefixes=False)), ref, "zero")
         q = branch_q(q, *t.branches)
         pi = m.head(m.action_hidden("policy", *args, share_prefixes=False))
-    return float(policy_loss(pi, ref, q, batch.action_mask.float(), module.hparams.beta))
+    mask = batch.action_mask.float() if mask is None else mask.float()
+    return float(policy_loss(pi, ref, q, mask, module.hparams.beta))
 
 
 def test_the_batch_targets_are_the_tree_backup_of_its_answers():
@@ -223,6 +225,29 @@ def test_with_a_zero_prior_every_answer_token_gets_the_trees_q():
     assert torch.equal(t.branches[0], batch.action_mask.bool())
     got, _ = module.policy_loss(batch, module.plan(batch, next_prompts=False), t)
     assert float(got.detach()) == pytest.approx(_plain_tree_policy_loss(module, batch, t), rel=1e-5)
+
+
+@pytest.mark.parametrize("unwritten", ["zero", "node"])
+def test_policy_nodes_choices_takes_the_step_only_where_the_trees_hold_a_choice(unwritten):
+    """policy_nodes: choices -- Eq. 7 (plain forwards) averaged over the positions whose node has two or more
+    written continuations (found here by enumerating the rows' prefixes) or a single one below the unwritten value."""
+    module = _module(policy_target="optimal_tree", unwritten_value=unwritten, policy_nodes="choices")
+    batch = _batch(module)
+    prompts, actions, lengths = _rows(batch)
+    t = module.compute_targets(batch, module.plan(batch))
+    module.answer_trees(batch, t)
+    want = torch.zeros(batch.action_mask.shape, dtype=torch.bool)
+    for i, (p, a) in enumerate(zip(prompts, actions)):
+        for j in range(len(a)):
+            nxt = {b[j] for q, b in zip(prompts, actions) if q == p and len(b) > j and b[:j] == a[:j]}
+            below = unwritten == "zero" and float(t.targets[i, j]) < 0.0  # the written token's tree Q
+            want[i, j] = len(nxt) > 1 or below
+    assert torch.equal(t.policy_mask.cpu(), want)
+    assert 0 < int(want.sum()) < int(batch.action_mask.sum())  # a real restriction on this batch
+    got, charts = module.policy_loss(batch, module.plan(batch, next_prompts=False), t)
+    assert float(got.detach()) == pytest.approx(_plain_tree_policy_loss(module, batch, t, want), rel=1e-5)
+    with pytest.raises(ValueError, match="policy_nodes"):
+        ETPOModule(backbone=tiny_backbone(), policy_nodes="choices")  # needs the trees' policy target
 
 
 def test_the_tree_backup_refuses_what_it_does_not_combine_with():
