@@ -116,6 +116,10 @@ class ETPOModule(AgentModule):
             written there (a way out of a failure) -- and not where one written continuation beats the unwritten
             ones, which at a small beta is a supervised step towards that answer that outweighs, in the shared
             adapter, the tokens where the answers part (docs/method.md, section 4a; soft_optimal.md, section 8).
+        policy_divergence: ``reverse`` (the paper's Eq. 7): KL(pi_theta || pi*). ``forward`` (beyond the paper):
+            KL(pi* || pi_theta), the same minimiser with the bounded logit gradient ``pi_theta - pi*``; the reverse
+            KL's gradient is dominated by the mass pi_theta leaves where pi* is ~0 (log-ratios of Q / beta)
+            (docs/method.md, section 6).
         trace_correction: with ``td_lambda > 0``, cut the traces by ``min(1, pi / mu)`` where ``mu`` is the sampling
             distribution (temperature, top-k, top-p), so the fixed point stays the soft Q of pi.
         discount_within_action: the ETPO(Disc.) ablation (Appendix G): within-action targets times gamma.
@@ -157,6 +161,7 @@ class ETPOModule(AgentModule):
         answer_memory: int = 0,
         unwritten_value: str = "node",
         policy_nodes: str = "all",
+        policy_divergence: str = "reverse",
         discount_within_action: bool = False,
         huber_delta: float | None = None,
         policy_lr: float = 1e-4,
@@ -193,6 +198,8 @@ class ETPOModule(AgentModule):
             raise ValueError(f"policy_target must be one of {POLICY_TARGETS}, got {policy_target!r}")
         if unwritten_value not in ("node", "zero"):
             raise ValueError(f"unwritten_value must be 'node' or 'zero', got {unwritten_value!r}")
+        if policy_divergence not in ("reverse", "forward"):
+            raise ValueError(f"policy_divergence must be 'reverse' (Eq. 7) or 'forward', got {policy_divergence!r}")
         if policy_nodes not in ("all", "choices") or (policy_nodes == "choices" and policy_target != "optimal_tree"):
             raise ValueError("policy_nodes is 'all' (Eq. 7 at every action token) or 'choices' (only where the answer "
                              "trees hold a choice; needs policy_target: optimal_tree), got "
@@ -531,7 +538,8 @@ class ETPOModule(AgentModule):
                 q = self._q(m.head(h_critic[:, sl]), ref_logits)
                 if t.branches is not None:
                     q = self._branch_q(q, t.branches, sl)
-            return policy_loss(pi_logits, ref_logits, q, mask[:, sl], hp.beta, reduction="sum") / n_tokens
+            return policy_loss(pi_logits, ref_logits, q, mask[:, sl], hp.beta, reduction="sum",
+                               divergence=hp.policy_divergence) / n_tokens
 
         loss = m.chunked_head_loss(h_policy, chunk_loss, hp.token_chunk_size)
         return loss, {"losses/policy": float(loss.detach())}

@@ -170,6 +170,37 @@ def test_gradient_descent_on_policy_loss_converges_to_optimal_soft_policy():
     assert torch.allclose(logits.softmax(-1), expected, atol=1e-4)
 
 
+def test_the_forward_policy_divergence_matches_a_loop_and_its_gradient_is_pi_minus_pi_star():
+    """divergence="forward": KL(pi* || pi) per token (a numpy loop over the vocabulary), zero at pi*, the logit
+    gradient beta (pi - pi*) per token (over the mean's count), and a target of exactly 0 where pi* underflows."""
+    b = _random_batch()
+    beta = 0.2
+    opt = optimal_policy_logits(b["ref"], b["target_q"], beta)
+    assert policy_loss(opt, b["ref"], b["target_q"], b["mask"], beta, divergence="forward").item() == \
+        pytest.approx(0.0, abs=1e-12)
+    got = policy_loss(b["pi"], b["ref"], b["target_q"], b["mask"], beta, scale_by_beta=False, divergence="forward")
+    kls = []
+    for i in range(4):
+        for j in range(int(b["mask"][i].sum())):
+            pl = b["pi"][i, j].numpy()
+            p = np.exp(pl - np.logaddexp.reduce(pl))
+            t = b["ref"][i, j].numpy() - np.logaddexp.reduce(b["ref"][i, j].numpy()) + b["target_q"][i, j].numpy() / beta
+            t = np.exp(t - np.logaddexp.reduce(t))
+            kls.append(np.sum(t * (np.log(t) - np.log(p))))
+    assert got.item() == pytest.approx(np.mean(kls), rel=1e-10)
+    pi = b["pi"].clone().requires_grad_(True)
+    policy_loss(pi, b["ref"], b["target_q"], b["mask"], beta, divergence="forward").backward()
+    n = float(b["mask"].sum())
+    want = beta * (pi.detach().softmax(-1) - opt.exp()) * b["mask"].unsqueeze(-1) / n
+    assert torch.allclose(pi.grad, want, atol=1e-12)
+    # a pi* that rules tokens out entirely (Q = -inf there): their 0 log 0 terms are 0, not nan
+    q = b["target_q"].clone()
+    q[..., 0] = float("-inf")
+    assert torch.isfinite(policy_loss(b["pi"], b["ref"], q, b["mask"], beta, divergence="forward"))
+    with pytest.raises(ValueError, match="divergence"):
+        policy_loss(b["pi"], b["ref"], q, b["mask"], beta, divergence="both")
+
+
 def test_targets_reject_empty_actions():
     with pytest.raises(ValueError, match="at least one real token"):
         targets_from_values(torch.zeros(1, 3), torch.zeros(1, 3), torch.zeros(1), torch.zeros(1), torch.zeros(1), 0.9)

@@ -41,7 +41,7 @@ def _plain_log_ref(module, batch):
     return ref.gather(-1, batch.action_ids.unsqueeze(-1)).squeeze(-1)
 
 
-def _plain_tree_policy_loss(module, batch, t, mask=None) -> float:
+def _plain_tree_policy_loss(module, batch, t, mask=None, divergence="reverse") -> float:
     """Eq. 7 from plain forwards (no shared prefixes): pi* of the critic's Q with the trees' Q at their branches; the
     mean over ``mask`` (default: every action token)."""
     m = module.model
@@ -52,7 +52,7 @@ def _plain_tree_policy_loss(module, batch, t, mask=None) -> float:
         q = branch_q(q, *t.branches)
         pi = m.head(m.action_hidden("policy", *args, share_prefixes=False))
     mask = batch.action_mask.float() if mask is None else mask.float()
-    return float(policy_loss(pi, ref, q, mask, module.hparams.beta))
+    return float(policy_loss(pi, ref, q, mask, module.hparams.beta, divergence=divergence))
 
 
 def test_the_batch_targets_are_the_tree_backup_of_its_answers():
@@ -215,16 +215,21 @@ def test_the_policy_step_moves_towards_the_trees_where_the_answers_part():
     assert float(without.detach()) != pytest.approx(float(got.detach()), rel=1e-3)
 
 
-def test_with_a_zero_prior_every_answer_token_gets_the_trees_q():
+@pytest.mark.parametrize("divergence", ["reverse", "forward"])
+def test_with_a_zero_prior_every_answer_token_gets_the_trees_q(divergence):
     """unwritten_value zero: every real token of every answer is a node with the tree's Q -- its written
-    continuations by value, every other token at 0 -- and the policy loss equals Eq. 7 built from plain forwards."""
-    module = _module(policy_target="optimal_tree", unwritten_value="zero")
+    continuations by value, every other token at 0 -- and the policy loss equals Eq. 7 built from plain forwards (or,
+    with policy_divergence forward, KL(pi* || pi) from them)."""
+    module = _module(policy_target="optimal_tree", unwritten_value="zero", policy_divergence=divergence)
     batch = _batch(module)
     t = module.compute_targets(batch, module.plan(batch))
     module.answer_trees(batch, t)
     assert torch.equal(t.branches[0], batch.action_mask.bool())
     got, _ = module.policy_loss(batch, module.plan(batch, next_prompts=False), t)
-    assert float(got.detach()) == pytest.approx(_plain_tree_policy_loss(module, batch, t), rel=1e-5)
+    assert float(got.detach()) == pytest.approx(_plain_tree_policy_loss(module, batch, t, divergence=divergence),
+                                                rel=1e-5)
+    other = "reverse" if divergence == "forward" else "forward"
+    assert float(got.detach()) != pytest.approx(_plain_tree_policy_loss(module, batch, t, divergence=other), rel=1e-3)
 
 
 @pytest.mark.parametrize("unwritten", ["zero", "node"])

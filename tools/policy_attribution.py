@@ -123,12 +123,16 @@ def main(argv=None) -> None:
     steps = []
 
     def split_policy_loss(batch_, plan, t):
+        # the terms the step takes: every action token, or (policy_nodes: choices) the trees' choices only
+        taken = batch_.action_mask.bool()
+        if t.policy_mask is not None:
+            taken = taken & t.policy_mask.bool()
         at_node = node_mask(batch_.prompt_ids.cpu(), batch_.prompt_mask.cpu(), batch_.action_ids.cpu(),
-                            batch_.action_mask.cpu(), prompt, prefix).to(batch_.action_mask.device)
-        n_all = float(batch_.action_mask.sum())
+                            batch_.action_mask.cpu(), prompt, prefix).to(taken.device) & taken
+        n_all = float(taken.sum())
         g_f = torch.autograd.grad(readout(True)[0], params, allow_unused=True)
         parts = {}
-        rest = batch_.action_mask.bool() & ~at_node
+        rest = taken & ~at_node
         writes_b = rest & (batch_.action_ids == b)  # the other class's token written elsewhere (token identity)
         for name, keep in (("at the node", at_node), (f"{tok.decode([b])!r} elsewhere", writes_b),
                            ("every other token", rest & ~writes_b)):
@@ -137,7 +141,7 @@ def main(argv=None) -> None:
                 parts[name] = (0, 0.0)
                 continue
             masked = dataclasses.replace(batch_, action_mask=keep.long())
-            loss, _ = original(masked, plan, t)
+            loss, _ = original(masked, plan, dataclasses.replace(t, policy_mask=None))
             g = torch.autograd.grad(loss * (n_part / n_all), params, allow_unused=True)
             effect = -sum(float((gf * gp).sum()) for gf, gp in zip(g_f, g) if gf is not None and gp is not None)
             parts[name] = (int(n_part), effect)

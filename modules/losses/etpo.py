@@ -431,6 +431,7 @@ def policy_loss(
     beta: float,
     reduction: str = "mean",
     scale_by_beta: bool = True,
+    divergence: str = "reverse",
 ) -> torch.Tensor:
     """Eq. 7: mean over real tokens of ``KL(pi_theta(.|ctx) || pi_bar(.|ctx) exp(Q(ctx,.)/beta) / Z(ctx))``.
 
@@ -438,9 +439,23 @@ def policy_loss(
     included, so the loss is non-negative and zero exactly at the optimal soft policy. By default the KL is
     multiplied by ``beta`` (``scale_by_beta``): the same minimiser, with gradients on the scale of Q rather than
     ``Q / beta`` (docs/method.md, section 6).
+
+    ``divergence="forward"`` (beyond the paper): ``KL(pi* || pi_theta)`` instead, the cross-entropy to pi* less its
+    entropy -- the same minimiser (pi_theta = pi*), with the gradient ``pi_theta - pi*`` on the logits: bounded,
+    and not dominated by the mass pi_theta leaves on tokens that pi* all but rules out (whose log-ratios reach
+    ``Q / beta``, hundreds of nats at a small beta; docs/results/soft_optimal.md, section 8).
     """
+    if divergence not in ("reverse", "forward"):
+        raise ValueError(f"divergence must be 'reverse' (Eq. 7) or 'forward', got {divergence!r}")
     log_pi = _log_probs(pi_logits)
     log_target = optimal_policy_logits(ref_logits.detach(), q_logits.detach(), beta)
+    if divergence == "forward":
+        target = log_target.exp()
+        terms = target * (log_target - log_pi)
+        kl = torch.where(target > 0, terms, torch.zeros_like(terms)).sum(-1)  # 0 log 0 = 0, also at -inf
+        if scale_by_beta:
+            kl = beta * kl
+        return _reduce(kl, mask, reduction)
     pi = log_pi.exp()
     kl = (pi * (log_pi - log_target)).sum(-1)
     if scale_by_beta:
