@@ -122,6 +122,19 @@ def test_q_parameterisations():
         q_from_critic(crit, ref, "nope")
 
 
+def _loop_kls(b, beta, forward):
+    """Per real token, KL(pi || pi*) (or KL(pi* || pi)) by a numpy loop over the vocabulary."""
+    kls = []
+    for i in range(len(b["mask"])):
+        for j in range(int(b["mask"][i].sum())):
+            pl = b["pi"][i, j].numpy()
+            p = np.exp(pl - np.logaddexp.reduce(pl))
+            t = b["ref"][i, j].numpy() - np.logaddexp.reduce(b["ref"][i, j].numpy()) + b["target_q"][i, j].numpy() / beta
+            t = np.exp(t - np.logaddexp.reduce(t))
+            kls.append(np.sum(t * (np.log(t) - np.log(p))) if forward else np.sum(p * (np.log(p) - np.log(t))))
+    return kls
+
+
 def test_policy_loss_zero_at_optimum_and_matches_loop():
     b = _random_batch()
     beta = 0.2
@@ -129,14 +142,7 @@ def test_policy_loss_zero_at_optimum_and_matches_loop():
     at_opt = policy_loss(opt, b["ref"], b["target_q"], b["mask"], beta)
     assert at_opt.item() == pytest.approx(0.0, abs=1e-12)
     got = policy_loss(b["pi"], b["ref"], b["target_q"], b["mask"], beta, scale_by_beta=False)
-    kls = []
-    for i in range(4):
-        for j in range(int(b["mask"][i].sum())):
-            pl = b["pi"][i, j].numpy()
-            p = np.exp(pl - np.logaddexp.reduce(pl))
-            t = b["ref"][i, j].numpy() - np.logaddexp.reduce(b["ref"][i, j].numpy()) + b["target_q"][i, j].numpy() / beta
-            t = np.exp(t - np.logaddexp.reduce(t))
-            kls.append(np.sum(p * (np.log(p) - np.log(t))))
+    kls = _loop_kls(b, beta, forward=False)
     assert got.item() == pytest.approx(np.mean(kls), rel=1e-10)
     scaled = policy_loss(b["pi"], b["ref"], b["target_q"], b["mask"], beta)
     assert scaled.item() == pytest.approx(beta * np.mean(kls), rel=1e-10)
@@ -179,14 +185,7 @@ def test_the_forward_policy_divergence_matches_a_loop_and_its_gradient_is_pi_min
     assert policy_loss(opt, b["ref"], b["target_q"], b["mask"], beta, divergence="forward").item() == \
         pytest.approx(0.0, abs=1e-12)
     got = policy_loss(b["pi"], b["ref"], b["target_q"], b["mask"], beta, scale_by_beta=False, divergence="forward")
-    kls = []
-    for i in range(4):
-        for j in range(int(b["mask"][i].sum())):
-            pl = b["pi"][i, j].numpy()
-            p = np.exp(pl - np.logaddexp.reduce(pl))
-            t = b["ref"][i, j].numpy() - np.logaddexp.reduce(b["ref"][i, j].numpy()) + b["target_q"][i, j].numpy() / beta
-            t = np.exp(t - np.logaddexp.reduce(t))
-            kls.append(np.sum(t * (np.log(t) - np.log(p))))
+    kls = _loop_kls(b, beta, forward=True)
     assert got.item() == pytest.approx(np.mean(kls), rel=1e-10)
     pi = b["pi"].clone().requires_grad_(True)
     policy_loss(pi, b["ref"], b["target_q"], b["mask"], beta, divergence="forward").backward()
