@@ -36,7 +36,7 @@ PAPER = dict(target_backup="policy", policy_target="critic", answer_memory=0, un
 TREES = dict(target_backup="optimal_tree", policy_target="optimal_tree", unwritten_value="zero")
 
 
-def quickstart_settings(dataset: str):
+def _quickstart(dataset: str):
     """The quickstart's ETPO arguments, backbone and data settings (read from its YAML, so the benchmark follows it)."""
     from omegaconf import OmegaConf
 
@@ -76,7 +76,7 @@ def main(argv=None) -> None:
     from modules.etpo import ETPOModule
     from modules.replay import AnswerMemory
 
-    init, data = quickstart_settings(args.dataset)
+    init, data = _quickstart(args.dataset)
     trees = {**TREES, "answer_memory": args.memory}
     torch.manual_seed(args.seed)
     module = ETPOModule(**{**init, **PAPER})

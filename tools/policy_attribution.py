@@ -14,8 +14,8 @@ reports each part's first-order effect on f of a plain gradient step, ``-grad f 
 (they add up to the whole loss's), the trees' pi* and the policy's pi of a and b there, and f before and after the real
 (Adam) steps. A positive part moves the policy towards a.
 
-    python tools/policy_attribution.py docs/results/soft_optimal/probes/b01_single_seed1   # needs its checkpoint:
-    python tools/policy_attribution.py runs/diag/b01_single/balance_scale/seed1            # a run directory
+    python tools/policy_attribution.py runs/diag/b01_single/balance_scale/seed1    # a run directory with checkpoints
+                                                                                   # (soft_optimal.md 8's reading)
 """
 
 from __future__ import annotations
@@ -55,20 +55,25 @@ def _load(run_dir: Path):
     from modules.etpo import ETPOModule
     from modules.shared_base import BackboneConfig
 
+    if not (run_dir / "config.yaml").is_file():
+        raise SystemExit(f"{run_dir}: no config.yaml (a run directory of etpo.fit?)")
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     init = dict(cfg["model"]["init_args"])
-    init["backbone"] = BackboneConfig(**init["backbone"])
+    init["backbone"] = BackboneConfig.from_dict(init["backbone"])
     module = ETPOModule(**init)
     module.configure_model()
     ckpt_path = run_dir / "checkpoints" / "last.ckpt"
     if not ckpt_path.exists():
-        raise FileNotFoundError(f"{run_dir}: no checkpoints/last.ckpt (kept runs hold none: use the run directory)")
+        raise SystemExit(f"{run_dir}: no checkpoints/last.ckpt (runs kept under docs/results hold none: give the run "
+                         "directory etpo.fit wrote)")
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
     if unexpected or any("lora_" in k for k in missing):
         raise RuntimeError(f"{ckpt_path}: the checkpoint does not fit the config's module ({unexpected[:3]} ...)")
     module.on_load_checkpoint(ckpt)
-    probe = next(v for k, v in ckpt["callbacks"].items() if k.startswith("AnswerClassProbe"))
+    probe = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("AnswerClassProbe")), None)
+    if probe is None:
+        raise SystemExit(f"{ckpt_path}: no answer-class probe state (a run of etpo.fit with the probe on, the default)")
     return module, ckpt, cfg, probe
 
 
@@ -86,6 +91,10 @@ def main(argv=None) -> None:
     from tools.bench_tree_update import _Policy
 
     module, ckpt, cfg, probe = _load(args.run_dir)
+    missing = [c for c in (args.better, args.other) if c not in probe["exemplars"]]
+    if missing:
+        raise SystemExit(f"{args.run_dir}: the probe has no answer of {', '.join(missing)} at the task prompt; it has "
+                         f"{', '.join(sorted(probe['exemplars']))}")
     better, other = probe["exemplars"][args.better]["tokens"], probe["exemplars"][args.other]["tokens"]
     pos = parting_positions(better, other)
     if pos is None:

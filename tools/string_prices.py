@@ -103,15 +103,16 @@ def importance_class_mass(samples: Sequence[tuple[str, float, float]]) -> tuple[
     return dict(mass), ess
 
 
-def _settings(run_dir: Path) -> tuple[dict, dict]:
-    """The run's env init_args and generation settings (its config.yaml)."""
+def _settings(run_dir: Path) -> tuple[dict, dict, dict]:
+    """The run's env init_args, generation settings and backbone (its config.yaml)."""
     import yaml
 
     path = run_dir / "config.yaml"
     if not path.exists():
         raise FileNotFoundError(f"{run_dir}: no config.yaml (a run directory of etpo.fit?)")
     cfg = yaml.safe_load(path.read_text())
-    return dict(cfg["data"]["env"]["init_args"]), dict(cfg["data"]["generation"])
+    return (dict(cfg["data"]["env"]["init_args"]), dict(cfg["data"]["generation"]),
+            dict(cfg["model"]["init_args"]["backbone"]))
 
 
 @torch.no_grad()
@@ -139,13 +140,12 @@ def _score(module, prompt: str, texts: list[str], generation: dict, rows_per_for
     return out
 
 
-def _load_module():
-    """An untrained ETPO module of the quickstart's backbone: its reference view is the base model."""
-    from tools.bench_tree_update import quickstart_settings
+def _load_module(backbone: dict):
+    """An untrained ETPO module of the runs' backbone: its reference view is the base model."""
     from modules.etpo import ETPOModule
+    from modules.shared_base import BackboneConfig
 
-    init, _ = quickstart_settings("balance_scale")
-    module = ETPOModule(**init)
+    module = ETPOModule(backbone=BackboneConfig.from_dict(backbone))
     module.configure_model()
     module.model.eval()
     return module
@@ -165,11 +165,15 @@ def main(argv=None) -> None:
 
     from envs.datascience import DataScienceEnv
 
-    module = _load_module()
+    backbones = {json.dumps(_settings(r)[2], sort_keys=True) for r in args.runs}
+    if len(backbones) > 1:
+        raise SystemExit("string_prices: the runs were made with different base models (config.yaml "
+                         "model.init_args.backbone); price each base model's runs separately")
+    module = _load_module(json.loads(backbones.pop()))
     pooled: list[tuple[str, float, float]] = []       # (class, log pi_bar, log mu) of every sample, untrained
     pooled_reward: dict[str, list[float]] = collections.defaultdict(list)
     for run_dir in args.runs:
-        env_args, generation = _settings(run_dir)
+        env_args, generation, _ = _settings(run_dir)
         env_args.pop("pool", None)
         env = DataScienceEnv(**env_args)
         prompt, _ = env.reset(seed=0)
@@ -179,8 +183,8 @@ def main(argv=None) -> None:
         scored = dict(zip(texts, _score(module, prompt, texts, generation)))
         print(f"\n== {run_dir}: {len(rows)} first attempts, {len(texts)} distinct strings")
         counts = collections.Counter((r["cls"], r["text"]) for r in rows)
+        runnable = {r["text"] for r in rows if r["reward"] > -1}
         for cls in shown:
-            runnable = {r["text"] for r in rows if r["reward"] > -1}
             mine = [(n, t) for (c, t), n in counts.items() if c == cls and t in runnable]
             if not mine:
                 print(f"  {cls}: none that ran")
@@ -235,4 +239,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except FileNotFoundError as err:  # a folder that is not a run directory: one line, no traceback
+        raise SystemExit(f"string_prices: {err}")

@@ -453,11 +453,9 @@ def policy_loss(
         target = log_target.exp()
         terms = target * (log_target - log_pi)
         kl = torch.where(target > 0, terms, torch.zeros_like(terms)).sum(-1)  # 0 log 0 = 0, also at -inf
-        if scale_by_beta:
-            kl = beta * kl
-        return _reduce(kl, mask, reduction)
-    pi = log_pi.exp()
-    kl = (pi * (log_pi - log_target)).sum(-1)
+    else:
+        pi = log_pi.exp()
+        kl = (pi * (log_pi - log_target)).sum(-1)
     if scale_by_beta:
         kl = beta * kl
     return _reduce(kl, mask, reduction)
