@@ -18,7 +18,8 @@ folder. The benchmark config is a small YAML (read with omegaconf)::
     jobs: 1                            # runs at a time (several fit on one GPU; mind the memory)
     timeout_s: null                    # per-run wall-clock limit (the run is killed, reported failed, resumable)
     preflight: auto                    # parse one run per contender with --print_config first (auto: with etpo.fit)
-    report: {within: null, ddof: 1, paper: false}   # also last_fraction (0.25), n_boot (10000): see etpo.report
+    report: {within: null, ddof: 1, paper: false}   # also last_fraction (0.25), n_boot (10000), band (std | se):
+                                                    # see etpo.report
 
 Paths are relative to the working directory (run from the repository root). Every key can be overridden on the
 command line as ``key=value`` or ``--key=value`` (omegaconf dotlist: ``--budget=64 --seeds=[0,1]
@@ -97,7 +98,7 @@ class BenchmarkConfig:
     fit_cmd: Optional[list[str]] = None
     preflight: str = "auto"
     report: dict = field(default_factory=lambda: {"within": None, "ddof": 1, "paper": False, "last_fraction": 0.25,
-                                                  "n_boot": 10000})
+                                                  "n_boot": 10000, "band": "std"})
     base: Optional[str] = None       # the setting's config, first --config of every run
 
     @property
@@ -181,12 +182,15 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
     datasets = [str(d) for d in (raw.get("datasets") or [])]
     if not datasets:
         raise ValueError("the benchmark config names no datasets")
-    report = {"within": None, "ddof": 1, "paper": False, "last_fraction": 0.25, "n_boot": 10000}
+    report = {"within": None, "ddof": 1, "paper": False, "last_fraction": 0.25, "n_boot": 10000, "band": "std"}
     report.update(raw.get("report") or {})
-    unknown = sorted(set(report) - {"within", "ddof", "paper", "last_fraction", "n_boot"})
+    unknown = sorted(set(report) - {"within", "ddof", "paper", "last_fraction", "n_boot", "band"})
     if unknown:
         raise ValueError(f"the benchmark config's report section has unknown keys {unknown}; "
-                         "use within, ddof, paper, last_fraction, n_boot")
+                         "use within, ddof, paper, last_fraction, n_boot, band")
+    if report["band"] not in ("std", "se"):
+        raise ValueError(f"the benchmark config's report.band is {report['band']!r}; use std (mean ± std over "
+                         "seeds, the paper's) or se (mean ± standard error)")
     cfg = BenchmarkConfig(
         contenders=contenders,
         datasets=datasets,
@@ -678,7 +682,8 @@ def write_benchmark_report(cfg: BenchmarkConfig, only: Optional[Sequence[str]] =
     written = write_report(cfg.runs_dir if cfg.runs_dir.exists() else cfg.out, cfg.out,
                            within=rep.get("within"), ddof=int(rep.get("ddof", 1)), contenders=contenders,
                            datasets=cfg.datasets, paper=bool(rep.get("paper", False)),
-                           last_fraction=float(rep.get("last_fraction", 0.25)), n_boot=int(rep.get("n_boot", 10000)))
+                           last_fraction=float(rep.get("last_fraction", 0.25)), n_boot=int(rep.get("n_boot", 10000)),
+                           band=str(rep.get("band", "std")))
     print(Path(written["table.md"]).read_text())
     print(f"report written to {cfg.out}/ ({', '.join(written)})", file=sys.stderr)
     return written

@@ -334,12 +334,14 @@ def test_report_options_reach_write_report(tmp_path, monkeypatch):
         return {"table.md": Path(out) / "table.md"}
 
     monkeypatch.setattr(etpo.report, "write_report", fake_write_report)
-    cfg = make_config(tmp_path, report={"n_boot": 500, "last_fraction": 0.5})
+    cfg = make_config(tmp_path, report={"n_boot": 500, "last_fraction": 0.5, "band": "se"})
     benchmark.write_benchmark_report(cfg)
-    assert seen["n_boot"] == 500 and seen["last_fraction"] == 0.5 and seen["within"] is None
-    assert make_config(tmp_path).report["n_boot"] == 10000
+    assert seen["n_boot"] == 500 and seen["last_fraction"] == 0.5 and seen["within"] is None and seen["band"] == "se"
+    assert make_config(tmp_path).report["n_boot"] == 10000 and make_config(tmp_path).report["band"] == "std"
     with pytest.raises(ValueError, match="n_boot"):
         make_config(tmp_path, report={"n_bootstrap": 5})
+    with pytest.raises(ValueError, match="report.band is 'sem'"):
+        make_config(tmp_path, report={"band": "sem"})
 
 
 

@@ -188,9 +188,55 @@ def test_curves_match_hand_computation(runs_root):
     np.testing.assert_allclose(panels["cmc"]["etpo"]["x"], [16, 32, 48, 64])
 
 
+def _fill_between_spy(monkeypatch) -> list:
+    """Record every band a figure draws: (x, lower, upper) per ``fill_between`` call, in drawing order."""
+    import matplotlib.axes
+
+    drawn, original = [], matplotlib.axes.Axes.fill_between
+
+    def spy(self, x, y1, y2=0, **kw):
+        drawn.append((np.asarray(x, float), np.asarray(y1, float), np.asarray(y2, float)))
+        return original(self, x, y1, y2, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "fill_between", spy)
+    return drawn
+
+
+@pytest.mark.parametrize("band", ["std", "se"])
+def test_best_within_band_is_the_std_or_the_standard_error(runs_root, tmp_path, monkeypatch, band):
+    """Figure 3's band around the mean over seeds is one sample std, or with ``band="se"`` one standard error
+    (std / sqrt(seeds)): checked on what is drawn, against numpy on the fixture's known per-seed curves."""
+    drawn = _fill_between_spy(monkeypatch)
+    runs = report.load_runs(runs_root)
+    assert report.plot_best_within(runs, tmp_path / "f.png", contenders=CONTENDERS, band=band) is not None
+    per_seed = np.array([[np.mean([final_best(0, d, s) - 0.05 * (3 - k) for d in range(3)]) for k in range(4)]
+                         for s in SEEDS])  # reflection: drawn first
+    half = per_seed.std(0, ddof=1) / (np.sqrt(len(SEEDS)) if band == "se" else 1.0)
+    x, lower, upper = drawn[0]
+    np.testing.assert_allclose(x, [16, 32, 48, 64])
+    np.testing.assert_allclose(upper - per_seed.mean(0), half, atol=1e-9)
+    np.testing.assert_allclose(per_seed.mean(0) - lower, half, atol=1e-9)
+
+    drawn.clear()  # per dataset and per batch: the same rule, seeds counted where the point has them
+    assert report.plot_best_within_per_dataset(runs, tmp_path / "d.png", contenders=CONTENDERS, band=band)
+    first = np.array([[final_best(0, 0, s) - 0.05 * (3 - k) for k in range(4)] for s in SEEDS])  # reflection, breast_w
+    np.testing.assert_allclose(drawn[0][2] - first.mean(0),
+                               first.std(0, ddof=1) / (np.sqrt(len(SEEDS)) if band == "se" else 1.0), atol=1e-9)
+    with pytest.raises(ValueError, match="band must be one of"):
+        report.plot_batch_rewards(runs, tmp_path / "b.png", band="sem")
+
+
+def test_a_bad_band_writes_nothing(runs_root, tmp_path):
+    with pytest.raises(ValueError, match="band must be one of"):
+        report.write_report(runs_root, tmp_path / "out", band="95%")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):  # argparse names the choices
+        report.main([str(runs_root), "--out", str(tmp_path / "out"), "--band", "95%"])
+
+
 def test_cli(runs_root, tmp_path, capsys):
     assert report.main([str(runs_root), "--out", str(tmp_path / "o"), "--within", "48", "--ddof", "0",
-                        "--n_boot", "200", "--last_fraction", "0.5"]) == 0
+                        "--n_boot", "200", "--last_fraction", "0.5", "--band", "se"]) == 0
     text = capsys.readouterr().out
     assert "within 48 environment steps" in text and (tmp_path / "o" / "batch_reward.png").is_file()
     comparison = (tmp_path / "o" / "comparison.md").read_text()

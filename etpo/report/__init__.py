@@ -17,11 +17,11 @@ Reads every ``summary.json`` below ``<folder>`` (format: docs/architecture.md, "
   saved ``config.yaml`` against the contender's first run's, apart from dataset, split, seeds and run location); a
   contender whose runs differ is also named on stderr;
 * ``best_within.png`` -- Figure 3: best reward explored within n steps vs. n, one line per contender (mean over
-  seeds of the per-seed average over datasets, band = ± one std over seeds); ``best_within_per_dataset.png``
-  the same curve per dataset (mean ± std over seeds);
+  seeds of the per-seed average over datasets, band = ± one std over seeds, or with ``--band se`` ± one standard
+  error); ``best_within_per_dataset.png`` the same curve per dataset;
 * ``batch_reward.png`` -- Figure 4: the average reward of each rollout batch during training (non-runnable code
-  counts as -1), one panel per dataset plus an "average" panel, mean ± std over seeds; ``batch_runnable.png`` the
-  same for the runnable fraction;
+  counts as -1), one panel per dataset plus an "average" panel, mean ± std (or s.e.) over seeds;
+  ``batch_runnable.png`` the same for the runnable fraction;
 * ``batch_quality.png`` -- the mean reward of each batch's runnable answers (mean validation AUC; a gap where none
   ran), on the data's scale, mean ± s.e. over seeds;
 * ``timing.png`` -- per contender the mean seconds per batch of generation / environment / update, stacked (only
@@ -70,6 +70,7 @@ from etpo.report.compare import (
     run_metrics,
 )
 from etpo.report.plots import (
+    BANDS,
     batch_reward_curves,
     best_within_curves,
     plot_batch_quality,
@@ -124,12 +125,16 @@ def write_report(
     last_fraction: float = 0.25,
     n_boot: int = 10000,
     reference: str = "etpo",
+    band: str = "std",
 ) -> dict[str, Path]:
     """Write table.md, table.csv, runs.csv, learning.md (:func:`learning_markdown` over the last ``last_fraction``
     of the batches), comparison.md (:func:`comparison_markdown`: ``reference`` against each contender, ``n_boot``
-    bootstrap resamples), settings.md (:func:`settings_markdown`) and the PNGs into ``out``; returns ``{name:
+    bootstrap resamples), settings.md (:func:`settings_markdown`) and the PNGs into ``out`` (their bands over seeds:
+    ``band`` "std", the paper's, or "se", the standard error); returns ``{name:
     path}`` of what was written (plots are skipped when no run counts, batch_quality.png / timing.png when no run has
     their series)."""
+    if band not in BANDS:  # before any work: a typo must not cost a report half-written
+        raise ValueError(f"band must be one of {BANDS}, got {band!r}")
     runs = list(runs) if runs is not None else load_runs(folder)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -157,7 +162,7 @@ def write_report(
         if found:
             print(f"etpo.report: warning: the runs of {contender} were made with different settings ({len(found)} "
                   f"difference(s), e.g. {found[0]}): see {out / 'settings.md'}", file=sys.stderr)
-    kw = dict(ddof=ddof, include_unfinished=include_unfinished, contenders=contenders)
+    kw = dict(ddof=ddof, include_unfinished=include_unfinished, contenders=contenders, band=band)
     for name, fn, extra in (
         ("best_within.png", plot_best_within, {"within": within, "datasets": datasets}),
         ("best_within_per_dataset.png", plot_best_within_per_dataset, {"within": within, "datasets": datasets}),
@@ -183,6 +188,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--within", type=int, default=None, help="N: best reward within N env steps "
                         "(default: each run's whole budget)")
     parser.add_argument("--ddof", type=int, default=1, help="std over seeds: 1 = sample std (default), 0 = population")
+    parser.add_argument("--band", choices=BANDS, default="std",
+                        help="the figures' band over seeds: std (default, the paper's mean ± std) or se (standard "
+                        "error, std / sqrt(seeds))")
     parser.add_argument("--contenders", default=None, help="comma-separated column order (default: sorted)")
     parser.add_argument("--datasets", default=None, help="comma-separated row order (default: sorted)")
     parser.add_argument("--include_unfinished", action="store_true", help="also use runs that did not finish")
@@ -201,7 +209,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         written = write_report(args.folder, args.out or args.folder, args.within, args.ddof, split(args.contenders),
                                split(args.datasets), args.include_unfinished, args.paper, args.digits,
-                               last_fraction=args.last_fraction, n_boot=args.n_boot, reference=args.reference)
+                               last_fraction=args.last_fraction, n_boot=args.n_boot, reference=args.reference,
+                               band=args.band)
     except FileNotFoundError as err:
         print(f"etpo.report: error: {err}", file=sys.stderr)
         return 2

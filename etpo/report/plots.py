@@ -61,14 +61,37 @@ def _mean_std(mat: np.ndarray, ddof: int) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.nan_to_num(std)
 
 
+#: The bands a figure can draw around its mean over seeds.
+BANDS = ("std", "se")
+
+
+def _check_band(band: str) -> None:
+    if band not in BANDS:
+        raise ValueError(f"band must be one of {BANDS} (the std over seeds or the standard error), got {band!r}")
+
+
+def _band_width(std: np.ndarray, count: np.ndarray, band: str) -> np.ndarray:
+    """Half-width of the band: the std over seeds (``band="std"``, the paper's protocol: mean ± std over 5
+    repetitions) or the standard error of the mean, std / sqrt(seeds) (``"se"``), where ``count`` seeds have a value
+    (the std is 0 where fewer than ddof + 1 do, and so is the band)."""
+    _check_band(band)
+    return std if band == "std" else std / np.sqrt(np.maximum(count, 1))
+
+
+def _band_label(band: str, ddof: int) -> str:
+    if band == "std":
+        return f"mean ± std over seeds (ddof={ddof})"
+    return f"mean ± s.e. over seeds (std with ddof={ddof} / √seeds)"
+
+
 def best_within_curves(
     runs: Sequence[RunRecord], ddof: int = 1, within: Optional[int] = None, include_unfinished: bool = False,
     contenders: Optional[Sequence[str]] = None, datasets: Optional[Sequence[str]] = None,
 ) -> dict[str, dict]:
-    """Figure-3 data per contender: ``{"n": grid, "mean", "std", "seeds": per-seed curves [S, len(grid)],
-    "partial": bool}``. Per seed the curve is the mean over datasets (only where every dataset of the contender
-    has that seed covering n; when no seed is complete anywhere the per-seed mean over the available datasets is
-    used and the curve is marked partial)."""
+    """Figure-3 data per contender: ``{"n": grid, "mean", "std", "count" (seeds behind each point), "seeds":
+    per-seed curves [S, len(grid)], "partial": bool}``. Per seed the curve is the mean over datasets (only where
+    every dataset of the contender has that seed covering n; when no seed is complete anywhere the per-seed mean over
+    the available datasets is used and the curve is marked partial)."""
     used = _select(runs, within, include_unfinished)
     grouped = _by(used)
     datasets = _order((r.dataset for r in used), datasets)
@@ -95,16 +118,19 @@ def best_within_curves(
                 warnings.simplefilter("ignore", RuntimeWarning)
                 per_seed_curves = np.nanmean(cube, axis=0)
         mean, std = _mean_std(per_seed_curves, ddof)
-        out[c] = {"n": grid, "mean": mean, "std": std, "seeds": per_seed_curves, "partial": partial}
+        out[c] = {"n": grid, "mean": mean, "std": std, "count": np.sum(~np.isnan(per_seed_curves), axis=0),
+                  "seeds": per_seed_curves, "partial": partial}
     return out
 
 
 def plot_best_within(
     runs: Sequence[RunRecord], path: str | Path, ddof: int = 1, within: Optional[int] = None,
     include_unfinished: bool = False, contenders: Optional[Sequence[str]] = None,
-    datasets: Optional[Sequence[str]] = None,
+    datasets: Optional[Sequence[str]] = None, band: str = "std",
 ) -> Optional[Path]:
-    """Figure 3: best reward explored within n steps vs. n; mean over seeds of the dataset average, ± std band."""
+    """Figure 3: best reward explored within n steps vs. n; mean over seeds of the dataset average, with a band of
+    ± one std over seeds (``band="std"``) or ± one standard error (``"se"``)."""
+    _check_band(band)
     curves = best_within_curves(runs, ddof, within, include_unfinished, contenders, datasets)
     if not curves:
         return None
@@ -116,11 +142,12 @@ def plot_best_within(
         label = c + (" (partial)" if cv["partial"] else "")
         ax.step(cv["n"][ok], cv["mean"][ok], where="post", color=colours.get(c), label=label, lw=1.8, marker="o",
                 ms=2.5)
-        ax.fill_between(cv["n"][ok], (cv["mean"] - cv["std"])[ok], (cv["mean"] + cv["std"])[ok], step="post",
+        width = _band_width(cv["std"], cv["count"], band)
+        ax.fill_between(cv["n"][ok], (cv["mean"] - width)[ok], (cv["mean"] + width)[ok], step="post",
                         color=colours.get(c), alpha=0.2, lw=0)
     ax.set_xlabel("environment steps n")
     ax.set_ylabel("best reward within n (mean over datasets)")
-    ax.set_title(f"Best reward explored within n steps (mean ± std over seeds, ddof={ddof})", fontsize=9)
+    ax.set_title(f"Best reward explored within n steps ({_band_label(band, ddof)})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -143,9 +170,11 @@ def _grid_axes(plt, n_panels: int, width: float = 3.2, height: float = 2.4):
 def plot_best_within_per_dataset(
     runs: Sequence[RunRecord], path: str | Path, ddof: int = 1, within: Optional[int] = None,
     include_unfinished: bool = False, contenders: Optional[Sequence[str]] = None,
-    datasets: Optional[Sequence[str]] = None,
+    datasets: Optional[Sequence[str]] = None, band: str = "std",
 ) -> Optional[Path]:
-    """Figure 3 per dataset: one panel per dataset, mean ± std over seeds of best-within-n."""
+    """Figure 3 per dataset: one panel per dataset, best-within-n's mean over seeds ± one std (``band="std"``) or
+    one standard error (``"se"``)."""
+    _check_band(band)
     used = _select(runs, within, include_unfinished)
     if not used:
         return None
@@ -166,15 +195,16 @@ def plot_best_within_per_dataset(
                 continue
             mat = np.stack([_step_values(r, grid) for _, r in sorted(per_seed.items())])
             mean, std = _mean_std(mat, ddof)
+            width = _band_width(std, np.sum(~np.isnan(mat), axis=0), band)
             ok = ~np.isnan(mean)
             ax.step(grid[ok], mean[ok], where="post", color=colours.get(c), label=c, lw=1.5)
-            ax.fill_between(grid[ok], (mean - std)[ok], (mean + std)[ok], step="post", color=colours.get(c),
+            ax.fill_between(grid[ok], (mean - width)[ok], (mean + width)[ok], step="post", color=colours.get(c),
                             alpha=0.2, lw=0)
         ax.set_title(d, fontsize=9)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     return _save_panels(fig, axes, "environment steps n", "best reward within n",
-                        f"Best reward explored within n steps per dataset; mean ± std over seeds (ddof={ddof})", path)
+                        f"Best reward explored within n steps per dataset; {_band_label(band, ddof)}", path)
 
 
 def _save_panels(fig, axes, xlabel: str, ylabel: str, title: str, path) -> Path:
@@ -246,10 +276,12 @@ def batch_reward_curves(
 def plot_batch_rewards(
     runs: Sequence[RunRecord], path: str | Path, ddof: int = 1, include_unfinished: bool = False,
     contenders: Optional[Sequence[str]] = None, datasets: Optional[Sequence[str]] = None,
-    key: str = "batch_avg_reward",
+    key: str = "batch_avg_reward", band: str = "std",
 ) -> Optional[Path]:
     """Figure 4: the average reward (or, with ``key="batch_runnable_fraction"``, the runnable fraction) of every
-    rollout batch during training, one panel per dataset plus the average; mean ± std over seeds as a band."""
+    rollout batch during training, one panel per dataset plus the average; mean over seeds with a band of ± one std
+    (``band="std"``) or one standard error (``"se"``)."""
+    _check_band(band)
     panels = batch_reward_curves(runs, ddof, include_unfinished, contenders, datasets, key)
     if not panels["average"]:
         return None
@@ -261,7 +293,8 @@ def plot_batch_rewards(
         for c, cv in panels[name].items():
             ok = ~np.isnan(cv["mean"]) & ~np.isnan(cv["x"])
             ax.plot(cv["x"][ok], cv["mean"][ok], color=colours.get(c), label=c, lw=1.3)
-            ax.fill_between(cv["x"][ok], (cv["mean"] - cv["std"])[ok], (cv["mean"] + cv["std"])[ok],
+            width = _band_width(cv["std"], cv["n"], band)
+            ax.fill_between(cv["x"][ok], (cv["mean"] - width)[ok], (cv["mean"] + width)[ok],
                             color=colours.get(c), alpha=0.2, lw=0)
         ax.set_title("average over datasets" if name == "average" else name, fontsize=9)
         ax.tick_params(labelsize=7)
@@ -270,7 +303,7 @@ def plot_batch_rewards(
         ylabel, title = "runnable fraction of the batch", "Runnable fraction per rollout batch"
     else:
         ylabel, title = "average reward of the batch", "Average reward per rollout batch (-1 = not runnable)"
-    return _save_panels(fig, axes, "environment steps", ylabel, f"{title}; mean ± std over seeds (ddof={ddof})", path)
+    return _save_panels(fig, axes, "environment steps", ylabel, f"{title}; {_band_label(band, ddof)}", path)
 
 
 def plot_batch_runnable(runs: Sequence[RunRecord], path: str | Path, **kw) -> Optional[Path]:
@@ -298,7 +331,7 @@ def plot_batch_quality(
             ok = ~np.isnan(cv["mean"]) & ~np.isnan(cv["x"])
             if not np.any(ok):
                 continue
-            se = cv["std"] / np.sqrt(np.maximum(cv["n"], 1))  # std is 0 where a single seed has the batch
+            se = _band_width(cv["std"], cv["n"], "se")  # std is 0 where a single seed has the batch
             mean = np.where(ok, cv["mean"], np.nan)
             ax.plot(cv["x"], mean, color=colours.get(c), label=c, lw=1.3, marker="o", ms=2)  # NaN = a gap
             ax.fill_between(cv["x"], mean - se, mean + se, where=ok, color=colours.get(c), alpha=0.2, lw=0)
