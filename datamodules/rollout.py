@@ -200,7 +200,8 @@ class RolloutCollector:
                     "env_index": i, "episode_step": int(infos[i].get("steps", 0)), "reward": float(rewards[i]),
                     "status": str(infos[i].get("status", "ok")), "error": None if error is None else str(error),
                     "text": gen.texts[i],
-                    **({"answer_class": str(infos[i]["answer_class"])} if "answer_class" in infos[i] else {})})
+                    **({"answer_class": str(infos[i]["answer_class"])} if "answer_class" in infos[i] else {}),
+                    **({"view": gen.views[i]} if getattr(gen, "views", None) else {})})
             self.stats.env_steps += self.num_envs
             done = [i for i in range(self.num_envs) if terminated[i] or truncated[i]]
             for i in done:

@@ -91,12 +91,19 @@ class AgentModule(L.LightningModule, metaclass=ABCMeta):
     # ---- the contract ------------------------------------------------------------------------------------------
     def act(self, prompts: list[str], generation: GenerationConfig):
         """Sample one action per prompt from the current policy in one generation batch (the model layer samples in
-        eval mode -- no dropout, KV cache on -- and restores the mode). Returns a ``modules.shared_base.Generation``."""
+        eval mode -- no dropout, KV cache on -- and restores the mode). Returns a ``modules.shared_base.Generation``.
+        Which view samples which row is :meth:`sampling_views`'s."""
         with torch.no_grad():
             return self.model.generate(
                 prompts, max_new_tokens=generation.max_new_tokens, temperature=generation.temperature,
                 top_k=generation.top_k, top_p=generation.top_p, stop_strings=generation.stop_strings or None,
+                view=self.sampling_views(len(prompts)),
             )
+
+    def sampling_views(self, rows: int) -> str | list[str]:
+        """The view that samples each of ``rows`` prompts (one per environment, in the environments' order): the
+        policy for all of them. An off-policy method may sample some rows from another view."""
+        return "policy"
 
     @abstractmethod
     def learn(self, batch: RolloutBatch) -> Mapping[str, float]:

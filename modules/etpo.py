@@ -142,6 +142,14 @@ class ETPOModule(AgentModule):
             (docs/method.md, section 7b). Episodes of a fixed number of steps leave the optimal policy unchanged
             under the shift; what it changes is where an untried token stands -- with ``zero`` Q, at the average
             reward instead of at 0. Episodes of different lengths are refused (the shift would change the task).
+        reference_rows: of every generation batch's rows (one per environment), the last ``reference_rows`` are
+            sampled from the reference model instead of the policy (beyond the paper; 0, the paper's, samples every
+            row from the policy): those environments are explored as the untrained model explores them (Reflection's
+            episodes), the others by the policy, and the update learns from both. Off-policy learning makes this
+            sound -- the soft Bellman targets of ``target_backup: optimal_tree`` or of Eq. 6 (``td_lambda: 0``) hold
+            whatever sampled the action, and the policy step is a projection at each context -- so it is refused with
+            targets that follow the sampling policy (TD(lambda) > 0 under ``target_backup: policy``) and with the
+            critic replay (docs/method.md, section 7c).
         train_policy: set False to freeze the policy for good (an ablation; the learning test uses it as a control).
         token_chunk_size: action tokens per chunk when evaluating vocabulary-sized tensors.
     """
@@ -180,6 +188,7 @@ class ETPOModule(AgentModule):
         replay_capacity: int = 0,
         replay_rows: int = 0,
         reward_baseline: float | str | None = None,
+        reference_rows: int = 0,
         train_policy: bool = True,
         token_chunk_size: int = 64,
     ):
@@ -217,6 +226,14 @@ class ETPOModule(AgentModule):
                              f"{replay_capacity} and {replay_rows}")
         if isinstance(reward_baseline, str) and reward_baseline != "running":
             raise ValueError(f"reward_baseline must be null, a number or 'running', got {reward_baseline!r}")
+        if reference_rows < 0:
+            raise ValueError(f"reference_rows must be >= 0, got {reference_rows}")
+        if reference_rows and ((target_backup == "policy" and td_lambda > 0) or replay_capacity):
+            raise ValueError(
+                f"reference_rows: {reference_rows} samples rows from the reference, so the critic's targets must hold "
+                "whatever sampled the action: use target_backup: optimal_tree, or td_lambda: 0 (Eq. 6), and no critic "
+                f"replay (got target_backup {target_backup!r}, td_lambda {td_lambda}, replay_capacity "
+                f"{replay_capacity}); or set reference_rows: 0")
         self.save_hyperparameters(ignore=["backbone", "policy_lr_scheduler", "critic_lr_scheduler"])
         # `running` baseline: sum and count of every transition's reward so far; the episode length seen (kept in
         # checkpoints)
@@ -246,6 +263,28 @@ class ETPOModule(AgentModule):
                 config["lr_scheduler"] = {"scheduler": scheduler(optimizer), "interval": "step"}
             configs.append(config)
         return configs
+
+    def sampling_views(self, rows: int) -> str | list[str]:
+        """``reference_rows``: the last ones of the environments' rows are sampled from the reference."""
+        k = self.hparams.reference_rows
+        if not k:
+            return "policy"
+        if k >= rows:
+            raise ValueError(f"reference_rows: {k} leaves none of the {rows} rows of a generation batch to the "
+                             f"policy; set it below the number of environments ({rows})")
+        return ["policy"] * (rows - k) + ["reference"] * k
+
+    def _reference_row_charts(self, batch: RolloutBatch) -> dict[str, float]:
+        """What the policy's own rows wrote, apart from the reference's (``reference_rows``): their average reward
+        and the mean reward of those that ran."""
+        envs = int(batch.env_index.max()) + 1
+        own = (batch.env_index < envs - self.hparams.reference_rows).cpu()
+        rewards, ran = batch.rewards.cpu()[own], batch.runnable.cpu()[own]
+        charts = {"charts/policy_rows_avg_reward": float(rewards.mean()),
+                  "charts/policy_rows_runnable_fraction": float(ran.float().mean())}
+        if bool(ran.any()):
+            charts["charts/policy_rows_runnable_reward"] = float(rewards[ran].mean())
+        return charts
 
     # ---- the update --------------------------------------------------------------------------------------------
     def _q(self, critic_logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
@@ -279,6 +318,8 @@ class ETPOModule(AgentModule):
             self.answer_trees(batch, targets)
             targets.charts["charts/remembered_answers"] = float(len(recalled))
         charts = dict(targets.charts)
+        if hp.reference_rows:
+            charts.update(self._reference_row_charts(fresh))
         warmup = self.policy_version < hp.critic_warmup
         steps = hp.critic_warmup_steps if warmup and hp.critic_warmup_steps is not None else hp.critic_steps
         for _ in range(steps):  # 2.

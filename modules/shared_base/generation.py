@@ -40,6 +40,8 @@ class Generation:
     behaviour_log_probs  [B, L] float32 log mu of each action token under the distribution it was drawn from
                   (temperature / top-k / top-p applied; what ``modules.losses.etpo.behaviour_log_probs`` recomputes),
                   0 after the action; only when asked for (``record_log_probs``, fast path), else None
+    views         the view each row was sampled from, when the rows were drawn from more than one (``generate``
+                  with a list of views), else None
     """
 
     prompt_ids: Tensor
@@ -49,11 +51,42 @@ class Generation:
     texts: list[str]
     finished: Tensor
     behaviour_log_probs: Optional[Tensor] = None
+    views: Optional[list[str]] = None
 
     @property
     def lengths(self) -> Tensor:
         """Number of action tokens of every row, [B]."""
         return self.action_mask.sum(1)
+
+
+def _interleave(parts: Sequence[tuple[list[int], Generation]], pad_id: int, views: list[str]) -> Generation:
+    """One :class:`Generation` of ``len(views)`` rows from ``parts``: ``(rows, generation)`` pairs, generation ``k``'s
+    row ``j`` going to row ``rows[j]``; prompts re-padded on the left, actions on the right (``pad_id``, mask 0)."""
+    n = len(views)
+    prompt_w = max(g.prompt_ids.shape[1] for _, g in parts)
+    action_w = max(g.action_ids.shape[1] for _, g in parts)
+    prompt_ids = torch.full((n, prompt_w), int(pad_id), dtype=torch.long)
+    prompt_mask = torch.zeros((n, prompt_w), dtype=torch.long)
+    action_ids = torch.full((n, action_w), int(pad_id), dtype=torch.long)
+    action_mask = torch.zeros((n, action_w), dtype=torch.long)
+    finished = torch.zeros(n, dtype=torch.bool)
+    texts: list[str] = [""] * n
+    with_log_probs = all(g.behaviour_log_probs is not None for _, g in parts)
+    log_probs = torch.zeros((n, action_w), dtype=torch.float32) if with_log_probs else None
+    for rows, g in parts:
+        p, a = g.prompt_ids.shape[1], g.action_ids.shape[1]
+        index = torch.tensor(rows, dtype=torch.long)
+        prompt_ids[index, prompt_w - p:] = g.prompt_ids
+        prompt_mask[index, prompt_w - p:] = g.prompt_mask
+        action_ids[index, :a] = g.action_ids
+        action_mask[index, :a] = g.action_mask
+        finished[index] = g.finished
+        if log_probs is not None:
+            log_probs[index, :a] = g.behaviour_log_probs
+        for j, row in enumerate(rows):
+            texts[row] = g.texts[j]
+    return Generation(prompt_ids=prompt_ids, prompt_mask=prompt_mask, action_ids=action_ids, action_mask=action_mask,
+                      texts=texts, finished=finished, behaviour_log_probs=log_probs, views=list(views))
 
 
 def _cache_keyword() -> str:
@@ -68,14 +101,32 @@ class GenerationMixin:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 256, temperature: float = 1.0,
-                 top_k: Optional[int] = 0, top_p: float = 1.0, do_sample: bool = True, view: str = "policy",
-                 stop_strings: Optional[Sequence[str]] = None) -> Generation:
+                 top_k: Optional[int] = 0, top_p: float = 1.0, do_sample: bool = True,
+                 view: str | Sequence[str] = "policy", stop_strings: Optional[Sequence[str]] = None) -> Generation:
         """Sample one action per prompt from ``view`` (the policy by default; ``reference`` for an untrained
         baseline) with the KV cache. ``top_k`` 0/None and ``top_p`` 1.0 disable those filters; ``do_sample=False``
         is greedy. Generation stops at EOS (:attr:`eos_token_ids`) or after ``max_new_tokens``.
         Seed with ``torch.manual_seed`` for reproducible sampling. ``stop_strings`` end a sequence as soon as its
         text contains one of them (the stop string is kept in the action), e.g. the start of a new top-level block
-        after the function an environment asked for: the rest would be discarded by the environment anyway."""
+        after the function an environment asked for: the rest would be discarded by the environment anyway.
+
+        ``view`` may also name one view per prompt: the rows of each view are then sampled together, one batch per
+        view in the order the views first appear (each row exactly as a batch of that view alone would sample it),
+        and returned in the prompts' order with :attr:`Generation.views` set."""
+        if not isinstance(view, str):
+            views = list(view)
+            if len(views) != len(prompts):
+                raise ValueError(f"generate: {len(views)} views for {len(prompts)} prompts (one view per prompt, or "
+                                 "one view for all)")
+            if len(set(views)) > 1:
+                order = list(dict.fromkeys(views))
+                parts = []
+                for v in order:
+                    rows = [i for i, w in enumerate(views) if w == v]
+                    parts.append((rows, self.generate([prompts[i] for i in rows], max_new_tokens, temperature, top_k,
+                                                      top_p, do_sample, v, stop_strings)))
+                return _interleave(parts, self.pad_token_id, views)
+            view = views[0] if views else "policy"
         ids, mask = self.encode_prompts(prompts)
         return self.generate_from_ids(ids, mask, max_new_tokens, temperature, top_k, top_p, do_sample, view,
                                       stop_strings)
