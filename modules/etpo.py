@@ -152,6 +152,11 @@ class ETPOModule(AgentModule):
             critic replay (docs/method.md, section 7c).
         train_policy: set False to freeze the policy for good (an ablation; the learning test uses it as a control).
         token_chunk_size: action tokens per chunk when evaluating vocabulary-sized tensors.
+        chunk_positions: at most this many (row, token) positions per chunk of vocabulary-sized work: the chunk is
+            ``min(token_chunk_size, chunk_positions // rows)`` tokens wide, so that a batch with more rows -- the
+            answer memory's remembered answers join the fresh ones -- holds no larger ``[rows, chunk, V]`` tensors
+            than a fresh batch (None: ``token_chunk_size`` whatever the rows). Exact either way: the sums are the
+            same, chunk by chunk.
     """
 
     contender = "etpo"
@@ -191,6 +196,7 @@ class ETPOModule(AgentModule):
         reference_rows: int = 0,
         train_policy: bool = True,
         token_chunk_size: int = 64,
+        chunk_positions: int | None = None,
     ):
         super().__init__(backbone)
         if q_parameterisation not in Q_PARAMETERISATIONS:
@@ -201,6 +207,8 @@ class ETPOModule(AgentModule):
             raise ValueError(f"td_lambda must be in [0, 1], got {td_lambda}")
         if critic_steps < 1 or policy_steps < 1 or critic_warmup < 0 or token_chunk_size < 1:
             raise ValueError("critic_steps, policy_steps and token_chunk_size must be >= 1 and critic_warmup >= 0")
+        if chunk_positions is not None and chunk_positions < 1:
+            raise ValueError(f"chunk_positions must be >= 1 (or null), got {chunk_positions}")
         if target_backup not in TARGET_BACKUPS:
             raise ValueError(f"target_backup must be one of {TARGET_BACKUPS}, got {target_backup!r}")
         if policy_target not in POLICY_TARGETS:
@@ -285,6 +293,13 @@ class ETPOModule(AgentModule):
         if bool(ran.any()):
             charts["charts/policy_rows_runnable_reward"] = float(rewards[ran].mean())
         return charts
+
+    def chunk_width(self, rows: int) -> int:
+        """Action tokens per chunk of vocabulary-sized work for a batch of ``rows`` rows (``chunk_positions``)."""
+        hp = self.hparams
+        if hp.chunk_positions is None:
+            return hp.token_chunk_size
+        return max(1, min(hp.token_chunk_size, hp.chunk_positions // max(rows, 1)))
 
     # ---- the update --------------------------------------------------------------------------------------------
     def _q(self, critic_logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
@@ -470,7 +485,7 @@ class ETPOModule(AgentModule):
         record = correct or record_behaviour
         kl_sum = ent_sum = 0.0
         first_optimal = None  # V*(s) at each row's first token: the optimality backup's next-state value
-        for sl in token_chunks(shape[1], hp.token_chunk_size):
+        for sl in token_chunks(shape[1], self.chunk_width(shape[0])):
             taken = actions[:, sl].unsqueeze(-1)
             ref_logits = m.head(h_ref[:, sl])
             q_target = self._q(m.head(h_target[:, sl]), ref_logits)
@@ -582,7 +597,7 @@ class ETPOModule(AgentModule):
             return policy_loss(pi_logits, ref_logits, q, mask[:, sl], hp.beta, reduction="sum",
                                divergence=hp.policy_divergence) / n_tokens
 
-        loss = m.chunked_head_loss(h_policy, chunk_loss, hp.token_chunk_size)
+        loss = m.chunked_head_loss(h_policy, chunk_loss, self.chunk_width(mask.shape[0]))
         return loss, {"losses/policy": float(loss.detach())}
 
     @staticmethod
@@ -626,7 +641,7 @@ class ETPOModule(AgentModule):
         hidden = {view: m.plan_hidden(view, plan)[0] for view in ("policy", "reference", "critic")}
         names = ("logp_policy", "logp_reference", "q", "logp_optimal")
         out = {name: torch.zeros(action_ids.shape, device=hidden["policy"].device) for name in names}
-        for sl in token_chunks(action_ids.shape[1], self.hparams.token_chunk_size):
+        for sl in token_chunks(action_ids.shape[1], self.chunk_width(action_ids.shape[0])):
             taken = action_ids[:, sl].unsqueeze(-1).long()
             ref_logits = m.head(hidden["reference"][:, sl])
             q = self._q(m.head(hidden["critic"][:, sl]), ref_logits)
@@ -675,7 +690,7 @@ class ETPOModule(AgentModule):
         mask = sub.action_mask.float()
         q_taken = torch.zeros_like(mask)
         advantage = torch.zeros_like(mask)
-        for sl in token_chunks(mask.shape[1], self.hparams.token_chunk_size):
+        for sl in token_chunks(mask.shape[1], self.chunk_width(mask.shape[0])):
             ref = m.head(t.ref_hidden[:, sl])
             q = self._q(m.head(h_critic[:, sl]), ref)
             v, _ = soft_value(q, m.head(h_policy[:, sl]), ref, self.hparams.beta)

@@ -142,6 +142,43 @@ def test_update_gives_the_exact_targets_losses_and_gradients(q_parameterisation,
             torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
 
 
+def test_chunk_positions_bound_the_chunk_and_change_no_number(monkeypatch):
+    """``chunk_positions``: a chunk of vocabulary-sized work is min(token_chunk_size, chunk_positions // rows) tokens
+    wide, and the targets, both losses and both gradients are those of the plain computation."""
+    import modules.etpo as etpo_module
+    from modules.shared_base.scoring import token_chunks
+
+    module = _perturbed_module(chunk_positions=5)  # token_chunk_size 2: 5 // 4 rows = 1 token a chunk
+    m = module.model
+    batch = _batch(module, multi_step=True)
+    rows = len(batch)
+    assert module.chunk_width(rows) == max(1, min(2, 5 // rows)) == 1 and module.chunk_width(2) == 2
+    widths = []
+
+    def recording(n, size):
+        widths.append(size)
+        return token_chunks(n, size)
+
+    monkeypatch.setattr(etpo_module, "token_chunks", recording)
+    plan = module.plan(batch)
+    t = module.compute_targets(batch, plan)
+    assert widths == [1]
+    y, ref_critic, ref_policy = _plain_reference(module, batch)
+    torch.testing.assert_close(t.targets, y, rtol=1e-5, atol=1e-5)
+    seen = []
+    original = type(m).chunked_head_loss
+    monkeypatch.setattr(type(m), "chunked_head_loss",
+                        lambda self, h, fn, size=64: seen.append(size) or original(self, h, fn, size))
+    for params, got, want in ((m.critic_parameters(), module.critic_loss(batch, plan, t)[0], ref_critic),
+                              (m.policy_parameters(), module.policy_loss(batch, plan, t)[0], ref_policy)):
+        assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
+        for g1, g2 in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
+            torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
+    assert seen == [1]
+    with pytest.raises(ValueError, match="chunk_positions must be >= 1"):
+        ETPOModule(backbone=tiny_backbone(), chunk_positions=0)
+
+
 def test_td_lambda_targets_of_the_update_equal_the_plain_computation():
     module = _perturbed_module(td_lambda=0.7, trace_correction=False)
     batch = _batch(module, multi_step=True)
