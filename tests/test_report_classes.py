@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from etpo.report.classes import FAILED, choice_series, pooled_shares, run_classes, write_class_report
+from etpo.report.classes import FAILED, choice_series, pooled_shares, run_classes, run_views, write_class_report
 
 FOREST = ("\n    from sklearn.ensemble import RandomForestClassifier\n"
           "    return RandomForestClassifier().fit(x_train, y_train)")
@@ -86,3 +86,27 @@ def test_choice_figure_wraps_many_runs_into_rows(tmp_path):
     three_rows = figure_size(2 * CHOICE_PANELS_PER_ROW + 1, "three")
     assert three_rows[0] == one_row[0]                       # no wider than a full row
     assert three_rows[1] == pytest.approx(3 * one_row[1], rel=0.05)
+
+
+def test_a_run_with_reference_rows_is_counted_per_view(tmp_path):
+    """Samples that name their view (ETPO's reference_rows) are counted per view, the policy's rows apart from the
+    reference's -- the history's pooled classes would mix them -- and the report draws one panel per view."""
+    root = tmp_path / "bench" / "runs" / "etpo_ref" / "balance_scale"
+    pooled = {"RandomForestClassifier": {"n": 3, "runnable": 2, "mean_reward": 0.3}}
+    _write(root / "seed0", history=[{"batch": 1, "classes": pooled}], samples=[
+        {"batch": 1, "status": "ok", "text": FOREST, "view": "policy"},
+        {"batch": 1, "status": "ok", "text": FOREST, "view": "policy"},
+        {"batch": 1, "status": "ok", "text": LOGREG, "view": "reference"},
+        {"batch": 1, "status": "error", "text": FOREST, "view": "reference"}])
+    run = root / "seed0"
+    assert run_views(run) == ["policy", "reference"]
+    assert run_classes(run, "policy") == [{"RandomForestClassifier": 2}]
+    assert run_classes(run, "reference") == [{"LogisticRegression": 1, FAILED: 1}]
+    assert run_classes(run) == [{"RandomForestClassifier": 2, FAILED: 1}]  # the history's, as recorded
+    _write(tmp_path / "bench" / "runs" / "etpo" / "balance_scale" / "seed0",
+           samples=[{"batch": 1, "status": "ok", "text": LOGREG}])
+    assert run_views(tmp_path / "bench" / "runs" / "etpo" / "balance_scale" / "seed0") == ["policy"]
+    write_class_report(tmp_path / "bench", "balance_scale", tmp_path / "out")
+    table = (tmp_path / "out" / "classes_balance_scale.md").read_text()
+    assert "## etpo (1 seeds)" in table
+    assert "## etpo_ref, policy rows (1 seeds)" in table and "## etpo_ref, reference rows (1 seeds)" in table

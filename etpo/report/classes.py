@@ -8,7 +8,8 @@ the code builds; from ``history.jsonl``'s ``classes`` where the run recorded the
 (:mod:`etpo.probe`), the readings at the token where the most frequent class and the best class part. Writes
 
 * ``class_shares_<dataset>.png``: per contender, each class's share of the runnable answers and the failures' share,
-  per batch, pooled over seeds;
+  per batch, pooled over seeds -- a contender whose samples name more than one view (ETPO's ``reference_rows``)
+  drawn once per view, its policy's rows apart from the reference's;
 * ``choice_<dataset>.png``: per run with probe readings, pi_theta, pi_bar and pi* of the two sides' tokens at that
   parting, per batch;
 * ``classes_<dataset>.md``: the shares as a table, and each run's classes in its last quarter.
@@ -23,7 +24,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["run_classes", "pooled_shares", "choice_series", "write_class_report", "main"]
+__all__ = ["run_classes", "run_views", "pooled_shares", "choice_series", "write_class_report", "main"]
 
 FAILED = "(failed)"
 
@@ -47,11 +48,19 @@ def _history(run: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_classes(run: Path) -> list[Counter]:
+def run_views(run: Path) -> list[str]:
+    """The views that sampled a run's answers (``"view"`` of its samples; a sample without one is the policy's),
+    the policy first."""
+    views = {str(s.get("view", "policy")) for s in _samples(run)}
+    return sorted(views, key=lambda v: (v != "policy", v))
+
+
+def run_classes(run: Path, view: Optional[str] = None) -> list[Counter]:
     """Per batch, a Counter of the run's answers by category: the class of an answer that ran, :data:`FAILED` for
-    one that did not."""
+    one that did not. ``view``: only the answers that view sampled (from the samples; one without a ``"view"`` is
+    the policy's)."""
     history = _history(run)
-    if history and all("classes" in h for h in history):
+    if view is None and history and all("classes" in h for h in history):
         out = []
         for h in history:
             c = Counter()
@@ -66,15 +75,17 @@ def run_classes(run: Path) -> list[Counter]:
 
     per_batch: dict[int, Counter] = defaultdict(Counter)
     for s in _samples(run):
+        if view is not None and str(s.get("view", "policy")) != view:
+            continue
         name = answer_class(extract_function(s.get("text", "")).code) if s.get("status") == "ok" else FAILED
         per_batch[int(s["batch"])][name] += 1
     return [per_batch[b] for b in sorted(per_batch)]
 
 
-def pooled_shares(runs: list[Path]) -> tuple[list[str], list[dict[str, float]]]:
-    """Per batch, each category's share of all answers, pooled over ``runs``; the categories ordered by their
-    total count (failures last)."""
-    series = [run_classes(r) for r in runs]
+def pooled_shares(runs: list[Path], view: Optional[str] = None) -> tuple[list[str], list[dict[str, float]]]:
+    """Per batch, each category's share of all answers (of ``view``'s, when given), pooled over ``runs``; the
+    categories ordered by their total count (failures last)."""
+    series = [run_classes(r, view) for r in runs]
     total: Counter = Counter()
     for s in series:
         for c in s:
@@ -153,14 +164,21 @@ def write_class_report(folder: Path, dataset: str, out: Path, contenders: Option
     if not runs:
         raise SystemExit(f"etpo.report.classes: no runs of {dataset} under {folder / 'runs'}")
     out.mkdir(parents=True, exist_ok=True)
+    panels = []  # (title, paths, view): one per contender, or per view where its rows came from more than one
+    for contender, paths in runs.items():
+        views = sorted({v for p in paths for v in run_views(p)}, key=lambda v: (v != "policy", v))
+        if len(views) > 1:
+            panels += [(f"{contender}, {v} rows", paths, v) for v in views]
+        else:
+            panels.append((contender, paths, None))
     plt = _plt()
     written = []
-    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.4), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), sharey=True, squeeze=False)
     lines = [f"# Answer classes on {dataset}", "",
              "Share of all answers per batch, pooled over the seeds (a class counts its answers that ran; "
              f"`{FAILED}`: the answers that did not run).", ""]
-    for ax, (contender, paths) in zip(axes[0], runs.items()):
-        names, shares = pooled_shares(paths)
+    for ax, (contender, paths, view) in zip(axes[0], panels):
+        names, shares = pooled_shares(paths, view)
         shown = [n for n in names if n != FAILED][:top]
         batches = list(range(1, len(shares) + 1))
         stack = [[s.get(n, 0.0) for s in shares] for n in shown]
