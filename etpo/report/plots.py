@@ -81,7 +81,7 @@ def _band_width(std: np.ndarray, count: np.ndarray, band: str) -> np.ndarray:
 def _band_label(band: str, ddof: int) -> str:
     if band == "std":
         return f"mean ± std over seeds (ddof={ddof})"
-    return f"mean ± s.e. over seeds (std with ddof={ddof} / √seeds)"
+    return "mean ± s.e. over seeds" + ("" if ddof == 1 else f" (std ddof={ddof} / √seeds)")
 
 
 def best_within_curves(
@@ -204,18 +204,30 @@ def plot_best_within_per_dataset(
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     return _save_panels(fig, axes, "environment steps n", "best reward within n",
-                        f"Best reward explored within n steps per dataset; {_band_label(band, ddof)}", path)
+                        f"Best reward within n steps, per dataset; {_band_label(band, ddof)}", path)
 
 
 def _save_panels(fig, axes, xlabel: str, ylabel: str, title: str, path) -> Path:
-    """Shared legend, axis labels and title of a multi-panel figure; write it to ``path``."""
+    """Shared legend (below the panels, where it hides no curve), axis labels and title of a multi-panel figure;
+    write it to ``path``."""
     import matplotlib.pyplot as plt
 
-    axes[0].legend(fontsize=7)
-    fig.supxlabel(xlabel, fontsize=9)
+    labels: dict[str, object] = {}  # every contender once, in the order the panels drew them
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            labels.setdefault(label, handle)
+    rows = -(-len(labels) // 4) if labels else 0
+    below = 0.2 * rows + 0.05 if labels else 0.0  # inches under the panels for the legend: ~0.2 a row at 7 pt
+    height = fig.get_figheight() + below + 0.25  # the figure grows by the legend and the x label, not the panels
+    fig.set_figheight(height)
+    legend = below / height
+    if labels:
+        fig.legend(list(labels.values()), list(labels), loc="lower center", ncol=min(4, len(labels)), fontsize=7,
+                   frameon=False)
+    fig.supxlabel(xlabel, fontsize=9, y=legend, va="bottom")
     fig.supylabel(ylabel, fontsize=9)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, legend + 0.25 / height, 1, 1))
     path = Path(path)
     fig.savefig(path)
     plt.close(fig)
