@@ -21,6 +21,9 @@ field                  shape       meaning
 ``policy_version``     int         the module's ``policy_version`` when the batch was sampled (on-policy check)
 ``sampling``           -           the sampling settings the actions were drawn with (the behaviour policy)
 ``metrics``            -           rollout statistics of this batch (:class:`RolloutMetrics`)
+``relabelled``         -           None, or (where the environment allows it and the module asks: its
+                                   ``relabels_actions``) the batch's later-step transitions moved to their episode's
+                                   first state, as a batch of their own (docs/method.md, section 4b); counted nowhere
 =====================  ==========  =================================================================================
 
 Episode ends follow the paper: "a done signal will also be received if t reaches a pre-set maximum step limit",
@@ -104,6 +107,7 @@ class RolloutBatch:
     metrics: RolloutMetrics
     next_prompt_ids: Optional[Tensor] = None
     next_prompt_mask: Optional[Tensor] = None
+    relabelled: Optional["RolloutBatch"] = None
 
     def __post_init__(self) -> None:
         b = self.rewards.shape[0]
@@ -131,7 +135,7 @@ class RolloutBatch:
 
     def to(self, device: torch.device | str) -> "RolloutBatch":
         """A copy with every tensor on ``device`` (the other fields shared)."""
-        moved = {f.name: (v.to(device) if isinstance(v, Tensor) else v)
+        moved = {f.name: (v.to(device) if isinstance(v, (Tensor, RolloutBatch)) else v)
                  for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
         return RolloutBatch(**moved)
 

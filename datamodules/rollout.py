@@ -18,7 +18,7 @@ import functools
 import importlib
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import lightning as L
@@ -146,6 +146,8 @@ class RolloutCollector:
         self.vec = TextVectorEnv([make_env() for _ in range(num_envs)], max_workers=max_workers)
         self.stats = RolloutStats()
         self._obs: list[str] | None = None
+        self._first_obs: list[str | None] = [None] * num_envs  # each live episode's first observation
+        self._encoded_prompts: dict[str, list[int]] = {}  # first observations as token ids (they recur every batch)
         self._episode_seeds = np.random.SeedSequence(seed)
         self._started = time.perf_counter()
 
@@ -166,6 +168,12 @@ class RolloutCollector:
         """One rollout batch: ``steps_per_update`` parallel steps of every environment."""
         if self._obs is None:
             self._obs = self._reset(range(self.num_envs))
+            self._first_obs = list(self._obs)
+        # an action taken later in an episode is also an exact transition from the episode's first observation where
+        # the environment says so and the learner asks for them (docs/method.md, section 4b)
+        relabel = bool(getattr(policy, "relabels_actions", False)) and all(
+            getattr(env, "actions_relabel_to_first_state", False) for env in self.vec.envs)
+        relabelled: list[_Transition] = []
         transitions: list[_Transition] = []
         last_of_env: dict[int, int] = {}
         version = policy.policy_version
@@ -194,6 +202,11 @@ class RolloutCollector:
                     status=str(infos[i].get("status", "ok")),
                 ))
                 last_of_env[i] = len(transitions) - 1
+                first = self._first_obs[i]
+                if relabel and transitions[-1].episode_step > 1 and first is not None:
+                    moved = replace(transitions[-1], prompt_ids=self._encoded(policy, first),
+                                                truncated=False, episode_step=1, next_index=-1)
+                    relabelled.append(moved)  # the step limit truncates no first step of an episode that had a second
                 self._track_best(float(rewards[i]), infos[i], gen.texts[i])
                 error = infos[i].get("error")
                 self.stats.batch_samples.append({
@@ -210,8 +223,20 @@ class RolloutCollector:
             new_obs = self._reset(done) if done else []
             for i, o in zip(done, new_obs):
                 obs[i] = o
+                self._first_obs[i] = o
             self._obs = list(obs)
-        return self._make_batch(transitions, policy, version, timing)
+        batch = self._make_batch(transitions, policy, version, timing)
+        if relabel:
+            batch.relabelled = self._tensors(relabelled, policy, version, batch.metrics) if relabelled else None
+        return batch
+
+    def _encoded(self, policy: RolloutPolicy, prompt: str) -> list[int]:
+        """``policy.encode_prompts([prompt])[0]``, remembered: an episode's first observation recurs in every batch."""
+        if prompt not in self._encoded_prompts:
+            if len(self._encoded_prompts) >= 64:  # environments whose episodes start differently: keep it bounded
+                self._encoded_prompts.clear()
+            self._encoded_prompts[prompt] = list(policy.encode_prompts([prompt])[0])
+        return self._encoded_prompts[prompt]
 
     def _track_best(self, reward: float, info: dict, text: str) -> None:
         if reward > self.stats.best_reward:
@@ -235,6 +260,26 @@ class RolloutCollector:
         classes = answer_class_counts(self.stats.batch_samples)
         self.stats.batch_classes.append(classes)
         self.stats.best_within.append((self.stats.env_steps, self.stats.best_reward))
+        metrics = RolloutMetrics(
+            avg_reward=float(np.mean(rewards)),
+            best_reward=float(self.stats.best_reward),
+            runnable_fraction=float(np.mean(runnable)),
+            env_steps=float(self.stats.env_steps),
+            sps=self.stats.env_steps / max(self.stats.wall_time_s, 1e-9),
+            episodes=float(self.stats.episodes),
+            runnable_reward=runnable_reward,
+            batch_best_reward=float(max(rewards)),
+            generation_s=float(timing["generation_s"]),
+            environment_s=float(timing["environment_s"]),
+            generated_tokens=int(timing["generated_tokens"]),
+            answer_classes=classes or None,
+        )
+        return self._tensors(transitions, policy, version, metrics)
+
+    def _tensors(self, transitions: list[_Transition], policy: RolloutPolicy, version: int,
+                 metrics: RolloutMetrics) -> RolloutBatch:
+        """The transitions as a :class:`RolloutBatch` (prompts left-padded, actions right-padded)."""
+        rewards = [t.reward for t in transitions]
         # Next-state prompts are needed only where the episode goes on (neither terminated nor truncated: the step
         # limit ends an episode, as in the paper) and the next state is not already the prompt of a later
         # transition in this batch (then V(s_{t+1}) is read from that transition's first row).
@@ -254,29 +299,17 @@ class RolloutCollector:
             next_needed=torch.tensor(need_next, dtype=torch.long),
             env_index=torch.tensor([t.env_index for t in transitions], dtype=torch.long),
             episode_step=torch.tensor([t.episode_step for t in transitions], dtype=torch.long),
-            runnable=torch.tensor(runnable, dtype=torch.bool),
+            runnable=torch.tensor([t.status == "ok" for t in transitions], dtype=torch.bool),
             policy_version=version,
             sampling=self.generation,
-            metrics=RolloutMetrics(
-                avg_reward=float(np.mean(rewards)),
-                best_reward=float(self.stats.best_reward),
-                runnable_fraction=float(np.mean(runnable)),
-                env_steps=float(self.stats.env_steps),
-                sps=self.stats.env_steps / max(self.stats.wall_time_s, 1e-9),
-                episodes=float(self.stats.episodes),
-                runnable_reward=runnable_reward,
-                batch_best_reward=float(max(rewards)),
-                generation_s=float(timing["generation_s"]),
-                environment_s=float(timing["environment_s"]),
-                generated_tokens=int(timing["generated_tokens"]),
-                answer_classes=classes or None,
-            ),
+            metrics=metrics,
             next_prompt_ids=next_prompt_ids, next_prompt_mask=next_prompt_mask,
         )
 
     # ---- checkpointing: budget, best record and the live episodes survive a resume -------------------------------
     def state_dict(self) -> dict:
-        state = {"stats": asdict(self.stats), "obs": self._obs, "seed_seq": self._episode_seeds.n_children_spawned}
+        state = {"stats": asdict(self.stats), "obs": self._obs, "seed_seq": self._episode_seeds.n_children_spawned,
+                 "first_obs": list(self._first_obs)}
         state["envs"] = [env.state_dict() if hasattr(env, "state_dict") else None for env in self.vec.envs]
         return state
 
@@ -285,6 +318,8 @@ class RolloutCollector:
         self.stats = RolloutStats(**{k: v for k, v in state["stats"].items() if k in known})
         self.stats.best_within = [tuple(x) for x in self.stats.best_within]
         self._obs = state["obs"]
+        # a checkpoint made before the first observations were kept: the live episodes are not relabelled
+        self._first_obs = list(state.get("first_obs") or [None] * self.num_envs)
         self._episode_seeds = np.random.SeedSequence(self.seed)
         if state.get("seed_seq"):
             self._episode_seeds.spawn(state["seed_seq"])

@@ -38,6 +38,12 @@ class TextEnv:
 
     metadata: dict[str, Any] = {"render_modes": []}
 
+    #: True where an action's reward, next observation and termination do not depend on the state it is taken in
+    #: -- only the step limit's truncation does -- and every episode starts from the same observation. An action
+    #: taken at any state of an episode is then an exact transition from the episode's first observation too, which
+    #: off-policy learners may use (``RolloutBatch.relabelled``; docs/method.md, section 4b).
+    actions_relabel_to_first_state: bool = False
+
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[str, dict]:
         """Start a new episode; return the first observation and an info dict."""
         raise NotImplementedError

@@ -150,6 +150,14 @@ class ETPOModule(AgentModule):
             whatever sampled the action, and the policy step is a projection at each context -- so it is refused with
             targets that follow the sampling policy (TD(lambda) > 0 under ``target_backup: policy``) and with the
             critic replay (docs/method.md, section 7c).
+        relabel_actions: where the environment allows it (``actions_relabel_to_first_state``: an action earns the
+            same and leads to the same state wherever it is taken, as in the data-science env), every later-step
+            transition of a batch also joins the update as a transition from its episode's first state (beyond the
+            paper; False, the paper's, learns each action where it was taken only): an answer found at an "improve
+            on it" state enters the task prompt's answer tree, where the classes part, and the answer memory under
+            that prompt. Sound for the same reason as ``reference_rows`` (the targets of ``target_backup:
+            optimal_tree`` or of Eq. 6 hold whatever wrote the action; the policy step is a per-context
+            projection), and refused where they do not (docs/method.md, section 4b).
         train_policy: set False to freeze the policy for good (an ablation; the learning test uses it as a control).
         token_chunk_size: action tokens per chunk when evaluating vocabulary-sized tensors.
         chunk_positions: at most this many (row, token) positions per chunk of vocabulary-sized work: the chunk is
@@ -194,6 +202,7 @@ class ETPOModule(AgentModule):
         replay_rows: int = 0,
         reward_baseline: float | str | None = None,
         reference_rows: int = 0,
+        relabel_actions: bool = False,
         train_policy: bool = True,
         token_chunk_size: int = 64,
         chunk_positions: int | None = None,
@@ -236,12 +245,19 @@ class ETPOModule(AgentModule):
             raise ValueError(f"reward_baseline must be null, a number or 'running', got {reward_baseline!r}")
         if reference_rows < 0:
             raise ValueError(f"reference_rows must be >= 0, got {reference_rows}")
-        if reference_rows and ((target_backup == "policy" and td_lambda > 0) or replay_capacity):
+        on_policy_targets = (target_backup == "policy" and td_lambda > 0) or replay_capacity
+        if reference_rows and on_policy_targets:
             raise ValueError(
                 f"reference_rows: {reference_rows} samples rows from the reference, so the critic's targets must hold "
                 "whatever sampled the action: use target_backup: optimal_tree, or td_lambda: 0 (Eq. 6), and no critic "
                 f"replay (got target_backup {target_backup!r}, td_lambda {td_lambda}, replay_capacity "
                 f"{replay_capacity}); or set reference_rows: 0")
+        if relabel_actions and on_policy_targets:
+            raise ValueError(
+                "relabel_actions learns actions at states where the policy did not take them, so the critic's targets "
+                "must hold whatever wrote the action: use target_backup: optimal_tree, or td_lambda: 0 (Eq. 6), and no "
+                f"critic replay (got target_backup {target_backup!r}, td_lambda {td_lambda}, replay_capacity "
+                f"{replay_capacity}); or set relabel_actions: false")
         self.save_hyperparameters(ignore=["backbone", "policy_lr_scheduler", "critic_lr_scheduler"])
         # `running` baseline: sum and count of every transition's reward so far; the episode length seen (kept in
         # checkpoints)
@@ -271,6 +287,11 @@ class ETPOModule(AgentModule):
                 config["lr_scheduler"] = {"scheduler": scheduler(optimizer), "interval": "step"}
             configs.append(config)
         return configs
+
+    @property
+    def relabels_actions(self) -> bool:
+        """Whether the rollout should hand over its later-step transitions moved to their episode's first state."""
+        return bool(self.hparams.relabel_actions)
 
     def sampling_views(self, rows: int) -> str | list[str]:
         """``reference_rows``: the last ones of the environments' rows are sampled from the reference."""
@@ -319,9 +340,12 @@ class ETPOModule(AgentModule):
         optimizers = self.optimizers_by_name()
         self.update_reward_baseline(batch)
         fresh = batch
-        recalled = self.memory.recall(fresh) if hp.answer_memory else []
+        relabelled = fresh.relabelled if hp.relabel_actions else None
+        if relabelled is not None:  # later steps' actions, moved to their episode's first state (section 4b)
+            batch = fresh.concat(relabelled)
+        recalled = self.memory.recall(batch) if hp.answer_memory else []
         if recalled:  # the stored answers for the batch's prompts join it for the whole update (section 4a)
-            batch = fresh.concat(stored_batch(recalled, fresh))
+            batch = batch.concat(stored_batch(recalled, fresh))
         plan = self.plan(batch)
         # the gradient steps read action states only: next prompts (with reflection, hundreds of positions each that
         # share little) are left out of their forwards and backwards -- the same states, exactly
@@ -333,6 +357,8 @@ class ETPOModule(AgentModule):
             self.answer_trees(batch, targets)
             targets.charts["charts/remembered_answers"] = float(len(recalled))
         charts = dict(targets.charts)
+        if hp.relabel_actions:
+            charts["charts/relabelled_actions"] = float(len(relabelled) if relabelled is not None else 0)
         if hp.reference_rows:
             charts.update(self._reference_row_charts(fresh))
         warmup = self.policy_version < hp.critic_warmup
@@ -349,6 +375,8 @@ class ETPOModule(AgentModule):
             self.replay.add_batch(fresh, targets.behaviour_log_probs, self.policy_version)
         if hp.answer_memory:
             self.memory.add(stored_transitions(fresh, None, self.policy_version))
+            if relabelled is not None:
+                self.memory.add(stored_transitions(relabelled, None, self.policy_version))
         return charts
 
     def update_reward_baseline(self, batch: RolloutBatch) -> None:

@@ -316,3 +316,18 @@ def test_answer_class_counts_per_batch():
     assert counts["RandomForestClassifier"] == {"n": 3, "runnable": 2, "mean_reward": pytest.approx((0.8 - 1 + 0.82) / 3)}
     assert counts["LogisticRegression"] == {"n": 1, "runnable": 1, "mean_reward": 0.95}
     assert answer_class_counts([{"status": "ok", "reward": 1.0}]) == {}
+
+
+def test_an_answer_earns_the_same_and_leads_to_the_same_state_wherever_it_is_written(pool):
+    """What ``actions_relabel_to_first_state`` promises: the reward, the next observation and the termination of an
+    answer do not depend on the state it is written in (here: the task prompt, after a failure, after code that ran)."""
+    assert DataScienceEnv.actions_relabel_to_first_state
+    env = make_env("breast_cancer", n_splits=2, split_seed=1, stop_on_success=False, max_steps=5)
+    first, _ = env.reset()
+    at_first = env.step(LR_BODY)
+    assert env.step("\n    return undefined_name")[1] == -1.0  # a failure: the next state shows its error
+    after_failure = env.step(LR_BODY)
+    after_success = env.step(LR_BODY)  # written at "improve on it" after code that ran
+    for later in (after_failure, after_success):
+        assert later[:3] == at_first[:3]  # observation, reward, terminated
+    assert env.reset()[0] == first

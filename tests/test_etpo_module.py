@@ -408,3 +408,78 @@ def test_resume_reaches_the_same_state_as_an_uninterrupted_run(tmp_path):
     sb = json.loads((tmp_path / "b" / "run" / "summary.json").read_text())
     assert sa["env_steps"] == sb["env_steps"] == 32
     assert sa["best_reward"] == sb["best_reward"] and sa["batch_avg_reward"] == sb["batch_avg_reward"]
+
+
+def _collect(relabels, flag=True, steps=4, envs=3, seed=0, module=None):
+    from datamodules.rollout import RolloutCollector
+    from envs.toy import TargetCharsEnv
+
+    class Toy(TargetCharsEnv):  # with success_reward it ends on success and truncates at the step limit: an
+        actions_relabel_to_first_state = flag  # action's reward, next observation and termination ignore the state
+
+    class Policy(_Collect):
+        relabels_actions = relabels
+
+    module = module or _perturbed_module()
+    torch.manual_seed(seed)
+    collector = RolloutCollector(lambda: Toy(target_chars="ab", max_steps=3, prompt="q:", success_reward=1.0),
+                                 num_envs=envs,
+                                 steps_per_update=steps, budget=100, seed=seed,
+                                 generation=GenerationConfig(max_new_tokens=4, temperature=1.0, top_k=0))
+    batch = collector.collect(Policy(module))
+    collector.close()
+    return module, batch
+
+
+def test_later_steps_are_handed_over_moved_to_their_episode_s_first_state():
+    """With an environment that allows it and a learner that asks, every transition after an episode's first step
+    comes back a second time as a transition from the episode's first observation: the same action, reward,
+    termination and next state, the step limit's truncation undone; nothing is relabelled otherwise."""
+    module, batch = _collect(relabels=True)
+    moved = batch.relabelled
+    later = [k for k in range(len(batch)) if int(batch.episode_step[k]) > 1]
+    assert later and moved is not None and len(moved) == len(later)
+    first_prompt = module.encode_prompts(["q:"])[0]
+
+    def unpad(ids, mask, k):
+        return ids[k][mask[k].bool()].tolist()
+
+    next_of = {}  # a transition's next state, from its link or its own next prompt
+    for j, k in enumerate(batch.next_needed.tolist()):
+        next_of[k] = unpad(batch.next_prompt_ids, batch.next_prompt_mask, j)
+    for k in range(len(batch)):
+        if int(batch.next_index[k]) >= 0:
+            next_of[k] = unpad(batch.prompt_ids, batch.prompt_mask, int(batch.next_index[k]))
+    moved_next = {k: unpad(moved.next_prompt_ids, moved.next_prompt_mask, j)
+                  for j, k in enumerate(moved.next_needed.tolist())}
+    for j, k in enumerate(later):
+        assert unpad(moved.prompt_ids, moved.prompt_mask, j) == list(first_prompt)
+        assert unpad(moved.action_ids, moved.action_mask, j) == unpad(batch.action_ids, batch.action_mask, k)
+        assert float(moved.rewards[j]) == float(batch.rewards[k])
+        assert bool(moved.terminated[j]) == bool(batch.terminated[k]) and not bool(moved.truncated[j])
+        assert int(moved.episode_step[j]) == 1 and int(moved.next_index[j]) == -1
+        if not bool(moved.terminated[j]):  # the next state goes on, and is the step's own
+            if k in next_of:
+                assert moved_next[j] == next_of[k]
+            else:  # truncated where it was taken: its next state was not needed there; here it is the prompt + action
+                assert moved_next[j][:len(first_prompt)] == list(first_prompt) and bool(batch.truncated[k])
+    assert bool(batch.truncated[later].any())  # the case the relabelling undoes is in the batch
+    assert _collect(relabels=False)[1].relabelled is None
+    assert _collect(relabels=True, flag=False)[1].relabelled is None
+
+
+def test_etpo_learns_relabelled_actions_at_the_first_state_and_remembers_them_there():
+    trees = dict(target_backup="optimal_tree", policy_target="optimal_tree", unwritten_value="zero")
+    module = _perturbed_module(relabel_actions=True, answer_memory=8, **trees)
+    assert module.relabels_actions
+    _, batch = _collect(relabels=True, module=module)
+    with module.without_trainer():
+        charts = module.learn(batch)
+    assert charts["charts/relabelled_actions"] == float(len(batch.relabelled)) > 0
+    first = tuple(module.encode_prompts(["q:"])[0])
+    stored = {tuple(t.action) for t in module.memory.prompts.get(first, [])}
+    moved = {tuple(a[m.bool()].tolist()) for a, m in zip(batch.relabelled.action_ids, batch.relabelled.action_mask)}
+    assert moved & stored  # answers written at later states are remembered under the first one
+    with pytest.raises(ValueError, match="relabel_actions learns actions at states"):
+        ETPOModule(backbone=tiny_backbone(), relabel_actions=True, td_lambda=1.0)
+    assert not ETPOModule(backbone=tiny_backbone()).relabels_actions

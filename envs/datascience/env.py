@@ -145,6 +145,10 @@ class DataScienceEnv(TextEnv):
     Datasets, splits and prompts are cached, so constructing many environments on one dataset is cheap.
     """
 
+    # The reward is the code's own score on fixed splits, and the next observation shows the task with this answer
+    # and its result only (no earlier attempt): what an answer earns does not depend on where it was written.
+    actions_relabel_to_first_state = True
+
     def __init__(
         self,
         dataset: str | TabularDataset = "breast_cancer",
