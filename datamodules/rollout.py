@@ -205,7 +205,7 @@ class RolloutCollector:
                 first = self._first_obs[i]
                 if relabel and transitions[-1].episode_step > 1 and first is not None:
                     moved = replace(transitions[-1], prompt_ids=self._encoded(policy, first),
-                                                truncated=False, episode_step=1, next_index=-1)
+                                    truncated=False, episode_step=1, next_index=-1)
                     relabelled.append(moved)  # the step limit truncates no first step of an episode that had a second
                 self._track_best(float(rewards[i]), infos[i], gen.texts[i])
                 error = infos[i].get("error")
