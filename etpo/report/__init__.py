@@ -72,6 +72,7 @@ from etpo.report.compare import (
 from etpo.report.plots import (
     BANDS,
     batch_reward_curves,
+    check_band,
     best_within_curves,
     plot_batch_quality,
     plot_batch_rewards,
@@ -133,8 +134,7 @@ def write_report(
     ``band`` "std", the paper's, or "se", the standard error); returns ``{name:
     path}`` of what was written (plots are skipped when no run counts, batch_quality.png / timing.png when no run has
     their series)."""
-    if band not in BANDS:  # before any work: a typo must not cost a report half-written
-        raise ValueError(f"band must be one of {BANDS}, got {band!r}")
+    check_band(band)  # before any work: a typo must not cost a report half-written
     runs = list(runs) if runs is not None else load_runs(folder)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -48,11 +48,14 @@ def _history(run: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _policy_first(views) -> list[str]:
+    return sorted(set(views), key=lambda v: (v != "policy", v))
+
+
 def run_views(run: Path) -> list[str]:
     """The views that sampled a run's answers (``"view"`` of its samples; a sample without one is the policy's),
     the policy first."""
-    views = {str(s.get("view", "policy")) for s in _samples(run)}
-    return sorted(views, key=lambda v: (v != "policy", v))
+    return _policy_first(str(s.get("view", "policy")) for s in _samples(run))
 
 
 def run_classes(run: Path, view: Optional[str] = None) -> list[Counter]:
@@ -166,7 +169,7 @@ def write_class_report(folder: Path, dataset: str, out: Path, contenders: Option
     out.mkdir(parents=True, exist_ok=True)
     panels = []  # (title, paths, view): one per contender, or per view where its rows came from more than one
     for contender, paths in runs.items():
-        views = sorted({v for p in paths for v in run_views(p)}, key=lambda v: (v != "policy", v))
+        views = _policy_first(v for p in paths for v in run_views(p))
         if len(views) > 1:
             panels += [(f"{contender}, {v} rows", paths, v) for v in views]
         else:

@@ -19,7 +19,8 @@ from etpo.report.runs import TIMING_PHASES, RunRecord, _by, _mean_timing, _order
 
 __all__ = [
     "best_within_curves", "plot_best_within", "plot_best_within_per_dataset", "batch_reward_curves",
-    "plot_batch_rewards", "plot_batch_runnable", "plot_batch_quality", "plot_timing", "plot_run_curve",
+    "plot_batch_rewards", "plot_batch_runnable", "plot_batch_quality", "plot_timing", "plot_run_curve", "BANDS",
+    "check_band",
 ]
 
 def _pyplot():
@@ -65,7 +66,8 @@ def _mean_std(mat: np.ndarray, ddof: int) -> tuple[np.ndarray, np.ndarray]:
 BANDS = ("std", "se")
 
 
-def _check_band(band: str) -> None:
+def check_band(band: str) -> None:
+    """Refuse a band other than :data:`BANDS`' (before any figure is drawn)."""
     if band not in BANDS:
         raise ValueError(f"band must be one of {BANDS} (the std over seeds or the standard error), got {band!r}")
 
@@ -74,7 +76,7 @@ def _band_width(std: np.ndarray, count: np.ndarray, band: str) -> np.ndarray:
     """Half-width of the band: the std over seeds (``band="std"``, the paper's protocol: mean ± std over 5
     repetitions) or the standard error of the mean, std / sqrt(seeds) (``"se"``), where ``count`` seeds have a value
     (the std is 0 where fewer than ddof + 1 do, and so is the band)."""
-    _check_band(band)
+    check_band(band)
     return std if band == "std" else std / np.sqrt(np.maximum(count, 1))
 
 
@@ -130,7 +132,7 @@ def plot_best_within(
 ) -> Optional[Path]:
     """Figure 3: best reward explored within n steps vs. n; mean over seeds of the dataset average, with a band of
     ± one std over seeds (``band="std"``) or ± one standard error (``"se"``)."""
-    _check_band(band)
+    check_band(band)
     curves = best_within_curves(runs, ddof, within, include_unfinished, contenders, datasets)
     if not curves:
         return None
@@ -174,7 +176,7 @@ def plot_best_within_per_dataset(
 ) -> Optional[Path]:
     """Figure 3 per dataset: one panel per dataset, best-within-n's mean over seeds ± one std (``band="std"``) or
     one standard error (``"se"``)."""
-    _check_band(band)
+    check_band(band)
     used = _select(runs, within, include_unfinished)
     if not used:
         return None
@@ -293,7 +295,7 @@ def plot_batch_rewards(
     """Figure 4: the average reward (or, with ``key="batch_runnable_fraction"``, the runnable fraction) of every
     rollout batch during training, one panel per dataset plus the average; mean over seeds with a band of ± one std
     (``band="std"``) or one standard error (``"se"``)."""
-    _check_band(band)
+    check_band(band)
     panels = batch_reward_curves(runs, ddof, include_unfinished, contenders, datasets, key)
     if not panels["average"]:
         return None

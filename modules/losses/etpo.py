@@ -451,8 +451,7 @@ def policy_loss(
     log_target = optimal_policy_logits(ref_logits.detach(), q_logits.detach(), beta)
     if divergence == "forward":
         target = log_target.exp()
-        terms = target * (log_target - log_pi)
-        kl = torch.where(target > 0, terms, torch.zeros_like(terms)).sum(-1)  # 0 log 0 = 0, also at -inf
+        kl = (torch.special.xlogy(target, target) - target * log_pi).sum(-1)  # xlogy: 0 log 0 = 0
     else:
         pi = log_pi.exp()
         kl = (pi * (log_pi - log_target)).sum(-1)
