@@ -236,6 +236,11 @@ class ETPOModule(AgentModule):
         if target_backup == "optimal_tree" and replay_capacity:
             raise ValueError("the optimal_tree backup brings past answers back through answer_memory; set "
                              "replay_capacity: 0 and replay_rows: 0 (critic replay follows the policy backup)")
+        if target_backup == "optimal_tree" and discount_within_action:
+            raise ValueError("discount_within_action (ETPO(Disc.)) discounts Eq. 6's targets inside an action; the "
+                             "optimal_tree backup values a prefix by its best written continuation and has no such "
+                             "discount: set target_backup: policy and policy_target: critic (on the CPU setting: "
+                             "--config configs/contenders/etpo_v2.yaml before etpo_disc.yaml)")
         if critic_warmup_steps is not None and critic_warmup_steps < 1:
             raise ValueError(f"critic_warmup_steps must be >= 1 (or null), got {critic_warmup_steps}")
         if replay_capacity < 0 or replay_rows < 0 or (replay_rows > 0) != (replay_capacity > 0):

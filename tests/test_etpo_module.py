@@ -179,6 +179,15 @@ def test_chunk_positions_bound_the_chunk_and_change_no_number(monkeypatch):
         ETPOModule(backbone=tiny_backbone(), chunk_positions=0)
 
 
+def test_etpo_disc_needs_the_papers_backup_and_says_so():
+    """ETPO(Disc.) discounts Eq. 6's within-action targets; the trees' backup has no such discount, so the pair is
+    refused with the way to the paper's backup (the quickstart runs the trees since learning v3)."""
+    with pytest.raises(ValueError, match="etpo_v2.yaml before etpo_disc.yaml"):
+        ETPOModule(backbone=tiny_backbone(), target_backup="optimal_tree", discount_within_action=True)
+    module = ETPOModule(backbone=tiny_backbone(), target_backup="policy", discount_within_action=True)
+    assert module.hparams.discount_within_action
+
+
 def test_td_lambda_targets_of_the_update_equal_the_plain_computation():
     module = _perturbed_module(td_lambda=0.7, trace_correction=False)
     batch = _batch(module, multi_step=True)

@@ -286,8 +286,9 @@ def test_an_unknown_key_names_the_closest_valid_one(tmp_path, capsys, overlay, a
 
 
 def test_the_quickstart_shrunk_onto_a_tiny_model_runs_its_own_settings(tmp_path):
-    """configs/quickstart.yaml as it is -- its ETPO options (Q = critic - reference, soft TD(1) without trace cuts,
-    two critic steps), the data-science environment and the sandbox -- with only the model and the sizes shrunk."""
+    """configs/quickstart.yaml as it is -- its ETPO options (Q = critic - reference, two critic steps, the answer
+    trees with their memory and the forward policy step at beta 0.01), the data-science environment and the
+    sandbox -- with only the model and the sizes shrunk."""
     from etpo.fit import main
 
     run = tmp_path / "run"
@@ -297,8 +298,9 @@ def test_the_quickstart_shrunk_onto_a_tiny_model_runs_its_own_settings(tmp_path)
           "--data.num_envs=2", "--data.budget=4", "--data.generation.max_new_tokens=8",
           "--data.env.init_args.n_splits=1", "--trainer.enable_progress_bar=false"])
     config = (run / "config.yaml").read_text()
-    for setting in ("q_parameterisation: zero", "td_lambda: 1.0", "trace_correction: false", "critic_steps: 2",
-                    "reflection: false", "dataset: tic_tac_toe", "stop_on_success: false", "max_steps: 5"):
+    for setting in ("q_parameterisation: zero", "critic_steps: 2", "target_backup: optimal_tree",
+                    "policy_target: optimal_tree", "answer_memory: 8", "policy_divergence: forward", "beta: 0.01",
+                    "chunk_positions: 512", "reflection: false", "dataset: tic_tac_toe", "stop_on_success: false", "max_steps: 5"):
         assert setting in config, setting
     summary = json.loads((run / "summary.json").read_text())
     assert summary["finished"] is True and summary["env_steps"] == 4 and summary["updates"] == 2
