@@ -11,11 +11,12 @@ batch 2 is timed -- as batch 6 of a run, where new episodes start at the task pr
 stored for it --
 
 * **paper**: ``target_backup: policy``, ``policy_target: critic``, no answer memory (Eq. 6 / TD(1), Eq. 7);
-* **trees**: the answer trees of docs/method.md section 4a (``optimal_tree`` backup and policy target, the zero
-  prior, an answer memory of ``--memory`` answers per prompt) -- the extra work is the tree itself (Python over token
+* **trees**: the answer trees of docs/method.md section 4a as the quickstart runs them (``optimal_tree`` backup and
+  policy target, the zero prior, the forward policy step, an answer memory of ``--memory`` answers per prompt; the
+  quickstart adds ``chunk_positions: 512``, the third form below) -- the extra work is the tree itself (Python over token
   ids) and the stored answers' rows, which join the batch for every view's forward and both steps.
 
-Everything else is ``configs/quickstart.yaml``'s.
+Everything else is ``configs/quickstart.yaml``'s; each form's ``chunk_positions`` is set by the form.
 
 With ``--chunk_positions N`` a third form is timed: the trees with ``chunk_positions: N`` (at most N (row, token)
 positions per chunk of vocabulary-sized work, so the stored answers' rows do not widen the ``[rows, chunk, V]``
@@ -42,8 +43,11 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-PAPER = dict(target_backup="policy", policy_target="critic", answer_memory=0, unwritten_value="node")
-TREES = dict(target_backup="optimal_tree", policy_target="optimal_tree", unwritten_value="zero")
+# the forms differ only in these; beta and the rest are the quickstart's (beta does not change the work done)
+PAPER = dict(target_backup="policy", policy_target="critic", answer_memory=0, unwritten_value="node",
+             policy_divergence="reverse")
+TREES = dict(target_backup="optimal_tree", policy_target="optimal_tree", unwritten_value="zero",
+             policy_divergence="forward")
 
 
 def _quickstart(dataset: str):
