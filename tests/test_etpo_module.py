@@ -188,6 +188,25 @@ def test_etpo_disc_needs_the_papers_backup_and_says_so():
     assert module.hparams.discount_within_action
 
 
+@pytest.mark.parametrize("configs", [("quickstart.yaml",), ("quickstart.yaml", "contenders/etpo_v2.yaml"),
+                                     ("quickstart.yaml", "contenders/etpo_v2.yaml", "contenders/etpo_disc.yaml"),
+                                     ("quickstart.yaml", "contenders/etpo_1step.yaml"), ("etpo.yaml",),
+                                     ("etpo.yaml", "contenders/etpo_disc.yaml")])
+def test_the_etpo_configs_make_valid_modules(configs):
+    """Each ETPO setting and overlay as the docs name them gives arguments the module accepts (parsing alone does
+    not construct it); v2's form pinned by etpo_v2.yaml is the paper's backup and policy step at beta 0.05."""
+    from test_configs import resolve
+
+    args = {k: v for k, v in resolve(*configs)["model"]["init_args"].items() if k != "backbone"}
+    module = ETPOModule(**args)
+    if "contenders/etpo_v2.yaml" in configs:
+        assert (module.hparams.target_backup, module.hparams.policy_target, module.hparams.policy_divergence,
+                module.hparams.answer_memory, module.hparams.beta) == ("policy", "critic", "reverse", 0, 0.05)
+    elif configs == ("quickstart.yaml",):
+        assert (module.hparams.target_backup, module.hparams.policy_divergence, module.hparams.beta) == (
+            "optimal_tree", "forward", 0.01)
+
+
 def test_td_lambda_targets_of_the_update_equal_the_plain_computation():
     module = _perturbed_module(td_lambda=0.7, trace_correction=False)
     batch = _batch(module, multi_step=True)
