@@ -300,7 +300,8 @@ def test_the_quickstart_shrunk_onto_a_tiny_model_runs_its_own_settings(tmp_path)
     config = (run / "config.yaml").read_text()
     for setting in ("q_parameterisation: zero", "critic_steps: 2", "target_backup: optimal_tree",
                     "policy_target: optimal_tree", "answer_memory: 8", "policy_divergence: forward", "beta: 0.01",
-                    "chunk_positions: 512", "reflection: false", "dataset: tic_tac_toe", "stop_on_success: false", "max_steps: 5"):
+                    "chunk_positions: 512", "reflection: false", "dataset: tic_tac_toe", "stop_on_success: false",
+                    "max_steps: 5"):
         assert setting in config, setting
     summary = json.loads((run / "summary.json").read_text())
     assert summary["finished"] is True and summary["env_steps"] == 4 and summary["updates"] == 2
