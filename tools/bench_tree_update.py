@@ -13,8 +13,8 @@ stored for it --
 * **paper**: ``target_backup: policy``, ``policy_target: critic``, no answer memory (Eq. 6 / TD(1), Eq. 7);
 * **trees**: the answer trees of docs/method.md section 4a as the quickstart runs them (``optimal_tree`` backup and
   policy target, the zero prior, the forward policy step, an answer memory of ``--memory`` answers per prompt; the
-  quickstart adds ``chunk_positions: 512``, the third form below) -- the extra work is the tree itself (Python over token
-  ids) and the stored answers' rows, which join the batch for every view's forward and both steps.
+  quickstart adds ``chunk_positions: 512``, the third form below) -- the extra work is the tree itself (Python over
+  token ids) and the stored answers' rows, which join the batch for every view's forward and both steps.
 
 Everything else is ``configs/quickstart.yaml``'s; each form's ``chunk_positions`` is set by the form.
 
