@@ -131,7 +131,10 @@ def _loop_kls(b, beta, forward):
             p = np.exp(pl - np.logaddexp.reduce(pl))
             t = b["ref"][i, j].numpy() - np.logaddexp.reduce(b["ref"][i, j].numpy()) + b["target_q"][i, j].numpy() / beta
             t = np.exp(t - np.logaddexp.reduce(t))
-            kls.append(np.sum(t * (np.log(t) - np.log(p))) if forward else np.sum(p * (np.log(p) - np.log(t))))
+            if forward:  # 0 log 0 = 0 where pi* rules a token out
+                kls.append(np.sum(np.where(t > 0, t * (np.log(np.where(t > 0, t, 1.0)) - np.log(p)), 0.0)))
+            else:
+                kls.append(np.sum(p * (np.log(p) - np.log(t))))
     return kls
 
 
@@ -195,7 +198,11 @@ def test_the_forward_policy_divergence_matches_a_loop_and_its_gradient_is_pi_min
     # a pi* that rules tokens out entirely (Q = -inf there): their 0 log 0 terms are 0, not nan
     q = b["target_q"].clone()
     q[..., 0] = float("-inf")
-    assert torch.isfinite(policy_loss(b["pi"], b["ref"], q, b["mask"], beta, divergence="forward"))
+    pi = b["pi"].clone().requires_grad_(True)
+    ruled_out = policy_loss(pi, b["ref"], q, b["mask"], beta, scale_by_beta=False, divergence="forward")
+    assert ruled_out.item() == pytest.approx(np.mean(_loop_kls({**b, "target_q": q}, beta, forward=True)), rel=1e-10)
+    ruled_out.backward()
+    assert torch.isfinite(pi.grad).all()
     with pytest.raises(ValueError, match="divergence"):
         policy_loss(b["pi"], b["ref"], q, b["mask"], beta, divergence="both")
 

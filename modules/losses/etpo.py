@@ -451,7 +451,8 @@ def policy_loss(
     log_target = optimal_policy_logits(ref_logits.detach(), q_logits.detach(), beta)
     if divergence == "forward":
         target = log_target.exp()
-        kl = (torch.special.xlogy(target, target) - target * log_pi).sum(-1)  # xlogy: 0 log 0 = 0
+        # the entropy term from log_target itself (no second log over the vocabulary); 0 log 0 = 0 where pi* is 0
+        kl = (torch.where(target > 0, target * log_target, 0.0) - target * log_pi).sum(-1)
     else:
         pi = log_pi.exp()
         kl = (pi * (log_pi - log_target)).sum(-1)
