@@ -110,3 +110,19 @@ def test_a_run_with_reference_rows_is_counted_per_view(tmp_path):
     table = (tmp_path / "out" / "classes_balance_scale.md").read_text()
     assert "## etpo (1 seeds)" in table
     assert "## etpo_ref, policy rows (1 seeds)" in table and "## etpo_ref, reference rows (1 seeds)" in table
+
+
+def test_a_class_keeps_its_colour_in_every_panel(tmp_path):
+    """Two contenders that rank the classes differently (the trained one mostly logistic regressions, the untrained
+    one mostly forests): each class is drawn in one colour in both panels, distinct classes in distinct colours."""
+    from etpo.report.classes import class_colors
+
+    colors = class_colors([["LogisticRegression", "RandomForestClassifier"],
+                           ["RandomForestClassifier", "KNeighborsClassifier", "LogisticRegression"]])
+    assert list(colors) == ["LogisticRegression", "RandomForestClassifier", "KNeighborsClassifier"]
+    assert len(set(colors.values())) == 3
+    for contender, texts in (("etpo", [LOGREG, LOGREG, FOREST]), ("reflection", [FOREST, FOREST, LOGREG])):
+        _write(tmp_path / "bench" / "runs" / contender / "balance_scale" / "seed0", history=[{"batch": 1}],
+               samples=[{"batch": 1, "status": "ok", "text": t} for t in texts])
+    assert [p.name for p in write_class_report(tmp_path / "bench", "balance_scale", tmp_path / "out")] == [
+        "class_shares_balance_scale.png", "classes_balance_scale.md"]

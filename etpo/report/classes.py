@@ -31,6 +31,8 @@ FAILED = "(failed)"
 
 #: panels a row in the choice figure (one panel per run)
 CHOICE_PANELS_PER_ROW = 5
+#: panels a row in the class-share figure (one per contender, or per view of one)
+CLASS_PANELS_PER_ROW = 5
 
 def _samples(run: Path) -> list[dict]:
     for name, opener in (("samples.jsonl", open), ("samples.jsonl.gz", gzip.open)):
@@ -160,6 +162,19 @@ def _plt():
     return plt
 
 
+OTHER_COLOR, FAILED_COLOR = "0.75", "0.35"
+
+
+def class_colors(shown_per_panel: list[list[str]]) -> dict[str, str]:
+    """One colour per answer class across every panel, in the order the classes are first shown: a class ranked
+    first in one contender's panel and second in another's keeps its colour (colours by rank swapped them)."""
+    colors: dict[str, str] = {}
+    for shown in shown_per_panel:
+        for name in shown:
+            colors.setdefault(name, f"C{len(colors) % 10}")
+    return colors
+
+
 def write_class_report(folder: Path, dataset: str, out: Path, contenders: Optional[list[str]] = None,
                        top: int = 4) -> list[Path]:
     """The class-share figure, the choice figure (where probe readings exist) and the table; returns the paths."""
@@ -175,34 +190,51 @@ def write_class_report(folder: Path, dataset: str, out: Path, contenders: Option
         else:
             panels.append((contender, paths, None))
     plt = _plt()
+    from matplotlib.patches import Patch
+
     written = []
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), sharey=True, squeeze=False)
+    drawn = []  # (title, seeds, shown classes, shares) per panel, read before drawing: the colours span the panels
+    for contender, paths, view in panels:
+        names, shares = pooled_shares(paths, view)
+        drawn.append((contender, len(paths), [n for n in names if n != FAILED][:top], shares))
+    colors = class_colors([shown for _, _, shown, _ in drawn])
+    # a grid of at most CLASS_PANELS_PER_ROW panels a row: a benchmark folder holds ten contenders and more
+    cols = min(CLASS_PANELS_PER_ROW, len(panels))
+    grid_rows = -(-len(panels) // cols)
+    width = 4.2 * cols
+    fig, axes = plt.subplots(grid_rows, cols, figsize=(width, 3.4 * grid_rows + 0.4), sharey=True, squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     lines = [f"# Answer classes on {dataset}", "",
              "Share of all answers per batch, pooled over the seeds (a class counts its answers that ran; "
              f"`{FAILED}`: the answers that did not run).", ""]
-    for ax, (contender, paths, view) in zip(axes[0], panels):
-        names, shares = pooled_shares(paths, view)
-        shown = [n for n in names if n != FAILED][:top]
+    for ax, (contender, seeds, shown, shares) in zip(axes.flat, drawn):
         batches = list(range(1, len(shares) + 1))
         stack = [[s.get(n, 0.0) for s in shares] for n in shown]
         rest = [sum(v for k, v in s.items() if k not in shown and k != FAILED) for s in shares]
         failed = [s.get(FAILED, 0.0) for s in shares]
-        ax.stackplot(batches, *stack, rest, failed, labels=shown + ["other runnable", "failed"],
-                     colors=[f"C{i}" for i in range(len(shown))] + ["0.75", "0.35"])
-        ax.set_title(f"{contender} ({len(paths)} seeds)")
+        ax.stackplot(batches, *stack, rest, failed, colors=[colors[n] for n in shown] + [OTHER_COLOR, FAILED_COLOR])
+        ax.set_title(f"{contender} ({seeds} seeds)")
         ax.set_xlabel("batch")
-        ax.set_xlim(1, max(batches) if batches else 1)
-        lines += [f"## {contender} ({len(paths)} seeds)", "",
+        if len(batches) > 1:  # one batch: a single x, matplotlib widens the axis itself
+            ax.set_xlim(1, max(batches))
+        lines += [f"## {contender} ({seeds} seeds)", "",
                   "| batch | " + " | ".join(shown + ["other runnable", "failed"]) + " |",
                   "|---" * (len(shown) + 3) + "|"]
         for b, s in enumerate(shares, start=1):
             row = [s.get(n, 0.0) for n in shown] + [rest[b - 1], failed[b - 1]]
             lines.append(f"| {b} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
         lines.append("")
-    axes[0][0].set_ylabel("share of the batch's answers")
-    handles, labels = axes[0][-1].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    for row in axes:
+        row[0].set_ylabel("share of the batch's answers")
+    # one legend for every panel, as many columns as the figure's width holds (class names run to ~25 characters)
+    handles = [Patch(color=c, label=n) for n, c in colors.items()] + [
+        Patch(color=OTHER_COLOR, label="other runnable"), Patch(color=FAILED_COLOR, label="failed")]
+    ncol = max(1, min(len(handles), int(width / 2.1)))
+    rows = -(-len(handles) // ncol)
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    legend_in = 0.1 + 0.22 * rows  # inches: the legend's rows below the grid
+    fig.tight_layout(rect=(0, min(0.45, legend_in / fig.get_figheight()), 1, 1))
     path = out / f"class_shares_{dataset}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
