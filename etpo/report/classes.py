@@ -193,7 +193,7 @@ def write_class_report(folder: Path, dataset: str, out: Path, contenders: Option
     from matplotlib.patches import Patch
 
     written = []
-    drawn = []  # (title, seeds, shown classes, shares) per panel, read before drawing: the colours span the panels
+    drawn = []  # (contender, seeds, shown classes, shares) per panel, read before drawing: the colours span the panels
     for contender, paths, view in panels:
         names, shares = pooled_shares(paths, view)
         drawn.append((contender, len(paths), [n for n in names if n != FAILED][:top], shares))
@@ -231,9 +231,9 @@ def write_class_report(folder: Path, dataset: str, out: Path, contenders: Option
     handles = [Patch(color=c, label=n) for n, c in colors.items()] + [
         Patch(color=OTHER_COLOR, label="other runnable"), Patch(color=FAILED_COLOR, label="failed")]
     ncol = max(1, min(len(handles), int(width / 2.1)))
-    rows = -(-len(handles) // ncol)
+    legend_rows = -(-len(handles) // ncol)
     fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
-    legend_in = 0.1 + 0.22 * rows  # inches: the legend's rows below the grid
+    legend_in = 0.1 + 0.22 * legend_rows  # inches: the legend's rows below the grid
     fig.tight_layout(rect=(0, min(0.45, legend_in / fig.get_figheight()), 1, 1))
     path = out / f"class_shares_{dataset}.png"
     fig.savefig(path, dpi=110)
