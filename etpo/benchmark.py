@@ -47,7 +47,14 @@ stale runs to ``<out>/stale/<contender>/<dataset>/seed<k>-<time>/`` with a ``sta
 warning). stdout/stderr of every run go to
 ``<run_dir>/fit.log`` (appended, one header line per attempt). A failed run (non-zero exit, timeout, no finished
 summary, or a summary whose dataset / seed differ from the requested ones -- an override that did not take effect)
-is reported and listed at the end; the sweep goes on. ``<out>/benchmark_status.json`` records every run's status.
+is reported and listed at the end; the sweep goes on. ``<out>/benchmark_status.json`` records every run's latest
+status (merged across sweeps: two sweeps on one folder do not erase each other's entries).
+
+Several sweeps may share one folder (say, one per contender on a machine with cores to spare): a run is claimed
+with a lock on ``<run_dir>/.benchmark.lock`` (held by the sweep and its etpo.fit while the run goes; the system drops
+it when they end, so a crash or a restart leaves nothing to clean up), and its state is read again just before it
+starts. A run another sweep is running is skipped (``another sweep is running it``); one that another sweep has
+finished since this sweep planned is skipped as finished; one that gained checkpoints is resumed.
 Before the sweep a preflight parses the first pending run of every contender with ``--print_config`` (seconds,
 nothing is trained) and stops with a clear message when an argument is rejected or the dataset / split seed / seed
 do not reach the resolved config. ``--dry_run`` prints the commands; ``--report_only`` only writes the report.
@@ -57,6 +64,7 @@ do not reach the resolved config. ``--dry_run`` prints the commands; ``--report_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -472,6 +480,8 @@ class _Display:
             self.print(f"[green]done[/green] {result.name}: best {best} in {result.wall_s:.0f} s")
         elif result.status == "failed":
             self.print(f"[red]FAILED[/red] {result.name}: {result.error} (log: {result.run_dir}/fit.log)")
+        elif result.error:  # skipped because another sweep is running it
+            self.print(f"[yellow]skipped[/yellow] {result.name}: {result.error}")
         else:
             self.progress.update(self.overall, info=f"last: {result.name} best {best} (already finished)")
 
@@ -502,11 +512,86 @@ def _wait_any(procs: Sequence[subprocess.Popen], seconds: float) -> None:
 
 
 def _write_status(cfg: BenchmarkConfig, results: list[RunResult]) -> None:
+    """Merge this sweep's results into ``<out>/benchmark_status.json`` (an entry per run, the latest wins), under a
+    lock so that two sweeps on one folder neither erase nor interleave each other's entries."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "benchmark_status.json.tmp"
-    tmp.write_text(json.dumps({"budget": cfg.budget, "runs": [asdict(r) for r in results]}, indent=2))
-    tmp.replace(out / "benchmark_status.json")
+    path = out / "benchmark_status.json"
+    with _file_lock(out / ".benchmark_status.lock", wait=True):
+        try:
+            previous = json.loads(path.read_text()).get("runs", [])
+        except (OSError, ValueError, AttributeError):
+            previous = []
+        ours = {r.name for r in results}
+        runs = [e for e in previous if isinstance(e, dict) and e.get("name") not in ours]
+        runs += [{**asdict(r), "updated": time.strftime("%Y-%m-%d %H:%M:%S")} for r in results]
+        tmp = out / f"benchmark_status.json.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({"budget": cfg.budget, "runs": runs}, indent=2))
+        tmp.replace(path)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, wait: bool):
+    """An exclusive ``flock`` on ``path`` for the block (yields False instead when ``wait`` is off and another
+    process holds it). Where ``fcntl`` is missing (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield True
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def claim_run(run_dir: Path) -> tuple[Optional[int], str]:
+    """Lock ``<run_dir>/.benchmark.lock`` for a run about to start: (the lock's file descriptor, "") -- pass it to
+    the run's process so that the lock lasts as long as the run -- or (None, who holds it) when another sweep does.
+    The lock is the kernel's (``flock``): it goes when the last process holding it ends, crash or restart included."""
+    try:
+        import fcntl
+    except ImportError:
+        return -1, ""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / ".benchmark.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        try:
+            holder = path.read_text().strip()
+        except OSError:
+            holder = ""
+        return None, holder or "another process"
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+    return fd, ""
+
+
+def _release(fd: Optional[int]) -> None:
+    if fd is not None and fd >= 0:
+        os.close(fd)
+
+
+def _as_state_now(spec: RunSpec) -> RunSpec:
+    """The spec with the run's state read again (another sweep may have run it since the plan was made)."""
+    now = run_state(spec.run_dir)
+    if now == spec.state:
+        return spec
+    command = [a for a in spec.command]
+    if command[-2:] == ["--ckpt_path", "last"]:
+        command = command[:-2]
+    if now == "resume":
+        command += ["--ckpt_path", "last"]
+    return RunSpec(spec.contender, spec.dataset, spec.seed, spec.run_dir, command, now, spec.env_file, spec.stale)
 
 
 def execute(specs: Sequence[RunSpec], cfg: BenchmarkConfig, show_progress: bool = True,
@@ -524,12 +609,27 @@ def execute(specs: Sequence[RunSpec], cfg: BenchmarkConfig, show_progress: bool 
                 display.finish(r)
             else:
                 pending.append(spec)
-        running: list[tuple[RunSpec, subprocess.Popen, Any, float]] = []
+        running: list[tuple[RunSpec, subprocess.Popen, Any, Optional[int], float]] = []  # ..., log, lock, start
         try:
             while pending or running:
                 while pending and len(running) < cfg.jobs:
                     spec = pending.pop(0)
-                    spec.run_dir.mkdir(parents=True, exist_ok=True)
+                    lock, holder = claim_run(spec.run_dir)
+                    if lock is None:
+                        r = RunResult(spec.name, str(spec.run_dir), "skipped", spec.state,
+                                      error=f"another sweep is running it ({holder})", command=spec.command)
+                        results.append(r)
+                        display.finish(r)
+                        continue
+                    spec = _as_state_now(spec)
+                    if spec.state == "finished":  # another sweep finished it after this one made its plan
+                        _release(lock)
+                        summary = read_summary(spec.run_dir) or {}
+                        r = RunResult(spec.name, str(spec.run_dir), "skipped", spec.state,
+                                      best_reward=summary.get("best_reward"), command=spec.command)
+                        results.append(r)
+                        display.finish(r)
+                        continue
                     _write_env_file(spec)
                     log = open(spec.run_dir / "fit.log", "a")
                     log.write(f"\n=== etpo.benchmark {time.strftime('%Y-%m-%d %H:%M:%S')} ({spec.state}): "
@@ -537,21 +637,24 @@ def execute(specs: Sequence[RunSpec], cfg: BenchmarkConfig, show_progress: bool 
                     log.flush()
                     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
                     try:
+                        # the run's process holds the lock too: it outlives this sweep if the sweep is killed
                         proc = subprocess.Popen(spec.command, stdout=log, stderr=subprocess.STDOUT,
-                                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                                                stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                                pass_fds=(lock,) if lock >= 0 else ())
                     except OSError as err:
                         log.close()
+                        _release(lock)
                         r = RunResult(spec.name, str(spec.run_dir), "failed", spec.state, error=f"cannot start: {err}",
                                       command=spec.command)
                         results.append(r)
                         display.finish(r)
                         _write_status(cfg, results)
                         continue
-                    running.append((spec, proc, log, time.monotonic()))
+                    running.append((spec, proc, log, lock, time.monotonic()))
                     display.start(spec, cfg.budget)
-                _wait_any([proc for _, proc, _, _ in running], poll_s)
+                _wait_any([proc for _, proc, _, _, _ in running], poll_s)
                 still = []
-                for spec, proc, log, t0 in running:
+                for spec, proc, log, lock, t0 in running:
                     rc = proc.poll()
                     timed_out = rc is None and cfg.timeout_s is not None and time.monotonic() - t0 > cfg.timeout_s
                     if timed_out:
@@ -559,9 +662,10 @@ def execute(specs: Sequence[RunSpec], cfg: BenchmarkConfig, show_progress: bool 
                         rc = proc.returncode
                     if rc is None:
                         display.update(spec, _last_history_line(spec.run_dir))
-                        still.append((spec, proc, log, t0))
+                        still.append((spec, proc, log, lock, t0))
                         continue
                     log.close()
+                    _release(lock)
                     status, error, best = _check_result(spec, rc, timed_out)
                     r = RunResult(spec.name, str(spec.run_dir), status, spec.state, rc, time.monotonic() - t0,
                                   best, error, spec.command)
@@ -571,9 +675,10 @@ def execute(specs: Sequence[RunSpec], cfg: BenchmarkConfig, show_progress: bool 
                 running = still
         except KeyboardInterrupt:
             display.print("[yellow]interrupted: stopping the running runs (they stay resumable)[/yellow]")
-            for spec, proc, log, _ in running:
+            for spec, proc, log, lock, _ in running:
                 _kill(proc)
                 log.close()
+                _release(lock)
             raise
     _write_status(cfg, results)
     return results

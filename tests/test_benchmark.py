@@ -4,6 +4,7 @@ not stop the sweep -- with a stub fit command that writes summary.json and recor
 from __future__ import annotations
 
 import json
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -39,6 +40,17 @@ STUB = textwrap.dedent(r'''
                 (env if os.environ.get("STUB_MANGLE") else env["init_args"])[key] = v
         print(json.dumps({"data": {"env": env, "seed": int(opts["--data.seed"]), "budget": 1}}))
         sys.exit(0)
+    if os.environ.get("STUB_LOCKS"):  # is <run_dir>/.benchmark.lock held (by the sweep) while the run goes?
+        import fcntl
+        fd = os.open(run_dir / ".benchmark.lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = False
+        except BlockingIOError:
+            held = True
+        with open(os.environ["STUB_LOCKS"], "a") as fh:
+            fh.write(json.dumps({"run_dir": str(run_dir), "held": held}) + "\n")
+        os.close(fd)
     with open(os.environ["STUB_CALLS"], "a") as fh:
         fh.write(json.dumps(argv) + "\n")
     print("stub fit running in", run_dir)
@@ -204,6 +216,60 @@ def _dump(cfg: benchmark.BenchmarkConfig, tmp_path: Path) -> Path:
     path = tmp_path / "bench.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="run locks use fcntl.flock (POSIX)")
+def test_two_sweeps_on_one_folder_neither_race_nor_erase_each_other(tmp_path, stub, monkeypatch):
+    """What two concurrent sweeps on one folder used to do: the second started a run the first had finished since
+    the second planned (etpo.fit then refused the run directory: "already holds checkpoints"), and each sweep's
+    benchmark_status.json erased the other's entries."""
+    locks = tmp_path / "locks.jsonl"
+    monkeypatch.setenv("STUB_LOCKS", str(locks))
+    cfg = make_config(tmp_path, seeds=[0, 1], datasets=["cmc"])
+    specs = benchmark.plan(cfg, stub["cmd"])
+    assert [s.state for s in specs] == ["new"] * 4
+    runs = cfg.runs_dir
+    # after the plan was made: another sweep finished reflection/cmc/seed0, left etpo/cmc/seed0 resumable, and is
+    # running reflection/cmc/seed1 now (it holds that run's lock)
+    finished = runs / "reflection" / "cmc" / "seed0"
+    finished.mkdir(parents=True)
+    (finished / "summary.json").write_text(json.dumps({"finished": True, "best_reward": 0.7}))
+    (runs / "etpo" / "cmc" / "seed0" / "checkpoints").mkdir(parents=True)
+    (runs / "etpo" / "cmc" / "seed0" / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    busy = runs / "reflection" / "cmc" / "seed1"
+    lock, holder = benchmark.claim_run(busy)
+    assert lock is not None and holder == ""
+    try:
+        results = benchmark.execute(specs, cfg, show_progress=False, poll_s=0.02)
+    finally:
+        os.close(lock)
+    by_name = {r.name: r for r in results}
+    assert by_name["reflection/cmc/seed0"].status == "skipped" and by_name["reflection/cmc/seed0"].best_reward == 0.7
+    assert by_name["reflection/cmc/seed1"].status == "skipped"
+    assert "another sweep is running it (pid " in by_name["reflection/cmc/seed1"].error
+    assert by_name["etpo/cmc/seed0"].status == "ok" and by_name["etpo/cmc/seed1"].status == "ok"
+    calls = {c[c.index("--run_dir") + 1]: c for c in stub["calls"]()}
+    assert sorted(calls) == [str(runs / "etpo" / "cmc" / "seed0"), str(runs / "etpo" / "cmc" / "seed1")]
+    assert calls[str(runs / "etpo" / "cmc" / "seed0")][-2:] == ["--ckpt_path", "last"]  # resumed, not refused
+    assert "--ckpt_path" not in calls[str(runs / "etpo" / "cmc" / "seed1")]
+    # each run's lock was held while it ran, and is free now that the sweep is over
+    seen = [json.loads(x) for x in locks.read_text().splitlines()]
+    assert len(seen) == 2 and all(x["held"] for x in seen)
+    again, _ = benchmark.claim_run(runs / "etpo" / "cmc" / "seed1")
+    assert again is not None
+    os.close(again)
+
+    # a second sweep (another contender) merges its entries into the status file instead of replacing them
+    (busy / "summary.json").write_text(json.dumps({"finished": True, "best_reward": 0.6}))
+    status = Path(cfg.out) / "benchmark_status.json"
+    before = {e["name"]: e for e in json.loads(status.read_text())["runs"]}
+    assert set(before) == {"reflection/cmc/seed0", "reflection/cmc/seed1", "etpo/cmc/seed0", "etpo/cmc/seed1"}
+    assert before["reflection/cmc/seed1"]["status"] == "skipped"
+    benchmark.run_benchmark(cfg, stub["cmd"], only=["reflection"], show_progress=False, poll_s=0.02, report=False)
+    after = {e["name"]: e for e in json.loads(status.read_text())["runs"]}
+    assert set(after) == set(before)
+    assert after["etpo/cmc/seed0"] == before["etpo/cmc/seed0"]  # the other sweep's entry is kept as it was
+    assert after["reflection/cmc/seed1"]["state"] == "finished"  # this sweep's entry is the latest
 
 
 def test_wrong_dataset_in_summary_is_a_failure(tmp_path, stub, monkeypatch):
