@@ -51,8 +51,8 @@ is reported and listed at the end; the sweep goes on. ``<out>/benchmark_status.j
 status (merged across sweeps: two sweeps on one folder do not erase each other's entries).
 
 Several sweeps may share one folder (say, one per contender on a machine with cores to spare): a run is claimed
-with a lock on ``<run_dir>/.benchmark.lock`` (held by the sweep and its etpo.fit while the run goes; the system drops
-it when they end, so a crash or a restart leaves nothing to clean up), and its state is read again just before it
+with the lock etpo.fit holds on ``<run_dir>/.run.lock`` (``etpo/run_lock.py``: handed to the run's process, it lasts
+as long as the run; the system drops it when they end, so a crash or a restart leaves nothing to clean up), and its state is read again just before it
 starts. A run another sweep is running is skipped (``another sweep is running it``); one that another sweep has
 finished since this sweep planned is skipped as finished; one that gained checkpoints is resumed.
 Before the sweep a preflight parses the first pending run of every contender with ``--print_config`` (seconds,
@@ -76,6 +76,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from etpo import run_lock
 from etpo.run_settings import dotlist
 
 __all__ = ["Contender", "BenchmarkConfig", "RunSpec", "load_config", "run_state", "build_command", "plan",
@@ -551,31 +552,6 @@ def _file_lock(path: Path, wait: bool):
         os.close(fd)
 
 
-def claim_run(run_dir: Path) -> tuple[Optional[int], str]:
-    """Lock ``<run_dir>/.benchmark.lock`` for a run about to start: (the lock's file descriptor, "") -- pass it to
-    the run's process so that the lock lasts as long as the run -- or (None, who holds it) when another sweep does.
-    The lock is the kernel's (``flock``): it goes when the last process holding it ends, crash or restart included."""
-    try:
-        import fcntl
-    except ImportError:
-        return -1, ""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / ".benchmark.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        try:
-            holder = path.read_text().strip()
-        except OSError:
-            holder = ""
-        return None, holder or "another process"
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
-    return fd, ""
-
-
 def _release(fd: Optional[int]) -> None:
     if fd is not None and fd >= 0:
         os.close(fd)
@@ -614,7 +590,7 @@ def execute(specs: Sequence[RunSpec], cfg: BenchmarkConfig, show_progress: bool 
             while pending or running:
                 while pending and len(running) < cfg.jobs:
                     spec = pending.pop(0)
-                    lock, holder = claim_run(spec.run_dir)
+                    lock, holder = run_lock.try_lock(spec.run_dir)
                     if lock is None:
                         r = RunResult(spec.name, str(spec.run_dir), "skipped", spec.state,
                                       error=f"another sweep is running it ({holder})", command=spec.command)
@@ -636,6 +612,8 @@ def execute(specs: Sequence[RunSpec], cfg: BenchmarkConfig, show_progress: bool 
                               f"{shlex.join(spec.command)}\n")
                     log.flush()
                     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+                    if lock >= 0:  # etpo.fit finds its run's lock held already (etpo/run_lock.py)
+                        env[run_lock.INHERITED_FD_ENV] = str(lock)
                     try:
                         # the run's process holds the lock too: it outlives this sweep if the sweep is killed
                         proc = subprocess.Popen(spec.command, stdout=log, stderr=subprocess.STDOUT,

@@ -42,12 +42,13 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from modules.shared_base.fsdp import save_adapters_sharded
+from etpo import run_lock
 from etpo.hardware import apply_hardware_fallback
 from etpo.probe import AnswerClassProbe
 from etpo.run_files import (AtomicCheckpointIO, RunWriteError, append_lines, format_size, inspect_checkpoint,
                             intact_checkpoints, is_partial_write, read_jsonl, remove_partial_writes, write_atomic,
                             writing)
+from modules.shared_base.fsdp import save_adapters_sharded
 
 __all__ = ["ETPOCLI", "RunArtifacts", "RunInterrupted", "main", "contender_name", "sandbox_summary"]
 
@@ -432,6 +433,10 @@ class ETPOCLI(LightningCLI):
                              "or --run_dir NEW_DIR for a new run")
         if resuming:
             cfg["ckpt_path"] = _checkpoint_to_resume(str(cfg["ckpt_path"]), ckpt_dir)
+        if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
+            # one process per run directory (a second resume of it, a sweep's run: etpo/run_lock.py), taken after
+            # the refusals above (they write nothing) and before anything in the directory changes
+            run_lock.hold(run_dir)
         for folder in (Path(run_dir), ckpt_dir):  # what a killed write left is incomplete by construction
             remove_partial_writes(folder)
         if not resuming:
@@ -534,6 +539,7 @@ def main(args: list[str] | None = None) -> ETPOCLI | None:
     finally:
         _STOP.uninstall()
         threading.excepthook = previous_excepthook
+        run_lock.release(cli.config["run_dir"])
     return cli
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from etpo import benchmark
+from etpo import benchmark, run_lock
 
 STUB = textwrap.dedent(r'''
     """A stand-in for `python -m etpo.fit`: records its argv, then writes a finished summary.json."""
@@ -40,16 +40,18 @@ STUB = textwrap.dedent(r'''
                 (env if os.environ.get("STUB_MANGLE") else env["init_args"])[key] = v
         print(json.dumps({"data": {"env": env, "seed": int(opts["--data.seed"]), "budget": 1}}))
         sys.exit(0)
-    if os.environ.get("STUB_LOCKS"):  # is <run_dir>/.benchmark.lock held (by the sweep) while the run goes?
+    if os.environ.get("STUB_LOCKS"):  # is <run_dir>/.run.lock held (by the sweep) while the run goes?
         import fcntl
-        fd = os.open(run_dir / ".benchmark.lock", os.O_RDWR)
+        fd = os.open(run_dir / ".run.lock", os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             held = False
         except BlockingIOError:
             held = True
+        handed = os.environ.get("ETPO_RUN_LOCK_FD")  # the sweep's descriptor of that very file, passed on
+        same = handed is not None and os.path.samestat(os.fstat(int(handed)), os.fstat(fd))
         with open(os.environ["STUB_LOCKS"], "a") as fh:
-            fh.write(json.dumps({"run_dir": str(run_dir), "held": held}) + "\n")
+            fh.write(json.dumps({"run_dir": str(run_dir), "held": held, "handed": same}) + "\n")
         os.close(fd)
     with open(os.environ["STUB_CALLS"], "a") as fh:
         fh.write(json.dumps(argv) + "\n")
@@ -237,7 +239,7 @@ def test_two_sweeps_on_one_folder_neither_race_nor_erase_each_other(tmp_path, st
     (runs / "etpo" / "cmc" / "seed0" / "checkpoints").mkdir(parents=True)
     (runs / "etpo" / "cmc" / "seed0" / "checkpoints" / "last.ckpt").write_bytes(b"x")
     busy = runs / "reflection" / "cmc" / "seed1"
-    lock, holder = benchmark.claim_run(busy)
+    lock, holder = run_lock.try_lock(busy)
     assert lock is not None and holder == ""
     try:
         results = benchmark.execute(specs, cfg, show_progress=False, poll_s=0.02)
@@ -254,8 +256,8 @@ def test_two_sweeps_on_one_folder_neither_race_nor_erase_each_other(tmp_path, st
     assert "--ckpt_path" not in calls[str(runs / "etpo" / "cmc" / "seed1")]
     # each run's lock was held while it ran, and is free now that the sweep is over
     seen = [json.loads(x) for x in locks.read_text().splitlines()]
-    assert len(seen) == 2 and all(x["held"] for x in seen)
-    again, _ = benchmark.claim_run(runs / "etpo" / "cmc" / "seed1")
+    assert len(seen) == 2 and all(x["held"] and x["handed"] for x in seen)
+    again, _ = run_lock.try_lock(runs / "etpo" / "cmc" / "seed1")
     assert again is not None
     os.close(again)
 

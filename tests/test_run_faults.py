@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,36 @@ def test_a_run_refused_for_its_checkpoints_leaves_its_directory_as_it_was(capsys
     assert info.value.code == 2
     assert "already holds checkpoints" in capsys.readouterr().err
     assert _listing(reference["dir"]) == before
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="run locks use fcntl.flock (POSIX)")
+def test_a_run_directory_in_use_by_another_run_is_refused_untouched(tmp_path, capsys, reference):
+    """A second process resuming a run directory while another runs it (a hand-started resume beside a sweep) would
+    interleave history lines and overwrite checkpoints: refused in one line naming the holder, nothing written. The
+    lock is taken here in this process, as another process's would be (a second open file description)."""
+    from etpo import run_lock
+
+    run = tmp_path / "run"
+    shutil.copytree(reference["dir"], run)
+    fd, holder = run_lock.try_lock(run)
+    assert fd is not None and holder == ""
+    before = _listing(run)
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit) as info:
+            _resume(run)
+    finally:
+        os.close(fd)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("etpo.fit:")]
+    assert len(lines) == 1 and f"run directory {run} is in use by another run (pid {os.getpid()} since" in lines[0], err
+    assert _listing(run) == before
+    # once the other run has ended the same command resumes it (the lock was let go with its descriptor)
+    assert _resume(run) is not None
+    fd, holder = run_lock.try_lock(run)  # and this run let go of it when it ended
+    assert fd is not None
+    os.close(fd)
 
 
 # ----------------------------------------------------------------------------- a full disk
