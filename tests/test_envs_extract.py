@@ -6,7 +6,8 @@ import ast
 
 import pytest
 
-from envs.datascience.extract import NO_CODE, UNKNOWN_CLASS, answer_class, extract_function, find_banned
+from envs.datascience.extract import (NO_CODE, UNKNOWN_CLASS, answer_class, answer_configuration, extract_function,
+                                     find_banned)
 
 LR_BODY = [
     "from sklearn.linear_model import LogisticRegression",
@@ -156,8 +157,37 @@ def test_answer_class_is_the_returned_estimator(body, expected):
     assert answer_class(ex.code) == expected
 
 
+@pytest.mark.parametrize("body, expected", [
+    (["from sklearn.ensemble import RandomForestClassifier", "clf = RandomForestClassifier()", "clf.fit(x_train, y_train)",
+      "return clf"], "RandomForestClassifier()"),
+    # keywords sorted by name, values as written; the same configuration however the keywords were ordered
+    (["from sklearn.ensemble import RandomForestClassifier",
+      "clf = RandomForestClassifier(random_state = 0, max_samples=1000)", "clf.fit(x_train, y_train)", "return clf"],
+     "RandomForestClassifier(max_samples=1000, random_state=0)"),
+    (["from sklearn import linear_model", "C = 10",
+      "return linear_model.LogisticRegression(C, max_iter=10**3).fit(x_train, y_train)"],
+     "LogisticRegression(C, max_iter=10 ** 3)"),
+    (["from sklearn.pipeline import make_pipeline", "from sklearn.preprocessing import StandardScaler",
+      "from sklearn.svm import SVC", "m = make_pipeline(StandardScaler(with_mean=False), SVC(probability=True))",
+      "m.fit(x_train, y_train)", "return m"], "SVC(probability=True)"),
+    (["from sklearn.ensemble import RandomForestClassifier", "kw = {'n_estimators': 5}",
+      "return RandomForestClassifier(**kw).fit(x_train, y_train)"], "RandomForestClassifier(**kw)"),
+    (["return models[0]"], UNKNOWN_CLASS),
+])
+def test_answer_configuration_is_the_returned_constructor_call(body, expected):
+    """The configuration: the class answer_class names, with the arguments of the very constructor it was read off
+    (a pipeline's last step's, not its preprocessing's)."""
+    ex = extract_function("\n    " + "\n    ".join(body))
+    assert ex.ok, ex.error
+    assert answer_configuration(ex.code) == expected
+    if expected != UNKNOWN_CLASS:
+        assert answer_configuration(ex.code).split("(")[0] == answer_class(ex.code)
+
+
 def test_answer_class_of_answers_without_code():
     assert answer_class(extract_function("I cannot help with that.").code) == NO_CODE
     assert answer_class(None) == NO_CODE
     assert answer_class("def build_model(x_train, y_train):\n    return (\n") == UNKNOWN_CLASS  # does not parse
     assert answer_class("def other(x, y):\n    return 1\n") == UNKNOWN_CLASS
+    assert answer_configuration(None) == NO_CODE
+    assert answer_configuration("def build_model(x_train, y_train):\n    return (\n") == UNKNOWN_CLASS

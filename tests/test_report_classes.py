@@ -126,3 +126,29 @@ def test_a_class_keeps_its_colour_in_every_panel(tmp_path):
                samples=[{"batch": 1, "status": "ok", "text": t} for t in texts])
     assert [p.name for p in write_class_report(tmp_path / "bench", "balance_scale", tmp_path / "out")] == [
         "class_shares_balance_scale.png", "classes_balance_scale.md"]
+
+
+def test_by_arguments_a_better_argument_of_the_common_class_shows(tmp_path):
+    """tic_tac_toe's better answer is an argument of the common class (max_samples=1000): by class every answer is a
+    forest; by configuration the argued forests are counted apart, from the samples even where the history recorded
+    the classes, and the files are named apart from the class report's."""
+    argued = FOREST.replace("RandomForestClassifier()", "RandomForestClassifier(random_state=0, max_samples=1000)")
+    root = tmp_path / "bench" / "runs" / "etpo" / "tic_tac_toe"
+    recorded = {"RandomForestClassifier": {"n": 3, "runnable": 3, "mean_reward": 0.98}}
+    _write(root / "seed0", history=[{"batch": 1, "classes": recorded}, {"batch": 2, "classes": recorded}], samples=[
+        {"batch": 1, "status": "ok", "text": argued}, {"batch": 1, "status": "ok", "text": FOREST},
+        {"batch": 1, "status": "ok", "text": FOREST}, {"batch": 2, "status": "ok", "text": FOREST},
+        {"batch": 2, "status": "ok", "text": FOREST}, {"batch": 2, "status": "error", "text": argued}])
+    assert run_classes(root / "seed0") == [{"RandomForestClassifier": 3}] * 2  # the history's classes
+    configured = "RandomForestClassifier(max_samples=1000, random_state=0)"
+    assert run_classes(root / "seed0", arguments=True) == [
+        {"RandomForestClassifier()": 2, configured: 1}, {"RandomForestClassifier()": 2, FAILED: 1}]
+    names, shares = pooled_shares([root / "seed0"], arguments=True)
+    assert names == ["RandomForestClassifier()", configured, FAILED]
+    assert shares[0] == pytest.approx({"RandomForestClassifier()": 2 / 3, configured: 1 / 3, FAILED: 0.0})
+    written = write_class_report(tmp_path / "bench", "tic_tac_toe", tmp_path / "out", arguments=True)
+    assert [p.name for p in written] == ["class_shares_tic_tac_toe_arguments.png", "classes_tic_tac_toe_arguments.md"]
+    table = written[-1].read_text()
+    assert table.startswith("# Answer configurations (class and constructor arguments) on tic_tac_toe")
+    assert f"| batch | RandomForestClassifier() | {configured} | other runnable | failed |" in table
+    assert "| 1 | 0.67 | 0.33 | 0.00 | 0.00 |" in table and "| 2 | 0.67 | 0.00 | 0.00 | 0.33 |" in table

@@ -27,8 +27,8 @@ import re
 import textwrap
 from dataclasses import dataclass
 
-__all__ = ["Extraction", "extract_function", "find_banned", "answer_class", "FUNCTION_NAME", "HEADER", "NO_CODE",
-           "UNKNOWN_CLASS"]
+__all__ = ["Extraction", "extract_function", "find_banned", "answer_class", "answer_configuration", "FUNCTION_NAME",
+           "HEADER", "NO_CODE", "UNKNOWN_CLASS"]
 
 FUNCTION_NAME = "build_model"
 HEADER = "def build_model(x_train: np.ndarray, y_train: np.ndarray):"
@@ -278,38 +278,33 @@ def _called_name(func: ast.expr) -> str | None:
     return None
 
 
-def _estimator_of(expr: ast.expr | None, assigned: dict[str, ast.expr], depth: int = 0) -> str | None:
-    """The class name an expression builds: ``RandomForestClassifier(...)`` -> ``RandomForestClassifier``; a name
+def _estimator_call(expr: ast.expr | None, assigned: dict[str, ast.expr], depth: int = 0) -> ast.Call | None:
+    """The constructor call an expression builds its estimator with: ``RandomForestClassifier(...)`` itself; a name
     is followed to what was assigned to it, ``x.fit(...)`` to ``x`` (fit returns the estimator), a pipeline to its
     last step."""
     if expr is None or depth > 8:
         return None
     if isinstance(expr, ast.Name):
-        return _estimator_of(assigned.get(expr.id), assigned, depth + 1) if expr.id in assigned else None
+        return _estimator_call(assigned.get(expr.id), assigned, depth + 1) if expr.id in assigned else None
     if not isinstance(expr, ast.Call):
         return None
     name = _called_name(expr.func)
     if name == "fit" and isinstance(expr.func, ast.Attribute):
-        return _estimator_of(expr.func.value, assigned, depth + 1)
+        return _estimator_call(expr.func.value, assigned, depth + 1)
     if name == "make_pipeline" and expr.args:
-        return _estimator_of(expr.args[-1], assigned, depth + 1)
+        return _estimator_call(expr.args[-1], assigned, depth + 1)
     if name == "Pipeline":
         steps = expr.args[0] if expr.args else next((k.value for k in expr.keywords if k.arg == "steps"), None)
         if isinstance(steps, (ast.List, ast.Tuple)) and steps.elts:
             last = steps.elts[-1]
             if isinstance(last, ast.Tuple) and len(last.elts) == 2:
-                return _estimator_of(last.elts[1], assigned, depth + 1)
+                return _estimator_call(last.elts[1], assigned, depth + 1)
         return None
-    return name
+    return expr if name is not None else None
 
 
-def answer_class(code: str | None) -> str:
-    """The class of an answer: the name of the estimator its ``build_model`` returns, read off the source
-    (``RandomForestClassifier``, ``LogisticRegression`` -- a pipeline counts as its last step, a wrapper such as
-    ``CalibratedClassifierCV`` as itself). :data:`NO_CODE` when there is no program (``code`` None, as
-    :func:`extract_function` gives for an unusable answer), :data:`UNKNOWN_CLASS` when the returned value cannot be
-    traced to a constructor. Answers of one class choose the same model and differ in details (arguments,
-    preprocessing): what a run learns to prefer shows as the classes' shares over its batches."""
+def _returned_call(code: str | None) -> ast.Call | str:
+    """The constructor call of the estimator ``build_model`` returns, or :data:`NO_CODE` / :data:`UNKNOWN_CLASS`."""
     if code is None:
         return NO_CODE
     try:
@@ -325,6 +320,31 @@ def answer_class(code: str | None) -> str:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             assigned[node.targets[0].id] = node.value
         elif isinstance(node, ast.Return) and node.value is not None:
-            found = _estimator_of(node.value, assigned)
+            found = _estimator_call(node.value, assigned)
             return found if found is not None else UNKNOWN_CLASS
     return UNKNOWN_CLASS
+
+
+def answer_class(code: str | None) -> str:
+    """The class of an answer: the name of the estimator its ``build_model`` returns, read off the source
+    (``RandomForestClassifier``, ``LogisticRegression`` -- a pipeline counts as its last step, a wrapper such as
+    ``CalibratedClassifierCV`` as itself). :data:`NO_CODE` when there is no program (``code`` None, as
+    :func:`extract_function` gives for an unusable answer), :data:`UNKNOWN_CLASS` when the returned value cannot be
+    traced to a constructor. Answers of one class choose the same model and differ in details (arguments,
+    preprocessing): what a run learns to prefer shows as the classes' shares over its batches."""
+    call = _returned_call(code)
+    return call if isinstance(call, str) else _called_name(call.func)
+
+
+def answer_configuration(code: str | None) -> str:
+    """The class with the arguments its constructor is given, as written: ``RandomForestClassifier(max_samples=1000,
+    random_state=0)`` -- positional arguments first, keywords sorted by name, values as source text (a name stays a
+    name). Finer than :func:`answer_class`, for a dataset where the better answer is an argument of the common
+    class (tic_tac_toe's ``max_samples``). :data:`NO_CODE` / :data:`UNKNOWN_CLASS` as there."""
+    call = _returned_call(code)
+    if isinstance(call, str):
+        return call
+    parts = [ast.unparse(a) for a in call.args]
+    parts += [f"{k.arg}={ast.unparse(k.value)}" if k.arg else f"**{ast.unparse(k.value)}"
+              for k in sorted(call.keywords, key=lambda k: k.arg or "")]
+    return f"{_called_name(call.func)}({', '.join(parts)})"

@@ -13,6 +13,12 @@ the code builds; from ``history.jsonl``'s ``classes`` where the run recorded the
 * ``choice_<dataset>.png``: per run with probe readings, pi_theta, pi_bar and pi* of the two sides' tokens at that
   parting, per batch;
 * ``classes_<dataset>.md``: the shares as a table, and each run's classes in its last quarter.
+
+``--arguments``: the same by configuration -- the class with its constructor's arguments as written
+(:func:`envs.datascience.extract.answer_configuration`: ``RandomForestClassifier(max_samples=1000)`` apart from
+``RandomForestClassifier()``), parsed from the samples, into ``class_shares_<dataset>_arguments.png`` and
+``classes_<dataset>_arguments.md`` (no choice figure: the probe reads classes). For a dataset whose better answer
+is an argument of the common class.
 """
 
 from __future__ import annotations
@@ -60,11 +66,11 @@ def run_views(run: Path) -> list[str]:
     return _policy_first(str(s.get("view", "policy")) for s in _samples(run))
 
 
-def run_classes(run: Path, view: Optional[str] = None) -> list[Counter]:
+def run_classes(run: Path, view: Optional[str] = None, arguments: bool = False) -> list[Counter]:
     """Per batch, a Counter of the run's answers by category: the class of an answer that ran, :data:`FAILED` for
     one that did not. ``view``: only the answers that view sampled (from the samples; one without a ``"view"`` is
-    the policy's)."""
-    history = _history(run)
+    the policy's). ``arguments``: the class with its constructor's arguments (from the samples)."""
+    history = [] if arguments else _history(run)
     if view is None and history and all("classes" in h for h in history):
         out = []
         for h in history:
@@ -76,21 +82,23 @@ def run_classes(run: Path, view: Optional[str] = None) -> list[Counter]:
                     c[FAILED] += entry["n"] - entry["runnable"]
             out.append(c)
         return out
-    from envs.datascience.extract import answer_class, extract_function
+    from envs.datascience.extract import answer_class, answer_configuration, extract_function
 
+    category = answer_configuration if arguments else answer_class
     per_batch: dict[int, Counter] = defaultdict(Counter)
     for s in _samples(run):
         if view is not None and str(s.get("view", "policy")) != view:
             continue
-        name = answer_class(extract_function(s.get("text", "")).code) if s.get("status") == "ok" else FAILED
+        name = category(extract_function(s.get("text", "")).code) if s.get("status") == "ok" else FAILED
         per_batch[int(s["batch"])][name] += 1
     return [per_batch[b] for b in sorted(per_batch)]
 
 
-def pooled_shares(runs: list[Path], view: Optional[str] = None) -> tuple[list[str], list[dict[str, float]]]:
+def pooled_shares(runs: list[Path], view: Optional[str] = None,
+                  arguments: bool = False) -> tuple[list[str], list[dict[str, float]]]:
     """Per batch, each category's share of all answers (of ``view``'s, when given), pooled over ``runs``; the
     categories ordered by their total count (failures last)."""
-    series = [run_classes(r, view) for r in runs]
+    series = [run_classes(r, view, arguments) for r in runs]
     total: Counter = Counter()
     for s in series:
         for c in s:
@@ -176,8 +184,9 @@ def class_colors(shown_per_panel: list[list[str]]) -> dict[str, str]:
 
 
 def write_class_report(folder: Path, dataset: str, out: Path, contenders: Optional[list[str]] = None,
-                       top: int = 4) -> list[Path]:
-    """The class-share figure, the choice figure (where probe readings exist) and the table; returns the paths."""
+                       top: int = 4, arguments: bool = False) -> list[Path]:
+    """The class-share figure, the choice figure (where probe readings exist) and the table; returns the paths.
+    ``arguments``: by configuration (the module docstring), the files named ``..._arguments``."""
     runs = _runs(folder, dataset, contenders)
     if not runs:
         raise SystemExit(f"etpo.report.classes: no runs of {dataset} under {folder / 'runs'}")
@@ -195,7 +204,7 @@ def write_class_report(folder: Path, dataset: str, out: Path, contenders: Option
     written = []
     drawn = []  # (contender, seeds, shown classes, shares) per panel, read before drawing: the colours span the panels
     for contender, paths, view in panels:
-        names, shares = pooled_shares(paths, view)
+        names, shares = pooled_shares(paths, view, arguments)
         drawn.append((contender, len(paths), [n for n in names if n != FAILED][:top], shares))
     colors = class_colors([shown for _, _, shown, _ in drawn])
     # a grid of at most CLASS_PANELS_PER_ROW panels a row: a benchmark folder holds ten contenders and more
@@ -205,8 +214,11 @@ def write_class_report(folder: Path, dataset: str, out: Path, contenders: Option
     fig, axes = plt.subplots(grid_rows, cols, figsize=(width, 3.4 * grid_rows + 0.4), sharey=True, squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
-    lines = [f"# Answer classes on {dataset}", "",
-             "Share of all answers per batch, pooled over the seeds (a class counts its answers that ran; "
+    kinds, kind = ("configurations (class and constructor arguments)", "configuration") if arguments else \
+        ("classes", "class")
+    suffix = "_arguments" if arguments else ""
+    lines = [f"# Answer {kinds} on {dataset}", "",
+             f"Share of all answers per batch, pooled over the seeds (a {kind} counts its answers that ran; "
              f"`{FAILED}`: the answers that did not run).", ""]
     for ax, (contender, seeds, shown, shares) in zip(axes.flat, drawn):
         batches = list(range(1, len(shares) + 1))
@@ -230,17 +242,18 @@ def write_class_report(folder: Path, dataset: str, out: Path, contenders: Option
     # one legend for every panel, as many columns as the figure's width holds (class names run to ~25 characters)
     handles = [Patch(color=c, label=n) for n, c in colors.items()] + [
         Patch(color=OTHER_COLOR, label="other runnable"), Patch(color=FAILED_COLOR, label="failed")]
-    ncol = max(1, min(len(handles), int(width / 2.1)))
+    longest = max(len(h.get_label()) for h in handles)  # a configuration's name runs to ~60 characters
+    ncol = max(1, min(len(handles), int(width / max(2.1, 0.065 * longest + 0.5))))
     legend_rows = -(-len(handles) // ncol)
     fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     legend_in = 0.1 + 0.22 * legend_rows  # inches: the legend's rows below the grid
     fig.tight_layout(rect=(0, min(0.45, legend_in / fig.get_figheight()), 1, 1))
-    path = out / f"class_shares_{dataset}.png"
+    path = out / f"class_shares_{dataset}{suffix}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(path)
 
-    readings = [(c, p, choice_series(p)) for c, paths in runs.items() for p in paths]
+    readings = [] if arguments else [(c, p, choice_series(p)) for c, paths in runs.items() for p in paths]
     readings = [r for r in readings if r[2] is not None]
     if readings:
         # a grid of at most CHOICE_PANELS_PER_ROW panels a row: a benchmark folder holds tens of runs
@@ -274,7 +287,7 @@ def write_class_report(folder: Path, dataset: str, out: Path, contenders: Option
         plt.close(fig)
         written.append(path)
         lines.append("")
-    md = out / f"classes_{dataset}.md"
+    md = out / f"classes_{dataset}{suffix}.md"
     md.write_text("\n".join(lines) + "\n")
     written.append(md)
     return written
@@ -287,9 +300,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: the folder)")
     parser.add_argument("--contenders", default=None, help="comma-separated, in this order (default: all)")
     parser.add_argument("--top", type=int, default=4, help="classes drawn by name (the rest as 'other runnable')")
+    parser.add_argument("--arguments", action="store_true",
+                        help="by configuration: the class with its constructor's arguments (files named *_arguments)")
     args = parser.parse_args(argv)
     contenders = args.contenders.split(",") if args.contenders else None
-    for path in write_class_report(args.folder, args.dataset, args.out or args.folder, contenders, args.top):
+    for path in write_class_report(args.folder, args.dataset, args.out or args.folder, contenders, args.top,
+                                   args.arguments):
         print(path)
 
 
