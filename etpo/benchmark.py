@@ -52,9 +52,10 @@ status (merged across sweeps: two sweeps on one folder do not erase each other's
 
 Several sweeps may share one folder (say, one per contender on a machine with cores to spare): a run is claimed
 with the lock etpo.fit holds on ``<run_dir>/.run.lock`` (``etpo/run_lock.py``: handed to the run's process, it lasts
-as long as the run; the system drops it when they end, so a crash or a restart leaves nothing to clean up), and its state is read again just before it
-starts. A run another sweep is running is skipped (``another sweep is running it``); one that another sweep has
-finished since this sweep planned is skipped as finished; one that gained checkpoints is resumed.
+as long as the run; the system drops it when they end, so a crash or a restart leaves nothing to clean up), and its
+state is read again just before it starts. A run that another process is running (a sweep's, or a resume started by
+hand) is skipped (``in use by another run``); one that another sweep has finished since this sweep planned is
+skipped as finished; one that gained checkpoints is resumed.
 Before the sweep a preflight parses the first pending run of every contender with ``--print_config`` (seconds,
 nothing is trained) and stops with a clear message when an argument is rejected or the dataset / split seed / seed
 do not reach the resolved config. ``--dry_run`` prints the commands; ``--report_only`` only writes the report.
@@ -481,7 +482,7 @@ class _Display:
             self.print(f"[green]done[/green] {result.name}: best {best} in {result.wall_s:.0f} s")
         elif result.status == "failed":
             self.print(f"[red]FAILED[/red] {result.name}: {result.error} (log: {result.run_dir}/fit.log)")
-        elif result.error:  # skipped because another sweep is running it
+        elif result.error:  # skipped because another process is running it
             self.print(f"[yellow]skipped[/yellow] {result.name}: {result.error}")
         else:
             self.progress.update(self.overall, info=f"last: {result.name} best {best} (already finished)")
@@ -518,7 +519,7 @@ def _write_status(cfg: BenchmarkConfig, results: list[RunResult]) -> None:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "benchmark_status.json"
-    with _file_lock(out / ".benchmark_status.lock", wait=True):
+    with _file_lock(out / ".benchmark_status.lock"):
         try:
             previous = json.loads(path.read_text()).get("runs", [])
         except (OSError, ValueError, AttributeError):
@@ -532,22 +533,18 @@ def _write_status(cfg: BenchmarkConfig, results: list[RunResult]) -> None:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path, wait: bool):
-    """An exclusive ``flock`` on ``path`` for the block (yields False instead when ``wait`` is off and another
-    process holds it). Where ``fcntl`` is missing (Windows) nothing is locked."""
+def _file_lock(path: Path):
+    """An exclusive ``flock`` on ``path`` for the block, waiting for it. Where ``fcntl`` is missing (Windows) nothing
+    is locked."""
     try:
         import fcntl
     except ImportError:
-        yield True
+        yield
         return
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        yield True
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
     finally:
         os.close(fd)
 
@@ -593,7 +590,7 @@ def execute(specs: Sequence[RunSpec], cfg: BenchmarkConfig, show_progress: bool 
                     lock, holder = run_lock.try_lock(spec.run_dir)
                     if lock is None:
                         r = RunResult(spec.name, str(spec.run_dir), "skipped", spec.state,
-                                      error=f"another sweep is running it ({holder})", command=spec.command)
+                                      error=f"in use by another run ({holder})", command=spec.command)
                         results.append(r)
                         display.finish(r)
                         continue

@@ -248,7 +248,7 @@ def test_two_sweeps_on_one_folder_neither_race_nor_erase_each_other(tmp_path, st
     by_name = {r.name: r for r in results}
     assert by_name["reflection/cmc/seed0"].status == "skipped" and by_name["reflection/cmc/seed0"].best_reward == 0.7
     assert by_name["reflection/cmc/seed1"].status == "skipped"
-    assert "another sweep is running it (pid " in by_name["reflection/cmc/seed1"].error
+    assert "in use by another run (pid " in by_name["reflection/cmc/seed1"].error
     assert by_name["etpo/cmc/seed0"].status == "ok" and by_name["etpo/cmc/seed1"].status == "ok"
     calls = {c[c.index("--run_dir") + 1]: c for c in stub["calls"]()}
     assert sorted(calls) == [str(runs / "etpo" / "cmc" / "seed0"), str(runs / "etpo" / "cmc" / "seed1")]
