@@ -91,14 +91,20 @@ def best_within_curves(
     contenders: Optional[Sequence[str]] = None, datasets: Optional[Sequence[str]] = None,
 ) -> dict[str, dict]:
     """Figure-3 data per contender: ``{"n": grid, "mean", "std", "count" (seeds behind each point), "seeds":
-    per-seed curves [S, len(grid)], "partial": bool}``. Per seed the curve is the mean over datasets (only where
-    every dataset of the contender has that seed covering n; when no seed is complete anywhere the per-seed mean over
-    the available datasets is used and the curve is marked partial)."""
+    per-seed curves [S, len(grid)], "partial": bool, "datasets": the datasets averaged}``. Per seed the curve is the
+    mean over datasets (only where every dataset of the contender has that seed covering n; when no seed is complete
+    anywhere the per-seed mean over the available datasets is used and the curve is marked partial). The datasets
+    are those every drawn contender has runs on, when they share any: a contender run on an easier dataset too would
+    otherwise average higher for that alone (a sweep under way: one contender's second dataset done, another's not)."""
     used = _select(runs, within, include_unfinished)
     grouped = _by(used)
     datasets = _order((r.dataset for r in used), datasets)
+    drawn = [c for c in _order(grouped, contenders) if any(d in datasets for d in grouped.get(c, {}))]
+    shared = [d for d in datasets if all(d in grouped[c] for c in drawn)]
+    if shared:
+        datasets = shared
     out = {}
-    for c in _order(grouped, contenders):
+    for c in drawn:
         by_ds = {d: v for d, v in grouped.get(c, {}).items() if d in datasets}
         if not by_ds:
             continue
@@ -121,7 +127,7 @@ def best_within_curves(
                 per_seed_curves = np.nanmean(cube, axis=0)
         mean, std = _mean_std(per_seed_curves, ddof)
         out[c] = {"n": grid, "mean": mean, "std": std, "count": np.sum(~np.isnan(per_seed_curves), axis=0),
-                  "seeds": per_seed_curves, "partial": partial}
+                  "seeds": per_seed_curves, "partial": partial, "datasets": sorted(by_ds)}
     return out
 
 
@@ -148,7 +154,13 @@ def plot_best_within(
         ax.fill_between(cv["n"][ok], (cv["mean"] - width)[ok], (cv["mean"] + width)[ok], step="post",
                         color=colours.get(c), alpha=0.2, lw=0)
     ax.set_xlabel("environment steps n")
-    ax.set_ylabel("best reward within n (mean over datasets)")
+    averaged = sorted({d for cv in curves.values() for d in cv["datasets"]})
+    left_out = sorted({r.dataset for r in runs if datasets is None or r.dataset in datasets} - set(averaged))
+    ax.set_ylabel("best reward within n (mean over datasets)" if len(averaged) > 1 else
+                  f"best reward within n ({averaged[0]})")
+    if left_out:  # runs of a dataset not every contender has: in the per-dataset figure only
+        ax.text(0.99, 0.01, f"averaged: {', '.join(averaged)} (every contender's); not: {', '.join(left_out)}",
+                transform=ax.transAxes, ha="right", va="bottom", fontsize=6, color="0.4")
     ax.set_title(f"Best reward explored within n steps ({_band_label(band, ddof)})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
