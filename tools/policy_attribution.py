@@ -32,7 +32,7 @@ import etpo  # noqa: E402,F401  (before torch: idle OpenMP threads wait passivel
 
 import torch  # noqa: E402
 
-__all__ = ["node_mask", "main"]
+__all__ = ["node_mask", "load_run", "main"]
 
 
 def node_mask(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, action_ids: torch.Tensor,
@@ -49,7 +49,9 @@ def node_mask(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, action_ids: t
     return out
 
 
-def _load(run_dir: Path):
+def load_run(run_dir: Path):
+    """The ETPO module of a run directory as its last checkpoint left it, with the checkpoint, the config and the
+    answer-class probe's state."""
     import yaml
 
     from modules.etpo import ETPOModule
@@ -90,7 +92,7 @@ def main(argv=None) -> None:
     from etpo.probe import parting_positions
     from tools.bench_tree_update import _Policy
 
-    module, ckpt, cfg, probe = _load(args.run_dir)
+    module, ckpt, cfg, probe = load_run(args.run_dir)
     missing = [c for c in (args.better, args.other) if c not in probe["exemplars"]]
     if missing:
         raise SystemExit(f"{args.run_dir}: the probe has no answer of {', '.join(missing)} at the task prompt; it has "
