@@ -39,3 +39,27 @@ def shared_datasets() -> Path:
     if not SHARED_DATASETS.is_dir():
         pytest.skip(f"offline dataset copies not found at {SHARED_DATASETS} (set ETPO_DATA_DIR)")
     return SHARED_DATASETS
+
+
+def etpo_with_views_apart(beta: float = 0.1):
+    """A tiny ETPO module whose policy, critic and reference say different things (every LoRA weight nudged at
+    random), in eval mode: for readings at a token checked against a plain forward of each view."""
+    import torch
+
+    from modules.etpo import ETPOModule
+
+    torch.manual_seed(0)
+    m = ETPOModule(backbone=tiny_backbone(), beta=beta, q_parameterisation="zero", token_chunk_size=3)
+    m.configure_model()
+    with torch.no_grad():
+        for name, p in m.model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    m.model.eval()
+    return m
+
+
+@pytest.fixture(scope="module")
+def views_apart():
+    """:func:`etpo_with_views_apart`, built once per test module."""
+    return etpo_with_views_apart()

@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_backbone
-from modules.etpo import ETPOModule
 from modules.losses.etpo import optimal_policy_logits, q_from_critic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,30 +19,17 @@ tool = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tool)
 
 
-@pytest.fixture(scope="module")
-def module():
-    torch.manual_seed(1)
-    m = ETPOModule(backbone=tiny_backbone(), beta=0.1, q_parameterisation="zero", token_chunk_size=3)
-    m.configure_model()
-    with torch.no_grad():  # adapters that differ: policy, critic and reference all say something else
-        for name, p in m.model.named_parameters():
-            if "lora_" in name:
-                p.add_(0.3 * torch.randn_like(p))
-    m.model.eval()
-    return m
-
-
-def test_the_pair_is_read_where_it_parts_as_a_plain_forward_says(module):
-    tok = module.model.tokenizer
+def test_the_pair_is_read_where_it_parts_as_a_plain_forward_says(views_apart):
+    tok = views_apart.model.tokenizer
     task = tok.encode("q:", add_special_tokens=False)
     # one-letter tokens the tiny vocabulary holds: "abce" shared, then "a" (the plain call) against "d" (an argument)
     plain, argued = ([tok.convert_tokens_to_ids(c) for c in text] for text in ("abcea", "abcedh"))
-    out = tool.read_pair(module, task, {"plain": plain, "argued": argued})
+    out = tool.read_pair(views_apart, task, {"plain": plain, "argued": argued})
     (choice,) = out["choices"]
     assert choice["position"] == 4
     assert {n: o["token"] for n, o in choice["options"].items()} == {"plain": "a", "argued": "d"}
 
-    m, beta = module.model, module.hparams.beta
+    m, beta = views_apart.model, views_apart.hparams.beta
     width = max(len(plain), len(argued))
     ids = torch.zeros(2, width, dtype=torch.long)
     mask = torch.zeros(2, width, dtype=torch.long)
@@ -67,7 +52,7 @@ def test_the_pair_is_read_where_it_parts_as_a_plain_forward_says(module):
         assert out["classes"][name]["logp_policy"] == pytest.approx(
             float(log_pi[i, torch.arange(n), ids[i, :n]].sum()), abs=1e-4)
     with pytest.raises(ValueError, match="never part"):
-        tool.read_pair(module, task, {"short": plain[:3], "long": plain})
+        tool.read_pair(views_apart, task, {"short": plain[:3], "long": plain})
 
 
 def test_the_answer_is_the_first_at_the_task_prompt_that_matches(tmp_path):

@@ -9,9 +9,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from conftest import tiny_backbone
 from etpo.probe import AnswerClassProbe, parting_positions
-from modules.etpo import ETPOModule
 from modules.losses.etpo import optimal_policy_logits, q_from_critic
 
 
@@ -43,21 +41,8 @@ def _pad(rows, left):
     return ids, mask
 
 
-@pytest.fixture(scope="module")
-def module():
-    torch.manual_seed(0)
-    m = ETPOModule(backbone=tiny_backbone(), beta=0.1, q_parameterisation="zero", token_chunk_size=3)
-    m.configure_model()
-    with torch.no_grad():  # adapters that differ: policy, critic and reference all say something else
-        for name, p in m.model.named_parameters():
-            if "lora_" in name:
-                p.add_(0.3 * torch.randn_like(p))
-    m.model.eval()
-    return m
-
-
-def test_probe_readings_equal_a_plain_forward_of_every_view(module):
-    tok = module.model.tokenizer
+def test_probe_readings_equal_a_plain_forward_of_every_view(views_apart):
+    tok = views_apart.model.tokenizer
     task = tok.encode("q:", add_special_tokens=False)
     other = tok.encode("h:", add_special_tokens=False)
     forest, logreg, lasso = ([tok.convert_tokens_to_ids(c) for c in text] for text in ("abcab", "abdeh", "abdf"))
@@ -76,11 +61,11 @@ def test_probe_readings_equal_a_plain_forward_of_every_view(module):
     assert probe.task_prompt == task
     assert set(probe.exemplars) == {"Forest", "LogReg", "Lasso"}  # Tree was written for another prompt
     assert probe.exemplars["Forest"]["reward"] == 0.81  # the best-rewarded answer of the class
-    out = probe._read(None, module, batch_number=1)
+    out = probe._read(None, views_apart, batch_number=1)
     assert out["frequent"] == "Forest" and out["best"] == "LogReg"
 
     # the reference: every view's full logits from a plain (unshared) per-row forward, then the vocabulary sums here
-    m, beta = module.model, module.hparams.beta
+    m, beta = views_apart.model, views_apart.hparams.beta
     rows = [probe.exemplars[c]["tokens"] for c in out["classes"]]
     ids, mask = _pad(rows, left=False)
     prompt = torch.tensor([task] * len(rows))
@@ -113,8 +98,8 @@ def test_probe_readings_equal_a_plain_forward_of_every_view(module):
             assert option["q"] == pytest.approx(float(q[i, pos, w]), abs=1e-4)
 
 
-def test_a_better_answer_of_a_class_replaces_its_exemplar_and_state_survives(module):
-    tok = module.model.tokenizer
+def test_a_better_answer_of_a_class_replaces_its_exemplar_and_state_survives(views_apart):
+    tok = views_apart.model.tokenizer
     task = tok.encode("q:", add_special_tokens=False)
     first, second = ([tok.convert_tokens_to_ids(c) for c in text] for text in ("ab", "abc"))
     probe = AnswerClassProbe()
@@ -130,17 +115,17 @@ def test_a_better_answer_of_a_class_replaces_its_exemplar_and_state_survives(mod
 
 
 @pytest.mark.parametrize("unwritten", ["zero", "node"])
-def test_the_trees_q_and_pi_star_at_a_parting_token_equal_a_softmax_over_the_vocabulary(module, unwritten):
+def test_the_trees_q_and_pi_star_at_a_parting_token_equal_a_softmax_over_the_vocabulary(views_apart, unwritten):
     """With answer trees kept by the module, the probe's ``q_tree`` / ``pi_optimal_tree`` at a parting token are the
     trees' Q of that token and pi* = softmax(log pi_bar + Q / beta) over the whole vocabulary, every token no answer
     wrote there at the unwritten value (0, or the node's V) -- built here by hand from a plain forward."""
     from modules.losses.etpo import tree_backup
 
-    tok = module.model.tokenizer
+    tok = views_apart.model.tokenizer
     task = tok.encode("q:", add_special_tokens=False)
     forest, logreg, lasso = ([tok.convert_tokens_to_ids(c) for c in text] for text in ("abcab", "abdeh", "abdf"))
     rows, rewards = [forest, logreg, lasso], [0.3, 0.6, -1.0]
-    m, beta = module.model, module.hparams.beta
+    m, beta = views_apart.model, views_apart.hparams.beta
     ids, mask = _pad(rows, left=False)
     prompt = torch.tensor([task] * len(rows))
     plan = m.plan(prompt, torch.ones_like(prompt), ids, mask, share_prefixes=False)
@@ -153,11 +138,11 @@ def test_the_trees_q_and_pi_star_at_a_parting_token_equal_a_softmax_over_the_voc
     samples = [{"answer_class": c, "status": "ok" if r > -1 else "error", "reward": r, "episode_step": 1}
                for c, r in zip(("Forest", "LogReg", "Lasso"), rewards)]
     probe._collect(_Rollout(pids, pmask, ids, mask), samples, batch_number=1)
-    module.last_trees = {"values": tree.node_values, "unwritten": unwritten}
+    views_apart.last_trees = {"values": tree.node_values, "unwritten": unwritten}
     try:
-        out = probe._read(None, module, batch_number=1)
+        out = probe._read(None, views_apart, batch_number=1)
     finally:
-        module.last_trees = None
+        views_apart.last_trees = None
     values = tree.node_values
     parts = {c["position"]: c for c in out["choices"]}
     assert sorted(parts) == [2, 3]
@@ -175,4 +160,4 @@ def test_the_trees_q_and_pi_star_at_a_parting_token_equal_a_softmax_over_the_voc
             assert option["q_tree"] == pytest.approx(float(q[row[pos]]), abs=1e-9)
             assert option["pi_optimal_tree"] == pytest.approx(float(pi_star[row[pos]]), rel=1e-4)
     # the readings without trees: none
-    assert all("q_tree" not in o for c in probe._read(None, module, 1)["choices"] for o in c["options"].values())
+    assert all("q_tree" not in o for c in probe._read(None, views_apart, 1)["choices"] for o in c["options"].values())
