@@ -848,6 +848,7 @@ def test_pool_close_is_idempotent_and_cleans_up():
 def test_closing_a_pool_mid_job_returns_promptly():
     """What a stopping run relies on: close() from another thread ends an in-flight call at once."""
     p = ModelSandbox(n_workers=1, isolation="rlimits", timeout=60, prestart=True)
+    p._workers[0].wait_ready(60)  # in flight means running: on a loaded machine a worker can take seconds to start
     result = {}
 
     def call():
@@ -862,6 +863,34 @@ def test_closing_a_pool_mid_job_returns_promptly():
     assert not t.is_alive() and time.monotonic() - t0 < 10
     assert result["res"].status == "error" and "closed" in result["res"].error
     assert not os.path.exists(p.directory)
+
+
+def test_closing_a_pool_while_its_worker_starts_says_so(monkeypatch):
+    """close() while a call waits for its worker to start (a loaded machine): the call's error names the close, not a
+    worker that failed to start. The start is held until the close, as a slow one would be."""
+    p = ModelSandbox(n_workers=1, isolation="rlimits", timeout=60)
+    worker = p._workers[0]
+
+    def slow_start(timeout):
+        while not p.closed:
+            time.sleep(0.01)
+        raise SandboxError("sandbox worker (rlimits) failed to start (_WorkerDied: worker pipe closed)")
+
+    monkeypatch.setattr(worker, "wait_ready", slow_start)
+    result = {}
+
+    def call():
+        try:
+            run(p, GOOD, timeout=60)
+        except SandboxError as err:
+            result["error"] = str(err)
+
+    t = threading.Thread(target=call)
+    t.start()
+    time.sleep(0.3)
+    p.close()
+    t.join(10)
+    assert not t.is_alive() and result["error"] == "the sandbox pool was closed while its worker started"
 
 
 def test_unresponsive_worker_is_killed_by_the_parent(fallback_pool):

@@ -475,7 +475,12 @@ class SandboxPool:
                 worker.kill()  # reap a worker that died while idle (no-op if already killed)
                 replaced = worker.starts > 0
                 worker.start()
-            worker.wait_ready(self.startup_timeout)
+            try:
+                worker.wait_ready(self.startup_timeout)
+            except SandboxError:
+                if self._closed:  # close() from another thread while the worker started: say so, not "failed"
+                    raise SandboxError("the sandbox pool was closed while its worker started") from None
+                raise
             with self._lock:
                 self._job_counter += 1
                 job_name = f"job{self._job_counter:07d}"
