@@ -65,7 +65,7 @@ do not reach the resolved config. ``--dry_run`` prints the commands; ``--report_
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import json
 import os
 import shlex
@@ -519,7 +519,7 @@ def _write_status(cfg: BenchmarkConfig, results: list[RunResult]) -> None:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "benchmark_status.json"
-    with _file_lock(out / ".benchmark_status.lock"):
+    with run_lock.exclusive(out / ".benchmark_status.lock"):
         try:
             previous = json.loads(path.read_text()).get("runs", [])
         except (OSError, ValueError, AttributeError):
@@ -532,39 +532,21 @@ def _write_status(cfg: BenchmarkConfig, results: list[RunResult]) -> None:
         tmp.replace(path)
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    """An exclusive ``flock`` on ``path`` for the block, waiting for it. Where ``fcntl`` is missing (Windows) nothing
-    is locked."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _release(fd: Optional[int]) -> None:
-    if fd is not None and fd >= 0:
-        os.close(fd)
-
-
 def _as_state_now(spec: RunSpec) -> RunSpec:
     """The spec with the run's state read again (another sweep may have run it since the plan was made)."""
     now = run_state(spec.run_dir)
     if now == spec.state:
         return spec
-    command = [a for a in spec.command]
-    if command[-2:] == ["--ckpt_path", "last"]:
-        command = command[:-2]
+    command = spec.command[:-2] if spec.command[-2:] == ["--ckpt_path", "last"] else list(spec.command)
     if now == "resume":
         command += ["--ckpt_path", "last"]
-    return RunSpec(spec.contender, spec.dataset, spec.seed, spec.run_dir, command, now, spec.env_file, spec.stale)
+    return dataclasses.replace(spec, command=command, state=now)
+
+
+def _skipped_as_finished(spec: RunSpec) -> RunResult:
+    summary = read_summary(spec.run_dir) or {}
+    return RunResult(spec.name, str(spec.run_dir), "skipped", spec.state, best_reward=summary.get("best_reward"),
+                     command=spec.command)
 
 
 def execute(specs: Sequence[RunSpec], cfg: BenchmarkConfig, show_progress: bool = True,
@@ -575,9 +557,7 @@ def execute(specs: Sequence[RunSpec], cfg: BenchmarkConfig, show_progress: bool 
     with _Display(len(specs), enabled=show_progress) as display:
         for spec in specs:
             if spec.state == "finished":
-                summary = read_summary(spec.run_dir) or {}
-                r = RunResult(spec.name, str(spec.run_dir), "skipped", spec.state,
-                              best_reward=summary.get("best_reward"), command=spec.command)
+                r = _skipped_as_finished(spec)
                 results.append(r)
                 display.finish(r)
             else:
@@ -596,10 +576,8 @@ def execute(specs: Sequence[RunSpec], cfg: BenchmarkConfig, show_progress: bool 
                         continue
                     spec = _as_state_now(spec)
                     if spec.state == "finished":  # another sweep finished it after this one made its plan
-                        _release(lock)
-                        summary = read_summary(spec.run_dir) or {}
-                        r = RunResult(spec.name, str(spec.run_dir), "skipped", spec.state,
-                                      best_reward=summary.get("best_reward"), command=spec.command)
+                        run_lock.let_go(lock)
+                        r = _skipped_as_finished(spec)
                         results.append(r)
                         display.finish(r)
                         continue
@@ -618,7 +596,7 @@ def execute(specs: Sequence[RunSpec], cfg: BenchmarkConfig, show_progress: bool 
                                                 pass_fds=(lock,) if lock >= 0 else ())
                     except OSError as err:
                         log.close()
-                        _release(lock)
+                        run_lock.let_go(lock)
                         r = RunResult(spec.name, str(spec.run_dir), "failed", spec.state, error=f"cannot start: {err}",
                                       command=spec.command)
                         results.append(r)
@@ -640,7 +618,7 @@ def execute(specs: Sequence[RunSpec], cfg: BenchmarkConfig, show_progress: bool 
                         still.append((spec, proc, log, lock, t0))
                         continue
                     log.close()
-                    _release(lock)
+                    run_lock.let_go(lock)
                     status, error, best = _check_result(spec, rc, timed_out)
                     r = RunResult(spec.name, str(spec.run_dir), status, spec.state, rc, time.monotonic() - t0,
                                   best, error, spec.command)
@@ -653,7 +631,7 @@ def execute(specs: Sequence[RunSpec], cfg: BenchmarkConfig, show_progress: bool 
             for spec, proc, log, lock, _ in running:
                 _kill(proc)
                 log.close()
-                _release(lock)
+                run_lock.let_go(lock)
             raise
     _write_status(cfg, results)
     return results

@@ -11,12 +11,13 @@ locked. No torch, no Lightning: the sweep imports this.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
-__all__ = ["LOCK_NAME", "INHERITED_FD_ENV", "RunDirectoryBusy", "try_lock", "hold", "release"]
+__all__ = ["LOCK_NAME", "INHERITED_FD_ENV", "RunDirectoryBusy", "try_lock", "let_go", "hold", "release", "exclusive"]
 
 LOCK_NAME = ".run.lock"
 INHERITED_FD_ENV = "ETPO_RUN_LOCK_FD"  # set by etpo.benchmark: the run's lock is already held through this fd
@@ -32,25 +33,52 @@ def _lock_path(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / LOCK_NAME
 
 
-def try_lock(run_dir: str | os.PathLike) -> tuple[Optional[int], str]:
-    """Take the lock without waiting: (its file descriptor, "") or (None, who holds it: "pid N since TIME").
-    (-1, "") where there is no ``flock``. The caller closes the descriptor to let go."""
+def _flock(path: Path, wait: bool) -> Optional[int]:
+    """An exclusive ``flock`` on ``path`` (created if missing): its file descriptor, None when another process holds
+    it and ``wait`` is off, -1 where there is no ``flock``."""
     try:
         import fcntl
     except ImportError:
-        return -1, ""
-    path = _lock_path(run_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
+        return -1
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
         os.close(fd)
+        return None
+    return fd
+
+
+def let_go(fd: Optional[int]) -> None:
+    """Close a descriptor :func:`try_lock` gave (the lock goes with the last process holding it)."""
+    if fd is not None and fd >= 0:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` for the block, waiting for it (e.g. a read-modify-write of a shared file)."""
+    fd = _flock(Path(path), wait=True)
+    try:
+        yield
+    finally:
+        let_go(fd)
+
+
+def try_lock(run_dir: str | os.PathLike) -> tuple[Optional[int], str]:
+    """Take the lock without waiting: (its file descriptor, "") or (None, who holds it: "pid N since TIME").
+    (-1, "") where there is no ``flock``. :func:`let_go` lets go."""
+    path = _lock_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = _flock(path, wait=False)
+    if fd is None:
         try:
             holder = path.read_text().strip()
         except OSError:
             holder = ""
         return None, holder or "another process"
+    if fd < 0:
+        return fd, ""
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
     return fd, ""
@@ -62,10 +90,9 @@ def _inherited(path: Path) -> bool:
     if not value or not path.exists():
         return False
     try:
-        mine, there = os.fstat(int(value)), os.stat(path)
+        return os.path.samestat(os.fstat(int(value)), os.stat(path))
     except (ValueError, OSError):
         return False
-    return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
 
 
 def hold(run_dir: str | os.PathLike) -> None:
@@ -83,6 +110,4 @@ def hold(run_dir: str | os.PathLike) -> None:
 
 
 def release(run_dir: str | os.PathLike) -> None:
-    fd = _HELD.pop(os.path.realpath(_lock_path(run_dir)), None)
-    if fd is not None and fd >= 0:
-        os.close(fd)
+    let_go(_HELD.pop(os.path.realpath(_lock_path(run_dir)), None))

@@ -19,7 +19,6 @@ etpo.fit wrote.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import sys
 from collections import Counter
@@ -53,17 +52,15 @@ def read_pair(module, task_prompt: list[int], answers: dict[str, list[int]], bat
 def task_prompt_answer(run_dir: Path, match: str) -> dict:
     """The first sample of the run written at the task prompt (an episode's first attempt) whose text holds
     ``match``."""
-    path = run_dir / "samples.jsonl"
-    opener = open if path.is_file() else gzip.open
-    path = path if path.is_file() else run_dir / "samples.jsonl.gz"
-    if not path.is_file():
+    from etpo.report.classes import run_samples
+
+    samples = run_samples(run_dir)
+    if not samples:
         raise SystemExit(f"{run_dir}: no samples.jsonl(.gz)")
-    with opener(path, "rt") as fh:
-        for line in fh:
-            sample = json.loads(line)
-            if sample.get("episode_step", 1) == 1 and match in sample.get("text", ""):
-                return sample
-    raise SystemExit(f"{path}: no answer at the task prompt contains {match!r}")
+    for sample in samples:
+        if sample.get("episode_step", 1) == 1 and match in sample.get("text", ""):
+            return sample
+    raise SystemExit(f"{run_dir}: no answer at the task prompt contains {match!r}")
 
 
 def main(argv=None) -> None:

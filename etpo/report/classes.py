@@ -30,7 +30,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["run_classes", "run_views", "pooled_shares", "choice_series", "write_class_report", "main"]
+__all__ = ["run_samples", "run_classes", "run_views", "pooled_shares", "choice_series", "write_class_report", "main"]
 
 FAILED = "(failed)"
 
@@ -40,7 +40,9 @@ CHOICE_PANELS_PER_ROW = 5
 #: panels a row in the class-share figure (one per contender, or per view of one)
 CLASS_PANELS_PER_ROW = 5
 
-def _samples(run: Path) -> list[dict]:
+
+def run_samples(run: Path) -> list[dict]:
+    """A run directory's samples, from ``samples.jsonl`` or its kept, gzipped copy (empty when neither is there)."""
     for name, opener in (("samples.jsonl", open), ("samples.jsonl.gz", gzip.open)):
         path = run / name
         if path.is_file():
@@ -63,7 +65,7 @@ def _policy_first(views) -> list[str]:
 def run_views(run: Path) -> list[str]:
     """The views that sampled a run's answers (``"view"`` of its samples; a sample without one is the policy's),
     the policy first."""
-    return _policy_first(str(s.get("view", "policy")) for s in _samples(run))
+    return _policy_first(str(s.get("view", "policy")) for s in run_samples(run))
 
 
 def run_classes(run: Path, view: Optional[str] = None, arguments: bool = False) -> list[Counter]:
@@ -86,7 +88,7 @@ def run_classes(run: Path, view: Optional[str] = None, arguments: bool = False) 
 
     category = answer_configuration if arguments else answer_class
     per_batch: dict[int, Counter] = defaultdict(Counter)
-    for s in _samples(run):
+    for s in run_samples(run):
         if view is not None and str(s.get("view", "policy")) != view:
             continue
         name = category(extract_function(s.get("text", "")).code) if s.get("status") == "ok" else FAILED
