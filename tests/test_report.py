@@ -633,3 +633,16 @@ def test_settings_md_names_the_runs_of_a_contender_made_with_other_settings(tmp_
     assert "| mixed | 4 | **differ**: model.init_args.beta: cmc/seed1 has 0.2, breast_w/seed0 has 0.05 |" in md
     err = capsys.readouterr().err
     assert "warning: the runs of mixed were made with different settings" in err and "runs of same" not in err
+
+
+def test_curves_that_coincide_stay_visible():
+    """Best within n is often the same step function for two contenders (both found the same answer): each later
+    contender is drawn narrower, in another dash, above the earlier ones, so the one underneath shows at its edges."""
+    from etpo.report.plots import _line_styles
+
+    styles = _line_styles(["etpo", "ppo_kl", "reflection", "grpo"], 1.5)
+    assert len({s["ls"] for s in styles.values()}) == 4
+    widths = [styles[c]["lw"] for c in ("etpo", "ppo_kl", "reflection", "grpo")]
+    orders = [styles[c]["zorder"] for c in ("etpo", "ppo_kl", "reflection", "grpo")]
+    assert widths == sorted(widths, reverse=True) and len(set(widths)) == 4 and widths[-1] == pytest.approx(1.5)
+    assert orders == sorted(orders) and len(set(orders)) == 4

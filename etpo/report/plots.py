@@ -36,6 +36,19 @@ def _colours(contenders: Sequence[str]) -> dict[str, str]:
     return {c: f"C{i % 10}" for i, c in enumerate(contenders)}
 
 
+_DASHES = ("-", "--", ":", "-.")
+
+
+def _line_styles(contenders: Sequence[str], width: float) -> dict[str, dict]:
+    """Per contender a line style, width and drawing order for curves that often lie on one another (best within
+    n is a step function that two contenders finding the same answer share to the last digit): each later
+    contender is drawn narrower and dashed on top of the earlier ones, so a curve hidden under another's still
+    shows at its edges."""
+    n = max(1, len(contenders))
+    return {c: {"ls": _DASHES[i % len(_DASHES)], "lw": width * (1.0 + 1.2 * (n - 1 - i) / n), "zorder": 2 + i}
+            for i, c in enumerate(contenders)}
+
+
 def _step_values(run: RunRecord, grid: np.ndarray) -> np.ndarray:
     """Best-within-n of ``run`` at every n of ``grid`` (forward fill between batches; NaN before the first batch
     and, for an unfinished run, after its last one)."""
@@ -143,13 +156,14 @@ def plot_best_within(
     if not curves:
         return None
     plt = _pyplot()
-    colours = _colours(_order(_by(runs), contenders))
+    drawn = _order(_by(runs), contenders)
+    colours, styles = _colours(drawn), _line_styles(drawn, 1.5)
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for c, cv in curves.items():
         ok = ~np.isnan(cv["mean"])
         label = c + (" (partial)" if cv["partial"] else "")
-        ax.step(cv["n"][ok], cv["mean"][ok], where="post", color=colours.get(c), label=label, lw=1.8, marker="o",
-                ms=2.5)
+        ax.step(cv["n"][ok], cv["mean"][ok], where="post", color=colours.get(c), label=label, marker="o", ms=2.5,
+                **styles[c])
         width = _band_width(cv["std"], cv["count"], band)
         ax.fill_between(cv["n"][ok], (cv["mean"] - width)[ok], (cv["mean"] + width)[ok], step="post",
                         color=colours.get(c), alpha=0.2, lw=0)
@@ -196,7 +210,8 @@ def plot_best_within_per_dataset(
     contenders = _order(grouped, contenders)
     datasets = _order((r.dataset for r in used), datasets)
     plt = _pyplot()
-    colours = _colours(_order(_by(runs), contenders))
+    drawn = _order(_by(runs), contenders)
+    colours, styles = _colours(drawn), _line_styles(drawn, 1.3)
     fig, axes = _grid_axes(plt, len(datasets))
     for ax, d in zip(axes, datasets):
         for c in contenders:
@@ -211,7 +226,7 @@ def plot_best_within_per_dataset(
             mean, std = _mean_std(mat, ddof)
             width = _band_width(std, np.sum(~np.isnan(mat), axis=0), band)
             ok = ~np.isnan(mean)
-            ax.step(grid[ok], mean[ok], where="post", color=colours.get(c), label=c, lw=1.5)
+            ax.step(grid[ok], mean[ok], where="post", color=colours.get(c), label=c, **styles[c])
             ax.fill_between(grid[ok], (mean - width)[ok], (mean + width)[ok], step="post", color=colours.get(c),
                             alpha=0.2, lw=0)
         ax.set_title(d, fontsize=9)
