@@ -450,6 +450,32 @@ def test_rollout_benchmark_cuda_path_on_the_cpu(bench, tmp_path, capsys):
         assert "no CUDA device" in capsys.readouterr().err
 
 
+def test_gpu_rollout_script_runs_every_step_and_keeps_its_printouts(bench, tmp_path):
+    """tools/gpu_rollout.sh (the GPU half in one command) with TINY=1 runs the benchmark's CUDA code path on the CPU
+    and the gpu-marked tests (skipped here), and leaves the results and each step's printout in the folder it is
+    given; without TINY on a machine without CUDA it passes the benchmark's "nothing measured" status on."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, TINY="1", PYTHON=sys.executable)
+    done = subprocess.run(["bash", str(REPO / "tools" / "gpu_rollout.sh"), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert {p.name for p in tmp_path.iterdir()} == {"rollout.json", "rollout_details.json", "rollout_env.txt",
+                                                    "rollout_bench.log", "rollout_gpu_tests.log"}
+    assert len(json.loads((tmp_path / "rollout.json").read_text())) >= 1
+    assert f"torch {torch.__version__}" in (tmp_path / "rollout_env.txt").read_text()
+    assert "greedy identical: True" in (tmp_path / "rollout_bench.log").read_text()
+    tests_log = (tmp_path / "rollout_gpu_tests.log").read_text()
+    assert ("2 passed" if torch.cuda.is_available() else "2 skipped") in tests_log
+    if not torch.cuda.is_available():
+        env.pop("TINY")
+        done = subprocess.run(["bash", str(REPO / "tools" / "gpu_rollout.sh"), str(tmp_path / "none")], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == bench.EXIT_NO_CUDA, done.stdout + done.stderr
+        assert "no CUDA device" in (tmp_path / "none" / "rollout_bench.log").read_text()
+
+
 def _greedy_ties_only(bench, model, plain, fast, tolerance: float) -> None:
     """The greedy tokens agree, or each row's first difference is a tie within ``tolerance`` of the logits."""
     for found in bench.greedy_divergence(model, plain, fast):
