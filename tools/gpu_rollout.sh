@@ -7,7 +7,7 @@
 #   bash tools/gpu_rollout.sh OUTDIR          # ... into OUTDIR (a lent machine's output folder, say)
 #   TINY=1 bash tools/gpu_rollout.sh /tmp/x   # the same steps on the CPU with the tiny model: a check of the script
 #
-# The benchmark runs first (it is the measurement; ~2 minutes on an H100/H200 after the model is built), the tests
+# The benchmark runs first (it is the measurement; ~2 minutes on an H100/H200 by rollout.md's estimate), the tests
 # second (~1-2 minutes). Exit status: the benchmark's, or else the tests'. Limits in seconds: BENCH_TIMEOUT (330),
 # TESTS_TIMEOUT (240). PYTHON picks the interpreter (default: python3, else python).
 set -uo pipefail
@@ -30,7 +30,7 @@ print(f"python {platform.python_version()}, torch {torch.__version__}, transform
 print(f"device: {torch.cuda.get_device_name(0) if cuda else 'cpu (no CUDA)'}")
 EOF
 
-timeout "${BENCH_TIMEOUT:-330}" "$py" tools/bench_rollout.py "${bench_args[@]}" --json "$out/rollout.json" 2>&1 \
+timeout "${BENCH_TIMEOUT:-330}" "$py" tools/bench_rollout.py ${bench_args[@]+"${bench_args[@]}"} --json "$out/rollout.json" 2>&1 \
   | tee "$out/rollout_bench.log"
 bench_rc=${PIPESTATUS[0]}
 [ "$bench_rc" = 124 ] && echo "gpu_rollout.sh: the benchmark ran past ${BENCH_TIMEOUT:-330} s and was stopped" >&2
