@@ -11,9 +11,9 @@
 # second (~1-2 minutes). Exit status: the benchmark's, or else the tests'. Limits in seconds: BENCH_TIMEOUT (330),
 # TESTS_TIMEOUT (240). PYTHON picks the interpreter (default: python3, else python).
 set -uo pipefail
+out=${1:+$(realpath -m -- "$1")}  # a given folder is taken from where the command runs, before the cd below
 cd "$(dirname "$0")/.."
-
-out=${1:-docs/results/gpu}
+out=${out:-docs/results/gpu}
 py=${PYTHON:-$(command -v python3 || command -v python)}
 export PYTHONUNBUFFERED=1
 mkdir -p "$out" || { echo "gpu_rollout.sh: cannot create the output folder '$out'" >&2; exit 2; }
