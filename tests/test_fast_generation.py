@@ -461,10 +461,10 @@ def test_gpu_rollout_script_runs_every_step_and_keeps_its_printouts(bench, tmp_p
     done = subprocess.run(["bash", str(REPO / "tools" / "gpu_rollout.sh"), str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert {p.name for p in tmp_path.iterdir()} == {"rollout.json", "rollout_details.json", "rollout_env.txt",
-                                                    "rollout_bench.log", "rollout_gpu_tests.log"}
+    assert {p.name for p in tmp_path.iterdir()} == {"rollout.json", "rollout_details.json", "rollout_bench.log",
+                                                    "rollout_gpu_tests.log"}
     assert len(json.loads((tmp_path / "rollout.json").read_text())) >= 1
-    assert f"torch {torch.__version__}" in (tmp_path / "rollout_env.txt").read_text()
+    assert json.loads((tmp_path / "rollout_details.json").read_text())["torch"] == torch.__version__
     assert "greedy identical: True" in (tmp_path / "rollout_bench.log").read_text()
     tests_log = (tmp_path / "rollout_gpu_tests.log").read_text()
     assert ("2 passed" if torch.cuda.is_available() else "2 skipped") in tests_log

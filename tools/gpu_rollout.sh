@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 33's GPU half in one command: the rollout benchmark (rollout.json, the issue's fields for 8 / 32 / 64 rows,
 # and rollout_details.json) and the gpu-marked exactness tests of the fast generation path, each under its own time
-# limit so that a hang in one still leaves the other's output, every printout kept beside the results.
+# limit so that a hang in one still leaves the other's output, both printouts kept beside the results
+# (rollout_details.json records the device and the torch / transformers / peft versions).
 #
 #   bash tools/gpu_rollout.sh                 # on a CUDA machine: writes into docs/results/gpu/
 #   bash tools/gpu_rollout.sh OUTDIR          # ... into OUTDIR (a lent machine's output folder, say)
@@ -18,19 +19,10 @@ py=${PYTHON:-$(command -v python3 || command -v python)}
 export PYTHONUNBUFFERED=1
 mkdir -p "$out" || { echo "gpu_rollout.sh: cannot create the output folder '$out'" >&2; exit 2; }
 
-bench_args=()
-if [ "${TINY:-0}" = 1 ]; then bench_args+=(--tiny); fi
+tiny=
+[ "${TINY:-0}" = 1 ] && tiny=--tiny
 
-# What ran: the stack's versions and the device, for the record (the benchmark's JSON names the device too).
-"$py" - <<'EOF' 2>&1 | tee "$out/rollout_env.txt"
-import platform, torch, transformers, peft
-cuda = torch.cuda.is_available()
-print(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-      f"peft {peft.__version__}")
-print(f"device: {torch.cuda.get_device_name(0) if cuda else 'cpu (no CUDA)'}")
-EOF
-
-timeout "${BENCH_TIMEOUT:-330}" "$py" tools/bench_rollout.py ${bench_args[@]+"${bench_args[@]}"} --json "$out/rollout.json" 2>&1 \
+timeout "${BENCH_TIMEOUT:-330}" "$py" tools/bench_rollout.py $tiny --json "$out/rollout.json" 2>&1 \
   | tee "$out/rollout_bench.log"
 bench_rc=${PIPESTATUS[0]}
 [ "$bench_rc" = 124 ] && echo "gpu_rollout.sh: the benchmark ran past ${BENCH_TIMEOUT:-330} s and was stopped" >&2
